@@ -1,0 +1,14 @@
+"""dsd: turn a trained CNN's Conv2d layers into depthwise-separable, optionally dilated, convolutions."""
+from .convert import (
+    ConversionPlan,
+    ConversionReport,
+    DepthwiseSeparableConv2d,
+    apply_plan,
+    convert_model,
+    from_conv,
+)
+
+__version__ = "0.1.0"
+
+__all__ = ["convert_model", "apply_plan", "from_conv", "DepthwiseSeparableConv2d", "ConversionPlan",
+           "ConversionReport", "__version__"]

@@ -1,0 +1,126 @@
+"""Plan and build the separable replacement of one conv: ``from_conv`` and the pieces it is made of."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .adapters import get_conv_adapter
+from .decouple import full_rank, get_initializer, resample_taps
+from .geometry import conv_padding, matched_padding
+from .plan import LayerSpec
+from .separable import DepthwiseSeparableConv2d
+
+__all__ = ["SkipLayer", "layer_spec", "build_layer", "from_conv", "shrink_kernel", "check_layer_args", "FULL_RANK"]
+
+FULL_RANK = "full"
+Rank = Union[int, str]
+
+
+class SkipLayer(ValueError):
+    """This conv is left as it is; ``category`` groups the reasons in the report."""
+
+    def __init__(self, category: str, detail: str):
+        super().__init__(f"{category}: {detail}")
+        self.category, self.detail = category, detail
+
+
+def check_layer_args(rank: Rank, dilation: Optional[int], keep_receptive_field: Union[bool, int], init: str) -> None:
+    """Raise ValueError naming the argument when one is out of range."""
+    if rank != FULL_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer or {FULL_RANK!r}, got {rank!r}")
+    if dilation is not None and (isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1):
+        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
+    if not isinstance(keep_receptive_field, bool) and (
+            not isinstance(keep_receptive_field, int) or keep_receptive_field < 2):
+        raise ValueError(f"keep_receptive_field must be True/False or a kernel size >= 2, got {keep_receptive_field!r}")
+    if keep_receptive_field and dilation is not None:
+        raise ValueError("dilation and keep_receptive_field both set the dilation: choose one")
+    get_initializer(init)
+
+
+def shrink_kernel(kernel: int, target: Optional[int] = None) -> Optional[Tuple[int, int]]:
+    """A smaller kernel whose dilated taps span the same extent: (new_kernel, tap_step), or None.
+
+    ``target`` asks for a specific kernel size; otherwise the smallest kernel of at least 3 taps.
+    5 -> (3, 2), 7 -> (3, 3), 7 with target 4 -> (4, 2).
+    """
+    candidates = [target] if target else range(3, kernel)
+    for new in candidates:
+        if 2 <= new < kernel and (kernel - 1) % (new - 1) == 0:
+            return new, (kernel - 1) // (new - 1)
+    return None
+
+
+def layer_spec(
+        conv: nn.Module,
+        rank: Rank = 1,
+        dilation: Optional[int] = None,
+        keep_receptive_field: Union[bool, int] = False,
+        init: str = "svd",
+        name: str = "",
+) -> LayerSpec:
+    """The separable geometry for ``conv``; raises :class:`SkipLayer` where none applies."""
+    adapter = get_conv_adapter(conv)
+    cls_name = f"{type(conv).__module__}.{type(conv).__qualname__}"
+    if adapter is None:
+        raise SkipLayer("unsupported subclass",
+                        f"{cls_name} may compute more than a plain conv; register a dsd ConvAdapter for it")
+    kernel, conv_dilation = tuple(conv.kernel_size), tuple(conv.dilation)
+    if kernel == (1, 1):
+        raise SkipLayer("1x1 kernel", "a pointwise conv has nothing to separate")
+    if conv.groups == conv.in_channels:
+        raise SkipLayer("already depthwise", f"groups == in_channels == {conv.in_channels}")
+
+    new_kernel, new_dilation, step = kernel, conv_dilation, (1, 1)
+    if keep_receptive_field:
+        target = None if keep_receptive_field is True else int(keep_receptive_field)
+        shrunk = [shrink_kernel(k, target) for k in kernel]
+        if not any(shrunk):
+            raise SkipLayer("receptive field", f"no smaller dilated kernel spans a {kernel[0]}x{kernel[1]} kernel")
+        new_kernel = tuple(s[0] if s else k for s, k in zip(shrunk, kernel))
+        step = tuple(s[1] if s else 1 for s in shrunk)
+        new_dilation = tuple(d * t for d, t in zip(conv_dilation, step))
+    elif dilation is not None:
+        new_dilation = tuple(dilation if k > 1 else 1 for k in kernel)
+
+    q = full_rank(conv.out_channels, conv.groups, new_kernel)
+    rank = q if rank == FULL_RANK else min(int(rank), q)
+    padding = conv_padding(conv, adapter.dynamic_same(conv))
+    return LayerSpec(
+        name=name, conv_class=cls_name, in_channels=conv.in_channels, out_channels=conv.out_channels,
+        kernel_size=kernel, stride=tuple(conv.stride), padding=padding, dilation=conv_dilation,
+        groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode, rank=rank,
+        new_kernel_size=new_kernel, new_dilation=new_dilation,
+        new_padding=matched_padding(padding, kernel, conv_dilation, new_kernel, new_dilation),
+        tap_step=step, init=init)
+
+
+@torch.no_grad()
+def build_layer(conv: nn.Module, spec: LayerSpec) -> Tuple[DepthwiseSeparableConv2d, LayerSpec]:
+    """Build ``spec``'s layer on ``conv``'s device and dtype, initialised from ``conv``'s effective weight."""
+    adapter = get_conv_adapter(conv)
+    weight = resample_taps(adapter.effective_weight(conv), spec.tap_step)
+    module = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
+    error = get_initializer(spec.init)(module, weight, conv.bias)
+    return module, spec.with_error(error)
+
+
+def from_conv(
+        conv: nn.Module,
+        rank: Rank = 1,
+        dilation: Optional[int] = None,
+        keep_receptive_field: Union[bool, int] = False,
+        init: str = "svd",
+) -> DepthwiseSeparableConv2d:
+    """A depthwise-separable layer that replaces ``conv`` and keeps its output shape for every input.
+
+    ``rank`` is the depth multiplier (``"full"``: exact decoupling); ``dilation`` dilates the depthwise
+    kernel; ``keep_receptive_field`` turns a large kernel into a smaller dilated one of the same extent
+    (``True``: smallest such kernel; an int: that kernel size).
+    """
+    check_layer_args(rank, dilation, keep_receptive_field, init)
+    spec = layer_spec(conv, rank, dilation, keep_receptive_field, init)
+    module, _ = build_layer(conv, spec)
+    return module

@@ -1,0 +1,156 @@
+"""Find the convs of a model, where they run and with which shapes: the matching half of the pass.
+
+The FX graph says which convs the forward calls; running it on the example input proves the graph
+works and, through forward hooks, gives every conv's shapes and call count. Convs the graph cannot see
+(inside timm leaf modules, or in models that do not trace) are found by walking ``named_modules()``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .trace import trace
+
+__all__ = ["ConvSite", "ModelAnalysis", "analyze", "FOUND_BY_GRAPH", "FOUND_BY_MODULES", "as_args"]
+
+FOUND_BY_GRAPH = "graph"
+FOUND_BY_MODULES = "module-tree"
+Shape = Tuple[int, ...]
+
+
+@dataclass
+class ConvSite:
+    name: str
+    module: nn.Conv2d
+    aliases: List[str]  # every name the module is registered under (first is ``name``)
+    found_by: str = FOUND_BY_MODULES
+    calls: Optional[int] = None  # None: not known (no example input)
+    call_shapes: List[Tuple[Shape, Shape]] = field(default_factory=list)  # (input, output) per call
+
+    @property
+    def input_shape(self) -> Optional[Shape]:
+        return self.call_shapes[0][0] if self.call_shapes else None
+
+    @property
+    def output_shape(self) -> Optional[Shape]:
+        return self.call_shapes[0][1] if self.call_shapes else None
+
+
+@dataclass
+class ModelAnalysis:
+    sites: List[ConvSite]
+    traced: bool
+    trace_error: Optional[str] = None
+    ran: bool = False  # the example input went through the model
+    other_convs: List[Tuple[str, str]] = field(default_factory=list)  # conv-like modules that are not Conv2d
+
+
+def as_args(example_inputs: Any) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _short_error(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0].split(". ")[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:200]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the analysis (no BatchNorm statistics updated), each module's flag restored after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@contextmanager
+def _record_shapes(sites: Sequence[ConvSite]) -> Iterator[None]:
+    def hook(site):
+        def record(module, args, output):
+            site.calls = (site.calls or 0) + 1
+            site.call_shapes.append((tuple(args[0].shape), tuple(output.shape)))
+        return record
+    handles = [site.module.register_forward_hook(hook(site)) for site in sites]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _module_sites(model: nn.Module) -> Tuple[List[ConvSite], List[Tuple[str, str]]]:
+    names: Dict[int, List[str]] = defaultdict(list)
+    modules: Dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names[id(module)].append(name)
+        modules[id(module)] = module
+    sites, others = [], []
+    for key, module in modules.items():
+        if isinstance(module, nn.Conv2d):
+            sites.append(ConvSite(names[key][0], module, names[key]))
+        elif isinstance(module, nn.modules.conv._ConvNd) or type(module).__name__.endswith("Conv2d"):
+            others.append((names[key][0], type(module).__name__))
+    return sites, others
+
+
+def _describe(example_inputs: Any) -> str:
+    return ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+                     for a in as_args(example_inputs))
+
+
+@torch.no_grad()
+def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
+    """Every Conv2d of ``model`` with how it was found, call count and shapes (given an example input).
+
+    The traced graph is run on the example input (a graph that does not run counts as a failed
+    trace); forward hooks on the convs record their shapes and calls, inside leaf modules too.
+    """
+    sites, others = _module_sites(model)
+    by_id = {id(site.module): site for site in sites}
+    analysis = ModelAnalysis(sites, traced=False, other_convs=others)
+    with _eval_mode(model):
+        try:
+            gm = trace(model)
+            if example_inputs is not None:
+                with _record_shapes(sites):
+                    gm(*as_args(example_inputs))
+                analysis.ran = True
+            analysis.traced = True
+        except Exception as error:  # any tracing or graph-execution failure means: use the module tree
+            analysis.trace_error = _short_error(error)
+            for site in sites:
+                site.calls, site.call_shapes = None, []
+        if analysis.traced:
+            called = [node.target for node in gm.graph.nodes if node.op == "call_module"]
+            for target in called:
+                site = by_id.get(id(gm.get_submodule(target)))
+                if site is not None:
+                    site.found_by = FOUND_BY_GRAPH
+                    if not analysis.ran:
+                        site.calls = (site.calls or 0) + 1
+            if not analysis.ran:  # a conv neither in the graph nor inside a leaf module never runs
+                leaves = tuple(target + "." for target in called)
+                for site in sites:
+                    if site.calls is None and not any(a.startswith(leaves) for a in site.aliases):
+                        site.calls = 0
+        elif example_inputs is not None:
+            try:
+                with _record_shapes(sites):
+                    model(*as_args(example_inputs))
+            except Exception as error:
+                raise ValueError(f"the model does not run on example inputs of shape {_describe(example_inputs)}: "
+                                 f"{_short_error(error)}") from error
+            analysis.ran = True
+    if analysis.ran:
+        for site in sites:
+            site.calls = site.calls or 0
+    return analysis

@@ -1,0 +1,142 @@
+"""The conversion report: every Conv2d the pass saw, converted or skipped and why."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .cost import dense_macs_per_pixel, separable_macs_per_pixel
+from .plan import ConversionPlan, LayerSpec
+
+__all__ = ["LayerRecord", "ConversionReport", "CONVERTED", "SKIPPED"]
+
+CONVERTED, SKIPPED = "converted", "skipped"
+
+
+def _output_pixels(site) -> int:
+    return sum(out[-1] * out[-2] for _, out in site.call_shapes)
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    conv_class: str
+    status: str
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    found_by: str
+    calls: Optional[int] = None
+    input_shape: Optional[Tuple[int, ...]] = None
+    output_shape: Optional[Tuple[int, ...]] = None
+    category: Optional[str] = None  # skip reason, grouped
+    reason: Optional[str] = None
+    rank: Optional[int] = None
+    new_kernel_size: Optional[Tuple[int, int]] = None
+    new_dilation: Optional[Tuple[int, int]] = None
+    init_error: Optional[float] = None  # relative Frobenius error of the initial weights
+    macs_before: Optional[int] = None  # per image, all calls (fvcore convention: one MAC = one FLOP)
+    macs_after: Optional[int] = None
+
+    @classmethod
+    def converted(cls, site, spec: LayerSpec) -> "LayerRecord":
+        record = cls._from_site(site, CONVERTED)
+        record.rank, record.new_kernel_size, record.new_dilation = spec.rank, spec.new_kernel_size, spec.new_dilation
+        record.init_error = spec.init_error
+        if record.macs_before is not None:
+            record.macs_after = _output_pixels(site) * separable_macs_per_pixel(
+                spec.in_channels, spec.out_channels, spec.new_kernel_size, spec.rank, spec.groups)
+        return record
+
+    @classmethod
+    def skipped(cls, site, category: str, reason: str) -> "LayerRecord":
+        record = cls._from_site(site, SKIPPED)
+        record.category, record.reason = category, reason
+        return record
+
+    @classmethod
+    def _from_site(cls, site, status: str) -> "LayerRecord":
+        conv = site.module
+        record = cls(site.name, type(conv).__name__, status, conv.in_channels, conv.out_channels,
+                     tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), conv.groups,
+                     site.found_by, site.calls, site.input_shape, site.output_shape)
+        if site.calls is not None and len(site.call_shapes) == site.calls:
+            record.macs_before = _output_pixels(site) * dense_macs_per_pixel(
+                conv.in_channels, conv.out_channels, conv.kernel_size, conv.groups)
+        return record
+
+    def geometry(self) -> str:
+        kh, kw = self.kernel_size
+        text = f"{self.in_channels}->{self.out_channels} {kh}x{kw}"
+        if self.stride != (1, 1):
+            text += f" s{self.stride[0]}" if self.stride[0] == self.stride[1] else f" s{self.stride}"
+        if self.dilation != (1, 1):
+            text += f" d{self.dilation[0]}" if self.dilation[0] == self.dilation[1] else f" d{self.dilation}"
+        if self.groups > 1:
+            text += f" g{self.groups}"
+        return text
+
+
+@dataclass
+class ConversionReport:
+    layers: List[LayerRecord]
+    plan: ConversionPlan
+    traced: bool
+    trace_error: Optional[str] = None
+    shapes_verified: Optional[bool] = None  # None: no example input to check with
+    other_convs: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def converted(self) -> List[LayerRecord]:
+        return [r for r in self.layers if r.status == CONVERTED]
+
+    @property
+    def skipped(self) -> List[LayerRecord]:
+        return [r for r in self.layers if r.status == SKIPPED]
+
+    def skip_counts(self) -> Dict[str, int]:
+        return dict(Counter(r.category for r in self.skipped).most_common())
+
+    def conv_macs(self) -> Tuple[Optional[int], Optional[int]]:
+        """Per-image multiply-adds of all Conv2d layers before and after, or (None, None) without shapes."""
+        if any(r.macs_before is None for r in self.layers):
+            return None, None
+        before = sum(r.macs_before for r in self.layers)
+        after = sum(r.macs_after if r.status == CONVERTED else r.macs_before for r in self.layers)
+        return before, after
+
+    def summary(self) -> str:
+        lines = [f"{len(self.converted)} of {len(self.layers)} Conv2d layers converted"
+                 f" ({'traced with torch.fx' if self.traced else 'module-tree fallback: ' + str(self.trace_error)})"]
+        if self.skipped:
+            lines.append("skipped: " + ", ".join(f"{n} {c}" for c, n in self.skip_counts().items()))
+        before, after = self.conv_macs()
+        if before:
+            lines.append(f"conv MACs per image: {before / 1e6:.1f}M -> {after / 1e6:.1f}M ({after / before:.1%})")
+        if self.shapes_verified is not None:
+            lines.append(f"output shapes verified on the example input: {'yes' if self.shapes_verified else 'NO'}")
+        if self.other_convs:
+            lines.append("left alone (not nn.Conv2d): " + ", ".join(f"{n} ({c})" for n, c in self.other_convs[:5])
+                         + (f" and {len(self.other_convs) - 5} more" if len(self.other_convs) > 5 else ""))
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        rows = ["| layer | geometry | status | rank | new kernel | init error | reason |", "|---|---|---|---|---|---|---|"]
+        for r in self.layers:
+            new_kernel = (f"{r.new_kernel_size[0]}x{r.new_kernel_size[1]} d{r.new_dilation[0]}"
+                          if r.new_kernel_size else "")
+            error = f"{r.init_error:.3f}" if r.init_error is not None else ""
+            rows.append(f"| `{r.name}` | {r.geometry()} | {r.status} | {r.rank or ''} | {new_kernel} | {error} "
+                        f"| {r.category + ': ' + r.reason if r.reason else ''} |")
+        return self.summary().replace("\n", "  \n") + "\n\n" + "\n".join(rows) + "\n"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"traced": self.traced, "trace_error": self.trace_error, "shapes_verified": self.shapes_verified,
+                "other_convs": self.other_convs, "layers": [asdict(r) for r in self.layers],
+                "plan": self.plan.to_dict()}
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,113 @@
+"""The depthwise-separable replacement for a dense ``nn.Conv2d``."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from .cost import separable_macs_per_pixel
+from .geometry import TF_SAME, PaddingSpec, is_symmetric, tf_same_pad
+
+__all__ = ["DepthwiseSeparableConv2d"]
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+class DepthwiseSeparableConv2d(nn.Module):
+    """Depthwise KxK conv (``groups=in_channels``, depth multiplier ``rank``) then a pointwise 1x1 conv.
+
+    Stride and dilation act on the depthwise conv; the bias lives on the pointwise conv, which is
+    grouped like the dense conv it replaces. ``padding`` is ``((top, bottom), (left, right))`` or
+    ``"tf_same"`` (input-size dependent, like timm's ``Conv2dSame``); symmetric padding is done by the
+    depthwise conv itself, anything else by an explicit ``F.pad`` first.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: Union[int, Tuple[int, int]],
+            rank: int = 1,
+            stride: Union[int, Tuple[int, int]] = 1,
+            padding: PaddingSpec = ((0, 0), (0, 0)),
+            dilation: Union[int, Tuple[int, int]] = 1,
+            groups: int = 1,
+            bias: bool = True,
+            padding_mode: str = "zeros",
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if padding_mode not in _PAD_MODES:
+            raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must divide by groups={groups}")
+        self.in_channels, self.out_channels, self.rank, self.groups = in_channels, out_channels, rank, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if padding == TF_SAME else tuple(tuple(int(p) for p in axis) for axis in padding)
+        self.padding_mode = padding_mode
+        conv_padding = (self.padding[0][0], self.padding[1][0]) if is_symmetric(self.padding) else (0, 0)
+        # F.pad takes (left, right, top, bottom); None means the depthwise conv pads by itself.
+        self._explicit_pad: Optional[Tuple[int, int, int, int]] = None
+        if padding != TF_SAME and not is_symmetric(self.padding):
+            (top, bottom), (left, right) = self.padding
+            self._explicit_pad = (left, right, top, bottom)
+        factory = dict(device=device, dtype=dtype)
+        self.depthwise = nn.Conv2d(
+            in_channels, in_channels * rank, self.kernel_size, self.stride, conv_padding, self.dilation,
+            groups=in_channels, bias=False, padding_mode=padding_mode if conv_padding != (0, 0) else "zeros",
+            **factory)
+        self.pointwise = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **factory)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The depthwise weight, for code that reads ``conv.weight.dtype`` or ``.device`` of a conv layer."""
+        return self.depthwise.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.pointwise.bias
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == TF_SAME:
+            (top, bottom), (left, right) = (
+                tf_same_pad(size, k, s, d)
+                for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation))
+            return F.pad(x, (left, right, top, bottom))
+        if self._explicit_pad is None:
+            return x
+        mode = _PAD_MODES[self.padding_mode]
+        if mode != "constant" and min(self._explicit_pad) < 0:
+            # Only constant padding accepts negative (cropping) amounts: crop first, then pad.
+            x = F.pad(x, tuple(min(p, 0) for p in self._explicit_pad))
+            return F.pad(x, tuple(max(p, 0) for p in self._explicit_pad), mode=mode)
+        return F.pad(x, self._explicit_pad, mode=mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(self._pad(x)))
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}",
+            f"stride={self.stride}",
+        ]
+        if self.padding == TF_SAME:
+            parts.append("padding=tf_same")
+        elif any(p for axis in self.padding for p in axis):
+            parts.append(f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode}")
+        if self.pointwise.bias is None:
+            parts.append("bias=False")
+        return ", ".join(parts)
+
+    def macs_per_pixel(self) -> int:
+        """Multiply-adds per output pixel (depthwise plus pointwise)."""
+        return separable_macs_per_pixel(self.in_channels, self.out_channels, self.kernel_size, self.rank, self.groups)
