@@ -1,0 +1,210 @@
+"""convert_model and apply_plan on hand-built nets: selection rules, sharing, side effects, plans, export."""
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+import dsd
+from dsd.convert import ConversionPlan, DepthwiseSeparableConv2d, PlanMismatch
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32))
+        self.proj = nn.Conv2d(32, 32, 1)
+        self.wide = nn.Conv2d(32, 8, 5, padding=2)
+        self.unused = nn.Conv2d(8, 8, 3)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        x = self.wide(self.proj(self.body(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def records(report):
+    return {r.name: r for r in report.layers}
+
+
+def test_reasons_and_counts():
+    model, x = Net(), torch.randn(2, 3, 16, 16)
+    converted, report = dsd.convert_model(model, x, rank=1)
+    by_name = records(report)
+    assert {n for n, r in by_name.items() if r.status == "converted"} == {"stem", "body.0", "wide"}
+    assert by_name["body.2"].category == "already depthwise"
+    assert by_name["proj"].category == "1x1 kernel"
+    assert by_name["unused"].category == "not called"
+    assert len(report.layers) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert sum(isinstance(m, DepthwiseSeparableConv2d) for m in converted.modules()) == len(report.converted)
+    assert all(r.reason for r in report.skipped)
+    assert report.shapes_verified and report.traced
+    assert by_name["wide"].macs_before == 16 * 16 * 32 * 8 * 25
+    assert by_name["wide"].macs_after == 16 * 16 * (32 * 25 + 32 * 8)
+    assert converted(x).shape == model(x).shape
+    assert isinstance(model.stem, nn.Conv2d), "the original model must not be modified"
+
+
+@pytest.mark.parametrize("kwargs,name,category", [
+    (dict(exclude=["wide"]), "wide", "excluded"),
+    (dict(exclude=["re:^w"]), "wide", "excluded"),
+    (dict(include=["body.*"]), "stem", "not included"),
+    (dict(min_channels=16), "wide", "min_channels"),
+    (dict(skip=["stem"]), "stem", "skip rule"),
+    (dict(skip=[lambda name, conv: name == "wide"]), "wide", "skip rule"),
+    (dict(rank=16), "body.0", "not cheaper"),
+    (dict(keep_receptive_field=True), "stem", "receptive field"),
+])
+def test_selection_rules(kwargs, name, category):
+    _, report = dsd.convert_model(Net(), torch.randn(1, 3, 16, 16), **kwargs)
+    assert records(report)[name].category == category
+
+
+def test_keep_receptive_field_converts_large_kernels_only():
+    _, report = dsd.convert_model(Net(), torch.randn(1, 3, 16, 16), keep_receptive_field=True)
+    wide = records(report)["wide"]
+    assert wide.status == "converted" and wide.new_kernel_size == (3, 3) and wide.new_dilation == (2, 2)
+
+
+def test_rank_is_clamped_to_full_rank():
+    _, report = dsd.convert_model(Net(), torch.randn(1, 3, 16, 16), rank=100, only_if_cheaper=False)
+    assert records(report)["wide"].rank == 8  # min(out_channels=8, 5*5)
+    assert records(report)["wide"].init_error < 1e-6
+
+
+def test_unsupported_subclass_is_skipped_not_changed():
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    model = nn.Sequential(Scaled(4, 8, 3, padding=1))
+    converted, report = dsd.convert_model(model, torch.randn(1, 4, 8, 8))
+    assert report.layers[0].category == "unsupported subclass"
+    assert type(converted[0]) is Scaled
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.alias = self.conv  # the same module under two names
+
+    def forward(self, x):
+        return self.alias(self.conv(x))
+
+
+def test_shared_module_converted_once_and_stays_shared():
+    model = Shared().double()
+    x = torch.randn(1, 8, 10, 10, dtype=torch.float64)
+    converted, report = dsd.convert_model(model, x, rank="full", only_if_cheaper=False)
+    assert len(report.layers) == 1 and report.layers[0].calls == 2
+    assert converted.conv is converted.alias and isinstance(converted.conv, DepthwiseSeparableConv2d)
+    torch.testing.assert_close(converted(x), model(x))
+
+
+def test_training_flags_and_batchnorm_statistics_untouched():
+    model = Net().train()
+    model.bn.eval()  # a user's frozen BN
+    stats = model.bn.running_mean.clone()
+    converted, _ = dsd.convert_model(model, torch.randn(4, 3, 16, 16), inplace=True)
+    assert converted is model and model.training and not model.bn.training
+    torch.testing.assert_close(model.bn.running_mean, stats)
+
+
+def test_without_example_inputs():
+    converted, report = dsd.convert_model(Net())
+    assert report.shapes_verified is None and report.conv_macs() == (None, None)
+    assert records(report)["unused"].calls == 0 and records(report)["stem"].status == "converted"
+
+
+def test_untraceable_model_falls_back_to_module_tree():
+    class Branchy(Net):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                x = x + 1
+            return super().forward(x)
+    converted, report = dsd.convert_model(Branchy(), torch.randn(1, 3, 16, 16))
+    assert not report.traced and "control flow" in report.trace_error
+    assert {r.found_by for r in report.layers} == {"module-tree"}
+    assert len(report.converted) == 3 and report.shapes_verified
+
+
+def test_bad_example_input_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"does not run on example inputs of shape \(1, 5, 16, 16\)"):
+        dsd.convert_model(Net(), torch.randn(1, 5, 16, 16))
+
+
+def test_plan_round_trip_through_safetensors(tmp_path):
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    converted, report = dsd.convert_model(model, x, rank=2, dilation=2)
+    save_model(converted, str(tmp_path / "w.safetensors"))
+    report.plan.save(tmp_path / "plan.json")
+
+    fresh = dsd.apply_plan(Net(), ConversionPlan.load(tmp_path / "plan.json"))
+    load_model(fresh, str(tmp_path / "w.safetensors"))
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), converted.eval()(x), rtol=0, atol=0)
+    assert ConversionPlan.load(tmp_path / "plan.json").to_dict() == report.plan.to_dict()
+
+
+def test_plan_that_does_not_fit_is_refused():
+    _, report = dsd.convert_model(Net(), torch.randn(1, 3, 16, 16))
+    other = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(PlanMismatch, match="does not have"):
+        dsd.apply_plan(other, report.plan)
+
+
+def test_timm_model_keeps_its_class_and_methods():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", num_classes=10)
+    converted, _ = dsd.convert_model(model, torch.randn(1, 3, 64, 64))
+    assert type(converted) is type(model) and converted.pretrained_cfg == model.pretrained_cfg
+    assert converted.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+    converted.reset_classifier(5)
+    assert converted(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+def _separable(**kwargs):
+    return dsd.from_conv(nn.Conv2d(8, 16, 3, **kwargs), rank=2).eval()
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(padding="same", padding_mode="reflect"),
+                                    dict(padding=(0, 2), stride=2)])
+def test_jit_trace(kwargs):
+    module, x = _separable(**kwargs), torch.randn(1, 8, 12, 12)
+    traced = torch.jit.trace(module, x)
+    torch.testing.assert_close(traced(x), module(x))
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(kernel_size=4, padding="same")])
+def test_torch_compile(kwargs):
+    conv_kwargs = {"kernel_size": 3, **kwargs}
+    module = dsd.from_conv(nn.Conv2d(8, 16, **conv_kwargs), rank=2).eval()
+    x = torch.randn(1, 8, 12, 12)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_torch_compile_tf_same_padding():
+    timm = pytest.importorskip("timm")
+    module = dsd.from_conv(timm.layers.Conv2dSame(8, 16, 3, stride=2), rank=2).eval()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    for size in (11, 12):
+        x = torch.randn(1, 8, size, size)
+        torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_onnx_export_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    module, x = _separable(padding=(1, 2)), torch.randn(1, 8, 12, 12)
+    path = tmp_path / "sep.onnx"
+    torch.onnx.export(module, (x,), str(path), dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), module(x), rtol=1e-4, atol=1e-5)
+
+
+def test_extra_repr_is_readable():
+    text = repr(dsd.from_conv(nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=2), rank=2, dilation=2))
+    assert "8, 16, kernel_size=(3, 3), rank=2" in text and "dilation=(2, 2)" in text and "groups=2" in text

@@ -1,0 +1,134 @@
+"""Where mathematics says the decoupling is exact, the converted layer reproduces the original."""
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+from dsd.convert import FULL_RANK, decouple, from_conv, full_rank
+from dsd.convert.factory import shrink_kernel
+
+
+def rel_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+GEOMETRIES = [
+    dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
+    dict(in_channels=8, out_channels=4, kernel_size=5, stride=2, padding=2),
+    dict(in_channels=6, out_channels=12, kernel_size=(1, 7), padding=(0, 3)),
+    dict(in_channels=6, out_channels=6, kernel_size=4, padding="same"),  # even kernel: asymmetric padding
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding="same", dilation=2),
+    dict(in_channels=6, out_channels=10, kernel_size=3, padding="valid", stride=(2, 1)),
+    dict(in_channels=4, out_channels=8, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=4, out_channels=8, kernel_size=4, padding="same", padding_mode="circular"),
+    dict(in_channels=4, out_channels=8, kernel_size=3, padding=2, padding_mode="replicate", dilation=2),
+    dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, groups=4),  # ResNeXt-like
+    dict(in_channels=12, out_channels=6, kernel_size=5, padding=2, groups=3, bias=False),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "-".join(f"{k}={v}" for k, v in g.items()))
+def test_full_rank_is_exact(geometry):
+    conv = nn.Conv2d(**geometry).double()
+    x = torch.randn(2, conv.in_channels, 13, 11, dtype=torch.float64)
+    sep = from_conv(conv, rank=FULL_RANK)
+    assert sep.rank == full_rank(conv.out_channels, conv.groups, conv.kernel_size)
+    assert rel_error(sep(x), conv(x)) < 1e-5
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (Conv2dSame, dict(kernel_size=3, stride=2)),
+    (Conv2dSame, dict(kernel_size=4, stride=1)),
+    (StdConv2d, dict(kernel_size=3, padding=1)),
+    (StdConv2dSame, dict(kernel_size=3, stride=2, padding="same")),
+    (ScaledStdConv2d, dict(kernel_size=3, padding=1)),
+    (ScaledStdConv2dSame, dict(kernel_size=5, stride=2, padding="same")),
+])
+@pytest.mark.parametrize("size", [(15, 16), (7, 9)])
+def test_timm_subclasses_full_rank_exact_every_size(cls, kwargs, size):
+    conv = cls(6, 12, **kwargs).double()
+    if hasattr(conv, "gain"):
+        nn.init.normal_(conv.gain)
+    sep = from_conv(conv, rank=FULL_RANK)
+    x = torch.randn(1, 6, *size, dtype=torch.float64)
+    assert rel_error(sep(x), conv(x)) < 1e-5
+
+
+def test_rank_one_kernel_is_exact_at_rank_one():
+    out_channels, in_channels, k = 10, 7, 3
+    a, b = torch.randn(in_channels, out_channels, dtype=torch.float64), torch.randn(in_channels, k * k, dtype=torch.float64)
+    weight = torch.einsum("co,ck->ock", a, b).reshape(out_channels, in_channels, k, k)  # W[:, c] = a_c b_c^T
+    conv = nn.Conv2d(in_channels, out_channels, k, padding=1).double()
+    conv.weight.data.copy_(weight)
+    sep = from_conv(conv, rank=1)
+    _, _, error = decouple(conv.weight, 1, 1)
+    assert error < 1e-12
+    x = torch.randn(2, in_channels, 9, 9, dtype=torch.float64)
+    assert rel_error(sep(x), conv(x)) < 1e-10
+
+
+def test_truncation_error_is_the_discarded_energy():
+    weight = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    s = torch.linalg.svdvals(weight.permute(1, 0, 2, 3).reshape(8, 16, 9))
+    for rank in (1, 3, 9):
+        _, _, error = decouple(weight, 1, rank)
+        expected = (s[:, rank:].square().sum() / s.square().sum()).sqrt().item()
+        assert error == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="full rank 9"):
+        decouple(weight, 1, 10)
+
+
+@pytest.mark.parametrize("kernel,target,expected", [(5, None, (3, 2)), (7, None, (3, 3)), (7, 4, (4, 2)),
+                                                    (9, None, (3, 4)), (3, None, None), (4, None, None)])
+def test_shrink_kernel(kernel, target, expected):
+    assert shrink_kernel(kernel, target) == expected
+
+
+@pytest.mark.parametrize("kernel,target", [(5, True), (7, True), (7, 4)])
+def test_keep_receptive_field_exact_on_grid_kernel(kernel, target):
+    """A kernel whose only non-zero taps lie on the dilated grid converts exactly, same receptive field."""
+    conv = nn.Conv2d(4, 6, kernel, padding=kernel // 2).double()
+    new_kernel, step = shrink_kernel(kernel, None if target is True else target)
+    mask = torch.zeros(kernel, kernel, dtype=torch.float64)
+    mask[::step, ::step] = 1
+    conv.weight.data *= mask
+    sep = from_conv(conv, rank=FULL_RANK, keep_receptive_field=target)
+    assert sep.kernel_size == (new_kernel, new_kernel) and sep.dilation == (step, step)
+    x = torch.randn(1, 4, 12, 12, dtype=torch.float64)
+    assert rel_error(sep(x), conv(x)) < 1e-5
+
+
+def test_dilation_spreads_the_trained_taps():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    sep = from_conv(conv, rank=FULL_RANK, dilation=2)
+    reference = from_conv(conv, rank=FULL_RANK)
+    assert sep.dilation == (2, 2) and sep.padding == ((2, 2), (2, 2))
+    torch.testing.assert_close(sep.depthwise.weight, reference.depthwise.weight)
+
+
+def test_random_init_ignores_the_weights():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    a, b = from_conv(conv, init="random"), from_conv(conv, init="svd")
+    assert not torch.allclose(a.depthwise.weight, b.depthwise.weight)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rank=0), "rank"), (dict(rank=-1), "rank"), (dict(rank=1.5), "rank"), (dict(dilation=0), "dilation"),
+    (dict(init="nope"), "unknown init"), (dict(dilation=2, keep_receptive_field=True), "choose one"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        from_conv(nn.Conv2d(4, 4, 3), **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(5, 64, 9), (5, 9, 64), (3, 49, 49), (2, 16, 25)])
+@pytest.mark.parametrize("rank", [1, 4, 9])
+def test_factorization_matches_lapack_svd(shape, rank):
+    """The Gram-eigenvector route gives the same best rank-r approximation as torch.linalg.svd."""
+    from dsd.convert.decouple import _factorize
+    a = torch.randn(*shape, dtype=torch.float64)
+    left, right, _ = _factorize(a, rank)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    best = (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+    assert rel_error(left @ right, best) < 1e-9
+    torch.testing.assert_close(left.norm(dim=-2), right.norm(dim=-1))  # singular values split evenly

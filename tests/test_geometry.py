@@ -1,0 +1,72 @@
+"""Property tests: a converted conv keeps the original's output shape for any geometry and input size."""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from dsd.convert import from_conv
+from dsd.convert.factory import shrink_kernel
+from dsd.convert.geometry import matched_padding, output_size
+
+
+@st.composite
+def conv_and_input(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    in_channels = groups * draw(st.integers(1, 3))
+    out_channels = groups * draw(st.integers(1, 3))
+    kernel = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = draw(st.one_of(st.sampled_from(["same", "valid"]), st.integers(0, 4),
+                             st.tuples(st.integers(0, 4), st.integers(0, 4))))
+    stride = 1 if padding == "same" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation, groups,
+                     bias=draw(st.booleans()), padding_mode=mode)
+    size = (draw(st.integers(1, 23)), draw(st.integers(1, 23)))
+    return conv, torch.randn(1, in_channels, *size)
+
+
+def _original_output(conv, x):
+    try:
+        return conv(x)
+    except RuntimeError:  # input too small for this conv (or its padding mode): not a valid case
+        assume(False)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_and_input(), rank=st.integers(1, 3))
+def test_same_output_shape_any_geometry(case, rank):
+    conv, x = case
+    assume(conv.kernel_size != (1, 1) and conv.groups != conv.in_channels)
+    expected = _original_output(conv, x)
+    assert from_conv(conv, rank=rank)(x).shape == expected.shape
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_and_input(), new_dilation=st.integers(1, 3), keep_rf=st.booleans())
+def test_same_output_shape_with_new_dilation(case, new_dilation, keep_rf):
+    conv, x = case
+    assume(conv.kernel_size != (1, 1) and conv.groups != conv.in_channels)
+    if keep_rf:
+        assume(any(shrink_kernel(k) for k in conv.kernel_size))
+        sep = from_conv(conv, keep_receptive_field=True)
+    else:
+        sep = from_conv(conv, dilation=new_dilation)
+    if conv.padding_mode in ("reflect", "circular"):
+        # As in PyTorch, these modes cannot pad by more than the input size; a wider kernel needs more.
+        assume(max(abs(p) for axis in sep.padding for p in axis) < min(x.shape[-2:]))
+    expected = _original_output(conv, x)
+    assert sep(x).shape == expected.shape
+
+
+@given(size=st.integers(1, 64), kernel=st.integers(1, 7), dilation=st.integers(1, 3), stride=st.integers(1, 3),
+       before=st.integers(0, 4), after=st.integers(0, 4), new_kernel=st.integers(1, 7), new_dilation=st.integers(1, 3))
+def test_matched_padding_rule(size, kernel, dilation, stride, before, after, new_kernel, new_dilation):
+    """The issue's rule: 2*pad - dilation*(k-1) is the same for the new conv, per axis."""
+    (new_before, new_after), _ = matched_padding(((before, after), (0, 0)), (kernel, 1), (dilation, 1),
+                                                 (new_kernel, 1), (new_dilation, 1))
+    assert new_before + new_after - new_dilation * (new_kernel - 1) == before + after - dilation * (kernel - 1)
+    assume(output_size(size, kernel, stride, before, after, dilation) >= 1)
+    assert (output_size(size, new_kernel, stride, new_before, new_after, new_dilation)
+            == output_size(size, kernel, stride, before, after, dilation))
