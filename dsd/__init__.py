@@ -7,8 +7,9 @@ from .convert import (
     convert_model,
     from_conv,
 )
+from .report import SavingsReport, compare
 
 __version__ = "0.1.0"
 
 __all__ = ["convert_model", "apply_plan", "from_conv", "DepthwiseSeparableConv2d", "ConversionPlan",
-           "ConversionReport", "__version__"]
+           "ConversionReport", "compare", "SavingsReport", "__version__"]

@@ -7,13 +7,13 @@ works and, through forward hooks, gives every conv's shapes and call count. Conv
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..modes import CallShapes, eval_mode, record_shapes
 from .trace import trace
 
 __all__ = ["ConvSite", "ModelAnalysis", "analyze", "FOUND_BY_GRAPH", "FOUND_BY_MODULES", "as_args"]
@@ -60,33 +60,6 @@ def _short_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}"[:200]
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the analysis (no BatchNorm statistics updated), each module's flag restored after."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
-@contextmanager
-def _record_shapes(sites: Sequence[ConvSite]) -> Iterator[None]:
-    def hook(site):
-        def record(module, args, output):
-            site.calls = (site.calls or 0) + 1
-            site.call_shapes.append((tuple(args[0].shape), tuple(output.shape)))
-        return record
-    handles = [site.module.register_forward_hook(hook(site)) for site in sites]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _module_sites(model: nn.Module) -> Tuple[List[ConvSite], List[Tuple[str, str]]]:
     names: Dict[int, List[str]] = defaultdict(list)
     modules: Dict[int, nn.Module] = {}
@@ -117,18 +90,18 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
     sites, others = _module_sites(model)
     by_id = {id(site.module): site for site in sites}
     analysis = ModelAnalysis(sites, traced=False, other_convs=others)
-    with _eval_mode(model):
+    modules = {site.name: site.module for site in sites}
+    with eval_mode(model):
         try:
             gm = trace(model)
             if example_inputs is not None:
-                with _record_shapes(sites):
+                with record_shapes(modules) as calls:
                     gm(*as_args(example_inputs))
+                _set_calls(sites, calls)
                 analysis.ran = True
             analysis.traced = True
         except Exception as error:  # any tracing or graph-execution failure means: use the module tree
             analysis.trace_error = _short_error(error)
-            for site in sites:
-                site.calls, site.call_shapes = None, []
         if analysis.traced:
             called = [node.target for node in gm.graph.nodes if node.op == "call_module"]
             for target in called:
@@ -144,13 +117,17 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
                         site.calls = 0
         elif example_inputs is not None:
             try:
-                with _record_shapes(sites):
+                with record_shapes(modules) as calls:
                     model(*as_args(example_inputs))
+                _set_calls(sites, calls)
             except Exception as error:
                 raise ValueError(f"the model does not run on example inputs of shape {_describe(example_inputs)}: "
                                  f"{_short_error(error)}") from error
             analysis.ran = True
-    if analysis.ran:
-        for site in sites:
-            site.calls = site.calls or 0
     return analysis
+
+
+def _set_calls(sites: List[ConvSite], calls: CallShapes) -> None:
+    for site in sites:
+        site.call_shapes = calls[site.name]
+        site.calls = len(site.call_shapes)

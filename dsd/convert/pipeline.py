@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..modes import eval_mode, record_shapes
 from .factory import Rank, SkipLayer, build_layer
 from .match import ModelAnalysis, analyze, as_args
 from .plan import ConversionPlan
@@ -73,24 +74,11 @@ def convert_model(
 @torch.no_grad()
 def _verify_shapes(model: nn.Module, example_inputs: Any, analysis: ModelAnalysis,
                    replacements: Dict[str, nn.Module]) -> bool:
-    """Run the converted model; raise if any converted layer's output shape differs from the original's."""
+    """Run the converted model; raise if any converted layer's output shapes differ from the original's."""
     expected = {site.name: [out for _, out in site.call_shapes] for site in analysis.sites if site.name in replacements}
-    seen: Dict[str, list] = {name: [] for name in replacements}
-
-    def recorder(name):
-        def record(module, args, output):  # returns None: a hook's return value would replace the output
-            seen[name].append(tuple(output.shape))
-        return record
-    handles = [module.register_forward_hook(recorder(name)) for name, module in replacements.items()]
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model), record_shapes(replacements) as calls:
         model(*as_args(example_inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, flag in flags.items():
-            m.training = flag
+    seen = {name: [out for _, out in shapes] for name, shapes in calls.items()}
     wrong = {name: (shapes, seen[name]) for name, shapes in expected.items() if seen[name] != shapes}
     if wrong:
         raise RuntimeError(f"dsd bug: converted layers changed output shape (expected, got): {wrong}")

@@ -1,0 +1,41 @@
+"""Context managers for looking at a model without changing it: eval mode, recorded call shapes."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Mapping, Tuple
+
+import torch.nn as nn
+
+__all__ = ["eval_mode", "record_shapes", "CallShapes"]
+
+Shape = Tuple[int, ...]
+CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, output shape) per call
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (no BatchNorm statistics updated), each module's own training flag restored after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@contextmanager
+def record_shapes(modules: Mapping[str, nn.Module]) -> Iterator[CallShapes]:
+    """Forward hooks that record every call's first-input and output shapes, by name."""
+    calls: CallShapes = {name: [] for name in modules}
+
+    def recorder(name):
+        def record(module, args, output):  # returns None: a hook's return value would replace the output
+            calls[name].append((tuple(args[0].shape), tuple(output.shape)))
+        return record
+    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,68 @@
+"""``compare(original, converted)``: count and measure both models, line their layers up by name."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..modes import eval_mode, record_shapes
+from ..convert.separable import DepthwiseSeparableConv2d
+from .flops import count_flops
+from .latency import BenchmarkSettings, environment, layer_latency, model_latency
+from .savings import LayerSavings, SavingsReport
+
+__all__ = ["compare", "converted_layer_names", "conv_input_shapes"]
+
+
+def converted_layer_names(converted: nn.Module) -> list:
+    return [name for name, m in converted.named_modules() if isinstance(m, DepthwiseSeparableConv2d)]
+
+
+@torch.no_grad()
+def conv_input_shapes(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Dict[str, Tuple[int, ...]]:
+    """The input shape of each named layer's first call on ``example``."""
+    with eval_mode(model), record_shapes({name: model.get_submodule(name) for name in names}) as calls:
+        model(example)
+    return {name: shapes[0][0] for name, shapes in calls.items() if shapes}
+
+
+def compare(
+        original: nn.Module,
+        converted: nn.Module,
+        input_size: Sequence[int] = (3, 224, 224),
+        device: str = "cpu",
+        batch_size: int = 1,
+        dtype: str = "float32",
+        channels_last: bool = False,
+        compile: bool = False,
+        latency: bool = True,
+        per_layer: bool = True,
+        warmup: int = 10,
+        iters: int = 40,
+) -> SavingsReport:
+    """Parameters and FLOPs (fvcore, per image) and, with ``latency``, measured latency before vs after.
+
+    Per-layer rows are the converted layers, lined up by name with the original's layer; with
+    ``per_layer`` each pair is also timed in isolation on its real input shape.
+    """
+    example = torch.randn(1, *input_size)
+    names = converted_layer_names(converted)
+    before, after = count_flops(original, example), count_flops(converted, example)
+    layers = [LayerSavings(name, before.params.get(name, 0), after.params.get(name, 0),
+                           before.by_module.get(name, 0), after.by_module.get(name, 0)) for name in names]
+    total = LayerSavings("total", before.params.get("", 0), after.params.get("", 0), before.total, after.total)
+    env: Optional[dict] = None
+    if latency:
+        settings = BenchmarkSettings(device, dtype, batch_size, channels_last, compile, warmup, iters)
+        env = environment(settings)
+        total.latency_before = model_latency(original, input_size, settings)
+        total.latency_after = model_latency(converted, input_size, settings)
+        if per_layer:
+            shapes = conv_input_shapes(original, names, example)
+            for layer in layers:
+                if layer.name in shapes:
+                    layer.latency_before = layer_latency(original.get_submodule(layer.name), shapes[layer.name], settings)
+                    layer.latency_after = layer_latency(converted.get_submodule(layer.name), shapes[layer.name], settings)
+    unsupported = dict(before.unsupported_ops + after.unsupported_ops)
+    return SavingsReport(total, layers, list(input_size), env, unsupported)

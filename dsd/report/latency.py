@@ -1,0 +1,135 @@
+"""Measured latency of a model or a single layer, following timm's ``benchmark.py`` conventions.
+
+GPU: eval mode, ``torch.inference_mode``, ``cudnn.benchmark``, warm-up, then CUDA events around each
+iteration. CPU: ``time.perf_counter`` around each iteration, with the thread count recorded. Both report
+the median and the 10th/90th percentiles. Half precision runs under AMP autocast, as timm's ``--amp``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["BenchmarkSettings", "LatencyStats", "time_module", "model_latency", "layer_latency", "environment"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BenchmarkSettings:
+    device: str = "cpu"
+    dtype: str = "float32"  # float16 / bfloat16: AMP autocast
+    batch_size: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    warmup: int = 10  # timm benchmark.py: --num-warm-iter 10, --num-bench-iter 40
+    iters: int = 40
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+        if self.batch_size < 1 or self.iters < 1 or self.warmup < 0:
+            raise ValueError("batch_size and iters must be >= 1 and warmup >= 0")
+
+    @property
+    def is_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+
+@dataclass
+class LatencyStats:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    images_per_s: float
+    iters: int
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def environment(settings: BenchmarkSettings) -> Dict[str, Any]:
+    """Where the figures came from: always printed and stored with them."""
+    return {
+        "device": settings.device,
+        "device_name": torch.cuda.get_device_name(settings.device) if settings.is_cuda else platform.processor()
+        or platform.machine(),
+        "dtype": settings.dtype, "batch_size": settings.batch_size, "channels_last": settings.channels_last,
+        "compile": settings.compile, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "warmup": settings.warmup, "iters": settings.iters,
+    }
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _timings_ms(step: Callable[[], Any], settings: BenchmarkSettings) -> list:
+    for _ in range(settings.warmup):
+        step()
+    if settings.is_cuda:
+        torch.cuda.synchronize(settings.device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(settings.iters)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(settings.device)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for _ in range(settings.iters):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _prepare(module: nn.Module, settings: BenchmarkSettings) -> nn.Module:
+    """A copy on the target device and memory format: the caller's module is never moved or changed."""
+    module = copy.deepcopy(module).eval().to(settings.device)
+    if settings.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return torch.compile(module) if settings.compile else module
+
+
+def time_module(module: nn.Module, input_shape: Sequence[int], settings: BenchmarkSettings) -> LatencyStats:
+    """Latency of ``module`` on a random input of ``input_shape`` (batch dimension included)."""
+    module = _prepare(module, settings)
+    x = torch.randn(*input_shape, device=settings.device)
+    if settings.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = (torch.autocast(torch.device(settings.device).type, dtype=DTYPES[settings.dtype])
+                if settings.dtype != "float32" else contextlib.nullcontext())
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        with torch.inference_mode(), autocast:
+            times = _timings_ms(lambda: module(x), settings)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    median = statistics.median(times)
+    return LatencyStats(median, _percentile(times, 0.1), _percentile(times, 0.9),
+                        input_shape[0] * 1e3 / median, len(times))
+
+
+def model_latency(model: nn.Module, input_size: Sequence[int], settings: BenchmarkSettings) -> LatencyStats:
+    return time_module(model, (settings.batch_size, *input_size), settings)
+
+
+def layer_latency(layer: nn.Module, input_shape: Sequence[int], settings: BenchmarkSettings,
+                  batch_size: Optional[int] = None) -> LatencyStats:
+    """One layer timed in isolation with its real input shape (batch replaced by the settings' batch size)."""
+    return time_module(layer, (batch_size or settings.batch_size, *input_shape[1:]), settings)

@@ -1,0 +1,206 @@
+"""The savings report: parameters, FLOPs and latency before vs after, per converted layer and in total.
+
+JSON schema (``schema: "dsd.savings"``, ``version: 1``)::
+
+    {"schema": "dsd.savings", "version": 1,
+     "flop_convention": str,                      # fvcore: FLOPs are multiply-adds
+     "input_size": [C, H, W],                     # FLOPs are per image of this size
+     "environment": {device, device_name, dtype, batch_size, channels_last, compile, threads, torch,
+                     warmup, iters} | null,       # null when latency was not measured
+     "total": {"params_before", "params_after", "flops_before", "flops_after",
+               "latency_before": Latency | null, "latency_after": Latency | null},
+     "layers": [{"name", "params_before", "params_after", "flops_before", "flops_after",
+                 "latency_before": Latency | null, "latency_after": Latency | null}],
+     "unsupported_ops": {op: count}}              # ops fvcore did not count (element-wise, mostly)
+    Latency = {"median_ms", "p10_ms", "p90_ms", "images_per_s", "iters"}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..fileio import atomic_path, atomic_write_text
+from .flops import FLOP_CONVENTION
+from .latency import LatencyStats
+
+__all__ = ["LayerSavings", "SavingsReport", "SCHEMA", "SCHEMA_VERSION"]
+
+SCHEMA, SCHEMA_VERSION = "dsd.savings", 1
+
+
+def _ratio(after: float, before: float) -> Optional[float]:
+    return after / before if before else None
+
+
+def _latency(data: Optional[Dict[str, Any]]) -> Optional[LatencyStats]:
+    return LatencyStats(**data) if data else None
+
+
+@dataclass
+class LayerSavings:
+    name: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    latency_before: Optional[LatencyStats] = None
+    latency_after: Optional[LatencyStats] = None
+
+    @property
+    def flop_ratio(self) -> Optional[float]:
+        return _ratio(self.flops_after, self.flops_before)
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.latency_before and self.latency_after:
+            return self.latency_before.median_ms / self.latency_after.median_ms
+        return None
+
+    @property
+    def efficiency(self) -> Optional[float]:
+        """Measured speedup divided by FLOP reduction: 1.0 means the saved FLOPs all became time."""
+        if self.speedup is None or not self.flops_after:
+            return None
+        return self.speedup / (self.flops_before / self.flops_after)
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["latency_before"] = self.latency_before.to_dict() if self.latency_before else None
+        data["latency_after"] = self.latency_after.to_dict() if self.latency_after else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "LayerSavings":
+        return cls(**{**data, "latency_before": _latency(data.get("latency_before")),
+                      "latency_after": _latency(data.get("latency_after"))})
+
+
+@dataclass
+class SavingsReport:
+    total: LayerSavings
+    layers: List[LayerSavings]
+    input_size: List[int]
+    environment: Optional[Dict[str, Any]] = None
+    unsupported_ops: Dict[str, int] = field(default_factory=dict)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        total = self.total.to_dict()
+        total.pop("name")
+        return {"schema": SCHEMA, "version": SCHEMA_VERSION, "flop_convention": FLOP_CONVENTION,
+                "input_size": list(self.input_size), "environment": self.environment, "total": total,
+                "layers": [layer.to_dict() for layer in self.layers], "unsupported_ops": self.unsupported_ops}
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path:
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "SavingsReport":
+        if data.get("schema") != SCHEMA or data.get("version") != SCHEMA_VERSION:
+            raise ValueError(f"not a {SCHEMA} v{SCHEMA_VERSION} report "
+                             f"(schema={data.get('schema')!r}, version={data.get('version')!r})")
+        return cls(LayerSavings.from_dict({"name": "total", **data["total"]}),
+                   [LayerSavings.from_dict(layer) for layer in data["layers"]], data["input_size"],
+                   data.get("environment"), data.get("unsupported_ops", {}))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SavingsReport":
+        return cls.from_dict(json.loads(text))
+
+    # -- reading -------------------------------------------------------------------------------
+    def summary(self) -> str:
+        t = self.total
+        lines = [f"params {t.params_before / 1e6:.2f}M -> {t.params_after / 1e6:.2f}M "
+                 f"({_pct(_ratio(t.params_after, t.params_before))}), "
+                 f"FLOPs {t.flops_before / 1e9:.3f}G -> {t.flops_after / 1e9:.3f}G ({_pct(t.flop_ratio)}) "
+                 f"per {'x'.join(map(str, self.input_size))} image"]
+        if t.speedup is not None:
+            lines.append(f"latency {t.latency_before.median_ms:.2f} -> {t.latency_after.median_ms:.2f} ms "
+                         f"(median of {t.latency_after.iters}): speedup {t.speedup:.2f}x, "
+                         f"efficiency {t.efficiency:.2f} (speedup / FLOP reduction)")
+        if self.environment:
+            e = self.environment
+            lines.append(f"measured on {e['device']} ({e['device_name']}), {e['dtype']}, batch {e['batch_size']}, "
+                         f"{e['threads']} threads, channels_last={e['channels_last']}, compile={e['compile']}, "
+                         f"torch {e['torch']}")
+        slower = [layer.name for layer in self.layers if layer.speedup is not None and layer.speedup < 1]
+        if slower:
+            lines.append(f"{len(slower)} of {len(self.layers)} converted layers measured SLOWER than the original: "
+                         + ", ".join(slower[:5]) + (" ..." if len(slower) > 5 else ""))
+        lines.append(FLOP_CONVENTION + ("; not counted: " + ", ".join(
+            f"{op} x{n}" for op, n in sorted(self.unsupported_ops.items())) if self.unsupported_ops else ""))
+        return "\n".join(lines)
+
+    def _rows(self) -> List[List[str]]:
+        rows = []
+        for layer in [*self.layers, self.total]:
+            rows.append([layer.name, _count(layer.params_before), _count(layer.params_after),
+                         _count(layer.flops_before), _count(layer.flops_after), _pct(layer.flop_ratio),
+                         _ms(layer.latency_before), _ms(layer.latency_after),
+                         f"{layer.speedup:.2f}x" if layer.speedup is not None else "-"])
+        return rows
+
+    HEADERS = ["layer", "params before", "params after", "FLOPs before", "FLOPs after", "FLOPs ratio",
+               "ms before", "ms after", "speedup"]
+
+    def to_markdown(self) -> str:
+        lines = ["| " + " | ".join(self.HEADERS) + " |", "|" + "---|" * len(self.HEADERS)]
+        lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
+        return self.summary().replace("\n", "  \n") + "\n\n" + "\n".join(lines) + "\n"
+
+    def to_rich(self):
+        from rich.table import Table
+        table = Table(title="dsd savings", caption=self.summary(), caption_justify="left")
+        for i, header in enumerate(self.HEADERS):
+            table.add_column(header, justify="left" if i == 0 else "right")
+        rows = self._rows()
+        for i, row in enumerate(rows):
+            slow = row[-1] != "-" and float(row[-1][:-1]) < 1
+            table.add_row(*row, style="bold" if i == len(rows) - 1 else ("red" if slow else None))
+        return table
+
+    def plot(self, path: str) -> None:
+        """A PNG: per-layer FLOPs (and latency, when measured) before vs after, largest first."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        timed = all(layer.speedup is not None for layer in self.layers) and self.layers
+        fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(14 if timed else 8, 2 + 0.25 * len(self.layers)),
+                                 squeeze=False)
+        panels = [("FLOPs (MACs) per image", lambda l: (l.flops_before, l.flops_after))]
+        if timed:
+            panels.append((f"latency, ms (batch {self.environment['batch_size']})",
+                           lambda l: (l.latency_before.median_ms, l.latency_after.median_ms)))
+        for ax, (title, values) in zip(axes[0], panels):
+            layers = sorted(self.layers, key=lambda l: values(l)[0])
+            positions = range(len(layers))
+            ax.barh([p + 0.2 for p in positions], [values(l)[0] for l in layers], 0.4, label="before")
+            ax.barh([p - 0.2 for p in positions], [values(l)[1] for l in layers], 0.4, label="after")
+            ax.set_yticks(list(positions), [l.name for l in layers], fontsize=7)
+            ax.set_title(title)
+            ax.legend()
+        fig.suptitle(self.summary().splitlines()[0], fontsize=9)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+
+
+def _pct(ratio: Optional[float]) -> str:
+    return f"{ratio:.1%}" if ratio is not None else "-"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _ms(stats: Optional[LatencyStats]) -> str:
+    return f"{stats.median_ms:.3f}" if stats else "-"
