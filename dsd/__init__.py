@@ -7,9 +7,12 @@ from .convert import (
     convert_model,
     from_conv,
 )
+from .errors import DsdError
+from .io import export_onnx, load_converted, load_model, save_converted
 from .report import SavingsReport, compare
 
 __version__ = "0.1.0"
 
 __all__ = ["convert_model", "apply_plan", "from_conv", "DepthwiseSeparableConv2d", "ConversionPlan",
-           "ConversionReport", "compare", "SavingsReport", "__version__"]
+           "ConversionReport", "compare", "SavingsReport", "load_model", "load_converted", "save_converted",
+           "export_onnx", "DsdError", "__version__"]

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import DsdError
 from .separable import DepthwiseSeparableConv2d
 
 __all__ = [
@@ -29,7 +30,7 @@ def register_initializer(name: str) -> Callable[[Initializer], Initializer]:
 
 def get_initializer(name: str) -> Initializer:
     if name not in _INITIALIZERS:
-        raise ValueError(f"unknown init {name!r}: choose one of {list_initializers()}")
+        raise DsdError(f"unknown init {name!r}: choose one of {list_initializers()}")
     return _INITIALIZERS[name]
 
 

@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..errors import DsdError
 from .adapters import get_conv_adapter
 from .decouple import full_rank, get_initializer, resample_taps
 from .geometry import conv_padding, matched_padding
@@ -18,7 +19,7 @@ FULL_RANK = "full"
 Rank = Union[int, str]
 
 
-class SkipLayer(ValueError):
+class SkipLayer(Exception):
     """This conv is left as it is; ``category`` groups the reasons in the report."""
 
     def __init__(self, category: str, detail: str):
@@ -27,16 +28,16 @@ class SkipLayer(ValueError):
 
 
 def check_layer_args(rank: Rank, dilation: Optional[int], keep_receptive_field: Union[bool, int], init: str) -> None:
-    """Raise ValueError naming the argument when one is out of range."""
+    """Raise DsdError naming the argument when one is out of range."""
     if rank != FULL_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be a positive integer or {FULL_RANK!r}, got {rank!r}")
+        raise DsdError(f"rank must be a positive integer or {FULL_RANK!r}, got {rank!r}")
     if dilation is not None and (isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1):
-        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
+        raise DsdError(f"dilation must be an integer >= 1, got {dilation!r}")
     if not isinstance(keep_receptive_field, bool) and (
             not isinstance(keep_receptive_field, int) or keep_receptive_field < 2):
-        raise ValueError(f"keep_receptive_field must be True/False or a kernel size >= 2, got {keep_receptive_field!r}")
+        raise DsdError(f"keep_receptive_field must be True/False or a kernel size >= 2, got {keep_receptive_field!r}")
     if keep_receptive_field and dilation is not None:
-        raise ValueError("dilation and keep_receptive_field both set the dilation: choose one")
+        raise DsdError("dilation and keep_receptive_field both set the dilation: choose one")
     get_initializer(init)
 
 

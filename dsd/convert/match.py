@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import DsdError
 from ..modes import CallShapes, eval_mode, record_shapes
 from .trace import trace
 
@@ -121,7 +122,7 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
                     model(*as_args(example_inputs))
                 _set_calls(sites, calls)
             except Exception as error:
-                raise ValueError(f"the model does not run on example inputs of shape {_describe(example_inputs)}: "
+                raise DsdError(f"the model does not run on example inputs of shape {_describe(example_inputs)}: "
                                  f"{_short_error(error)}") from error
             analysis.ran = True
     return analysis

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import DsdError
 from ..modes import eval_mode, record_shapes
 from .factory import Rank, SkipLayer, build_layer
 from .match import ModelAnalysis, analyze, as_args
@@ -19,7 +20,7 @@ from .rules import ConversionOptions, NamePattern, SkipPredicate, select
 __all__ = ["convert_model", "apply_plan", "PlanMismatch"]
 
 
-class PlanMismatch(ValueError):
+class PlanMismatch(DsdError):
     """A conversion plan names layers the model does not have, or has with another geometry."""
 
 

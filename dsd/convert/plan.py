@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..errors import DsdError
 from ..fileio import atomic_write_text
 from .geometry import TF_SAME, PaddingSpec
 from .separable import DepthwiseSeparableConv2d
@@ -101,7 +102,7 @@ class ConversionPlan:
     def from_dict(cls, data: Dict[str, Any]) -> "ConversionPlan":
         version = data.get("version")
         if version != PLAN_VERSION:
-            raise ValueError(f"conversion plan version {version!r} is not supported (this dsd reads {PLAN_VERSION})")
+            raise DsdError(f"conversion plan version {version!r} is not supported (this dsd reads {PLAN_VERSION})")
         return cls([LayerSpec.from_dict(layer) for layer in data["layers"]], data.get("options", {}),
                    data.get("source"), version)
 

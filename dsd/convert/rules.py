@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Optional, Pattern, Sequence, Union
 
 import torch.nn as nn
 
+from ..errors import DsdError
 from .cost import dense_macs_per_pixel, separable_macs_per_pixel
 from .factory import Rank, SkipLayer, check_layer_args, layer_spec
 from .plan import LayerSpec
@@ -54,10 +55,10 @@ class ConversionOptions:
         check_layer_args(self.rank, self.dilation, self.keep_receptive_field, self.init)
         self.include, self.exclude, self.skip = _as_list(self.include), _as_list(self.exclude), _as_list(self.skip)
         if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 0:
-            raise ValueError(f"min_channels must be an integer >= 0, got {self.min_channels!r}")
+            raise DsdError(f"min_channels must be an integer >= 0, got {self.min_channels!r}")
         for rule in self.skip:
             if isinstance(rule, str) and rule not in SKIP_PREDICATES:
-                raise ValueError(f"unknown skip rule {rule!r}: choose from {sorted(SKIP_PREDICATES)} or pass a callable")
+                raise DsdError(f"unknown skip rule {rule!r}: choose from {sorted(SKIP_PREDICATES)} or pass a callable")
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready record of the options (callables and regexes by their repr)."""

@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import DsdError
+
 __all__ = ["BenchmarkSettings", "LatencyStats", "time_module", "model_latency", "layer_latency", "environment"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,11 +36,11 @@ class BenchmarkSettings:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise DsdError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+            raise DsdError(f"device {self.device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
         if self.batch_size < 1 or self.iters < 1 or self.warmup < 0:
-            raise ValueError("batch_size and iters must be >= 1 and warmup >= 0")
+            raise DsdError("batch_size and iters must be >= 1 and warmup >= 0")
 
     @property
     def is_cuda(self) -> bool:

@@ -20,6 +20,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ..errors import DsdError
 from ..fileio import atomic_path, atomic_write_text
 from .flops import FLOP_CONVENTION
 from .latency import LatencyStats
@@ -101,7 +102,7 @@ class SavingsReport:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "SavingsReport":
         if data.get("schema") != SCHEMA or data.get("version") != SCHEMA_VERSION:
-            raise ValueError(f"not a {SCHEMA} v{SCHEMA_VERSION} report "
+            raise DsdError(f"not a {SCHEMA} v{SCHEMA_VERSION} report "
                              f"(schema={data.get('schema')!r}, version={data.get('version')!r})")
         return cls(LayerSavings.from_dict({"name": "total", **data["total"]}),
                    [LayerSavings.from_dict(layer) for layer in data["layers"]], data["input_size"],

@@ -1,0 +1,114 @@
+"""Pieces every ``dsd`` command shares: argument groups, value parsers, and the error contract.
+
+Bad input -> one line on stderr and exit code 2 (argparse's own convention); no traceback unless
+``--debug``. Any other exception is a dsd bug: exit 1 with a hint to re-run with ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ..errors import DsdError
+
+EXIT_BAD_INPUT = 2
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def rank_value(text: str):
+    if text == "full":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}; give a positive integer or 'full'") from None
+
+
+def key_value(text: str) -> Tuple[str, Any]:
+    """``key=value`` with the value read as JSON where it parses (``num_classes=10`` -> int)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not of the form key=value")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_model_args(parser: argparse.ArgumentParser, source_help: str) -> None:
+    parser.add_argument("source", help=source_help)
+    parser.add_argument("--arch", help="architecture of a state dict: timm:NAME, torchvision:NAME or package.module:factory")
+    parser.add_argument("--arch-kwarg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                        help="keyword for the architecture's constructor, e.g. num_classes=10 (repeatable)")
+    parser.add_argument("--pretrained", action="store_true", help="timm/torchvision weights from the local cache")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
+
+
+def add_measure_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("measurement")
+    group.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
+                       help="input size (default: the timm model's pretrained_cfg, else 3 224 224)")
+    group.add_argument("--device", default="cpu", help="device for latency (cpu, cuda, cuda:1)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="latency precision (half types run under AMP autocast)")
+    group.add_argument("--batch-size", type=positive_int, default=1)
+    group.add_argument("--channels-last", action="store_true")
+    group.add_argument("--compile", action="store_true", help="time torch.compile'd models")
+    group.add_argument("--warmup", type=int, default=10)
+    group.add_argument("--iters", type=positive_int, default=40)
+    group.add_argument("--json", metavar="FILE", help="write the savings report as JSON")
+    group.add_argument("--md", metavar="FILE", help="write the savings report as Markdown")
+    group.add_argument("--plot", metavar="FILE", help="write a PNG of per-layer FLOPs and latency")
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def arch_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    return dict(args.arch_kwarg)
+
+
+def input_size(args: argparse.Namespace, model) -> List[int]:
+    if args.input_size:
+        return list(args.input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return list(cfg.get("input_size", (3, 224, 224)))
+
+
+def console(args: argparse.Namespace):
+    """Rich console on stdout; wide enough for the tables when stdout is a file or a pipe."""
+    from rich.console import Console
+    return Console(quiet=args.quiet, width=None if sys.stdout.isatty() else 160)
+
+
+def run_command(prog: str, command: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
+    try:
+        return command(args) or 0
+    except DsdError as error:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"{prog}: internal error: {type(error).__name__}: {error}. This is a dsd bug; re-run with --debug "
+              "for the traceback and report it", file=sys.stderr)
+        return 1

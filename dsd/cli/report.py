@@ -1,0 +1,38 @@
+"""``dsd report SOURCE [--against CONVERTED]``: parameters, FLOPs and latency, before vs after."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..convert import convert_model
+from ..io import SUPPORTED_FORMATS, check_outputs, load_model
+from ..report import compare
+from .common import add_common_flags, add_measure_args, add_model_args, arch_kwargs, console, input_size
+from .savings_output import emit, report_files
+
+DESCRIPTION = "Savings of a converted model against its original: fvcore params/FLOPs and measured latency."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, f"the original model: {SUPPORTED_FORMATS}")
+    parser.add_argument("--against", metavar="CONVERTED",
+                        help="the converted model (a dsd .plan.json, or any source above); default: convert "
+                             "SOURCE at rank 1 now")
+    add_measure_args(parser)
+    parser.add_argument("--no-layers", dest="per_layer", action="store_false", help="skip per-layer latency")
+    add_common_flags(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_outputs(report_files(args), [args.source, args.against or ""], args.force)
+    original, _ = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle)
+    size = input_size(args, original)
+    if args.against:
+        converted, _ = load_model(args.against, trust_pickle=args.trust_pickle)
+    else:
+        converted, _ = convert_model(original, torch.randn(1, *size))
+    savings = compare(original, converted, size, args.device, args.batch_size, args.dtype, args.channels_last,
+                      args.compile, per_layer=args.per_layer, warmup=args.warmup, iters=args.iters)
+    emit(savings, args, console(args), show_table=True)
+    return 0

@@ -1,0 +1,34 @@
+"""Print a savings report and write the files asked for: shared by ``convert`` and ``report``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import List
+
+from rich.console import Console
+
+from ..fileio import atomic_write_text
+from ..report import SavingsReport
+
+
+def report_files(args: argparse.Namespace) -> List[Path]:
+    return [Path(p) for p in (args.json, args.md, args.plot) if p]
+
+
+def wants_latency(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "report", True) or args.json or args.md or args.plot)
+
+
+def emit(savings: SavingsReport, args: argparse.Namespace, console: Console, show_table: bool) -> None:
+    if args.json:
+        savings.to_json(args.json)
+    if args.md:
+        atomic_write_text(args.md, savings.to_markdown())
+    if args.plot:
+        savings.plot(args.plot)
+    if args.quiet:
+        return
+    if show_table:
+        console.print(savings.to_rich())
+    else:
+        console.print(savings.summary())

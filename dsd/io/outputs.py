@@ -1,0 +1,71 @@
+"""Where ``dsd-convert`` writes, and the checks made before anything is written."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from ..errors import DsdError
+from .converted import plan_path_for
+
+__all__ = ["OutputPaths", "default_stem", "output_paths", "check_outputs"]
+
+
+def default_stem(source: str) -> Path:
+    """``timm:resnet50`` -> ``./resnet50``; ``dir/model.pt`` -> ``dir/model``."""
+    if ":" in source and not Path(source).exists():
+        return Path(source.split(":", 1)[1].replace(".", "_").replace(":", "_"))
+    path = Path(source)
+    name = path.name[:-len(".plan.json")] if path.name.endswith(".plan.json") else path.stem
+    return path.with_name(name)
+
+
+@dataclass
+class OutputPaths:
+    weights: Path
+    plan: Path
+    module: Optional[Path] = None
+    onnx: Optional[Path] = None
+
+    def all(self) -> List[Path]:
+        return [p for p in (self.weights, self.plan, self.module, self.onnx) if p is not None]
+
+
+def output_paths(source: str, output: Optional[str] = None, save_module: bool = False,
+                 export_onnx: bool = False) -> OutputPaths:
+    weights = Path(output) if output else default_stem(source).with_name(default_stem(source).name + "_dsd.safetensors")
+    if weights.suffix != ".safetensors":
+        raise DsdError(f"-o {weights}: the converted weights are written as safetensors; give a *.safetensors path")
+    stem = weights.with_suffix("")
+    return OutputPaths(weights, plan_path_for(weights), stem.with_suffix(".pt") if save_module else None,
+                       stem.with_suffix(".onnx") if export_onnx else None)
+
+
+def _writable_dir(directory: Path) -> bool:
+    """Try it: ``os.access`` says yes to root even on read-only mounts."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dsd-write-check-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
+def check_outputs(outputs: Iterable[Path], inputs: Iterable[str], force: bool) -> None:
+    """Refuse before any work: missing or read-only directory, an input as output, or an existing file without force."""
+    input_paths = {Path(i).resolve() for i in inputs if Path(i).exists()}
+    for path in outputs:
+        directory = path.parent
+        if not directory.is_dir():
+            raise DsdError(f"cannot write {path}: directory {directory} does not exist; create it or choose another -o")
+        if path.resolve() in input_paths:
+            raise DsdError(f"{path} is also an input; writing it would destroy the input: choose another -o")
+        if path.is_dir():
+            raise DsdError(f"cannot write {path}: it is a directory")
+        if path.exists() and not force:
+            raise DsdError(f"{path} exists; pass --force to overwrite it")
+        if not _writable_dir(directory):
+            raise DsdError(f"cannot write {path}: directory {directory} is not writable; choose another -o")

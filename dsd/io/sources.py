@@ -1,0 +1,194 @@
+"""Build or load the model to convert: ``timm:NAME``, ``torchvision:NAME``, ``package.module:factory``,
+a state dict (``.pt/.pth/.bin`` with ``weights_only=True``, or ``.safetensors``) with an architecture, or
+a whole pickled module (only with ``trust_pickle=True``: unpickling runs code from the file).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import DsdError
+
+__all__ = ["ModelSource", "build_arch", "load_source_model", "load_state_dict_file", "STATE_DICT_SUFFIXES",
+           "SUPPORTED_FORMATS"]
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SUPPORTED_FORMATS = ("timm:NAME, torchvision:NAME, package.module:factory, a state dict (.pt/.pth/.bin/.ckpt "
+                     "or .safetensors) with --arch, a pickled nn.Module with --trust-pickle, or a dsd plan "
+                     "(.plan.json)")
+_CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # common training-checkpoint layouts
+
+
+@dataclass
+class ModelSource:
+    """How the original model was obtained; stored in the plan so the converted model can be rebuilt."""
+    arch: Optional[str] = None  # timm:NAME, torchvision:NAME or package.module:factory
+    arch_kwargs: Dict[str, Any] = field(default_factory=dict)
+    weights: Optional[str] = None  # the file the weights came from, if any
+    pretrained: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def build_arch(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """A model from ``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``."""
+    kind, sep, name = arch.partition(":")
+    if not sep or not name:
+        raise DsdError(f"architecture {arch!r} is not of the form timm:NAME, torchvision:NAME or package.module:factory")
+    if kind == "timm":
+        import timm
+        if name not in timm.list_models():
+            raise DsdError(f"timm has no model {name!r}.{_suggest(name, timm.list_models())}")
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except Exception as error:
+            if pretrained:
+                raise DsdError(f"no pretrained weights for timm:{name} in the local cache and none can be "
+                               f"downloaded (this machine is offline?): {type(error).__name__}; drop --pretrained "
+                               "or put the weights in the Hugging Face cache") from error
+            raise
+    if kind == "torchvision":
+        import torchvision
+        names = torchvision.models.list_models()
+        if name not in names:
+            raise DsdError(f"torchvision has no model {name!r}.{_suggest(name, names)}")
+        try:
+            return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+        except Exception as error:
+            if pretrained:
+                raise DsdError(f"no pretrained weights for torchvision:{name} in the torch hub cache "
+                               f"({torch.hub.get_dir()}) and none can be downloaded: {type(error).__name__}; "
+                               "drop --pretrained or put the weights there") from error
+            raise
+    try:
+        factory = getattr(importlib.import_module(kind), name)
+    except (ImportError, AttributeError) as error:
+        raise DsdError(f"cannot import the model factory {arch!r}: {error}") from error
+    return factory(**kwargs)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DsdError(f"{path}: no such file")
+    if path.is_dir():
+        raise DsdError(f"{path} is a directory; give a model file")
+    if path.stat().st_size == 0:
+        raise DsdError(f"{path} is empty")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _as_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in _CHECKPOINT_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) == len(obj):
+            return tensors
+    raise DsdError(f"{path} holds a {type(obj).__name__}, not a state dict or a model; save model.state_dict() "
+                   f"or the whole model")
+
+
+def load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``weights_only=True`` torch file (no code from the file runs)."""
+    _check_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as error:
+            raise DsdError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    try:
+        return _as_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    except pickle.UnpicklingError as error:
+        raise _PickledObject(path) from error
+
+
+class _PickledObject(DsdError):
+    def __init__(self, path: Path):
+        super().__init__(f"{path} holds a pickled Python object (such as a whole nn.Module); unpickling it runs "
+                         "code from the file, so dsd refuses by default. If you trust the file, pass --trust-pickle "
+                         "(trust_pickle=True); better, save model.state_dict() and pass --arch")
+
+
+def _load_torch_file(path: Path, trust_pickle: bool) -> Any:
+    """A state dict, or with ``trust_pickle`` a pickled module; readable errors for everything else."""
+    if _is_torchscript(path):
+        raise DsdError(f"{path} is a TorchScript archive, which dsd cannot convert; supported: {SUPPORTED_FORMATS}")
+    try:
+        return load_state_dict_file(path)
+    except _PickledObject:
+        if not trust_pickle:
+            raise
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except DsdError:
+        raise
+    except Exception as error:
+        raise DsdError(f"{path} could not be read as a PyTorch file (truncated or corrupt?): "
+                       f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+
+
+def _load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
+        hint = " (a different num_classes? pass --arch-kwarg num_classes=N)" if wrong else ""
+        raise DsdError(f"{path} does not fit {arch}: {'; '.join(parts)}{hint}")
+    model.load_state_dict(state_dict)
+
+
+def load_source_model(
+        source: str,
+        arch: Optional[str] = None,
+        arch_kwargs: Optional[Dict[str, Any]] = None,
+        pretrained: bool = False,
+        trust_pickle: bool = False,
+) -> Tuple[nn.Module, ModelSource]:
+    """The model named by ``source`` and a record of how to rebuild it (see the module docstring)."""
+    arch_kwargs = dict(arch_kwargs or {})
+    if source.startswith(("timm:", "torchvision:")):
+        return build_arch(source, pretrained, **arch_kwargs), ModelSource(source, arch_kwargs, None, pretrained)
+    path = Path(source)
+    _check_file(path)
+    if path.suffix == ".safetensors":
+        loaded: Any = load_state_dict_file(path)
+    elif path.suffix in STATE_DICT_SUFFIXES:
+        loaded = _load_torch_file(path, trust_pickle)
+    else:
+        raise DsdError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; supported: {SUPPORTED_FORMATS}")
+    if isinstance(loaded, nn.Module):
+        return loaded, ModelSource(arch, arch_kwargs, str(path))
+    state_dict = _as_state_dict(loaded, path)
+    if arch is None:
+        raise DsdError(f"{path} holds a state dict (weights only); say which model it belongs to with --arch "
+                       "timm:NAME, torchvision:NAME or package.module:factory")
+    model = build_arch(arch, False, **arch_kwargs)
+    _load_into(model, state_dict, path, arch)
+    return model, ModelSource(arch, arch_kwargs, str(path))

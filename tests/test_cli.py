@@ -1,0 +1,244 @@
+"""The installed console scripts, run as a user would: every input format, every bad input, no stray files."""
+import os
+import pathlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import dsd
+
+BIN = Path(sys.executable).parent
+SMALL = ["--input-size", "3", "32", "32", "--quiet"]
+
+
+def run(*args, cwd, script="dsd-convert", env=None):
+    result = subprocess.run([str(BIN / script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=300)
+    return result
+
+
+def files(directory):
+    return sorted(p.name for p in Path(directory).iterdir())
+
+
+def assert_refused(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.fixture
+def resnet_state_dict(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    return path
+
+
+# -- inputs that work ------------------------------------------------------------------------------
+
+def test_timm_name_writes_weights_and_plan_and_round_trips(tmp_path):
+    result = run("timm:resnet18", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert files(tmp_path) == ["resnet18_dsd.plan.json", "resnet18_dsd.safetensors"]
+    reloaded = dsd.load_converted(tmp_path / "resnet18_dsd.plan.json")
+    assert sum(isinstance(m, dsd.DepthwiseSeparableConv2d) for m in reloaded.modules()) == 17
+
+
+def test_round_trip_equals_in_memory_conversion(tmp_path, resnet_state_dict):
+    result = run(resnet_state_dict, "--arch", "timm:resnet18", "--rank", "2", "--dilation", "2", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    model = timm.create_model("resnet18")
+    model.load_state_dict(torch.load(resnet_state_dict, weights_only=True))
+    in_memory, _ = dsd.convert_model(model, torch.randn(1, 3, 32, 32), rank=2, dilation=2)
+    reloaded = dsd.load_converted(tmp_path / "weights_dsd.plan.json")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded(x), in_memory.eval()(x))
+
+
+def test_safetensors_and_nested_checkpoint_and_torchvision(tmp_path):
+    model = timm.create_model("resnet18")
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, tmp_path / "ckpt.pth")
+    assert run(tmp_path / "w.safetensors", "--arch", "timm:resnet18", "-o", tmp_path / "a.safetensors", *SMALL,
+               cwd=tmp_path).returncode == 0
+    assert run(tmp_path / "ckpt.pth", "--arch", "timm:resnet18", "-o", tmp_path / "b.safetensors", *SMALL,
+               cwd=tmp_path).returncode == 0
+    result = run("torchvision:mobilenet_v3_small", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "mobilenet_v3_small_dsd.plan.json").exists()
+
+
+def test_factory_arch_with_kwargs(tmp_path):
+    (tmp_path / "mynets.py").write_text(
+        "import torch.nn as nn\n"
+        "def small(width=8):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))\n")
+    import importlib
+    sys.path.insert(0, str(tmp_path))
+    try:
+        state = importlib.import_module("mynets").small(width=16).state_dict()
+        torch.save(state, tmp_path / "small.pt")
+        result = run(tmp_path / "small.pt", "--arch", "mynets:small", "--arch-kwarg", "width=16", *SMALL,
+                     cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+        assert result.returncode == 0, result.stderr
+        reloaded = dsd.load_converted(tmp_path / "small_dsd.plan.json")
+        assert isinstance(reloaded[2], dsd.DepthwiseSeparableConv2d)
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_pickled_module_only_with_trust_pickle(tmp_path):
+    torch.save(timm.create_model("resnet18"), tmp_path / "whole.pt")
+    assert_refused(run(tmp_path / "whole.pt", *SMALL, cwd=tmp_path), "--trust-pickle")
+    assert files(tmp_path) == ["whole.pt"]
+    result = run(tmp_path / "whole.pt", "--trust-pickle", "--save-module", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert files(tmp_path) == ["whole.pt", "whole_dsd.plan.json", "whole_dsd.pt", "whole_dsd.safetensors"]
+
+
+def test_onnx_export_and_report_files(tmp_path):
+    result = run("timm:resnet18", "--export", "onnx", "--json", "r.json", "--md", "r.md", "--plot", "r.png",
+                 "--iters", "2", "--warmup", "0", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert files(tmp_path) == ["r.json", "r.md", "r.png", "resnet18_dsd.onnx", "resnet18_dsd.plan.json",
+                               "resnet18_dsd.safetensors"]
+
+
+def test_report_command_against_converted_plan(tmp_path):
+    assert run("timm:resnet18", *SMALL, cwd=tmp_path).returncode == 0
+    result = run("report", "timm:resnet18", "--against", "resnet18_dsd.plan.json", "--input-size", "3", "32", "32",
+                 "--iters", "2", "--warmup", "0", cwd=tmp_path, script="dsd")
+    assert result.returncode == 0, result.stderr
+    assert "speedup" in result.stdout and "layer4.1.conv2" in result.stdout
+
+
+def test_python_m_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dsd.cli", "convert", "timm:resnet18", *SMALL], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_keep_receptive_field_skips_small_kernels_with_a_reason(tmp_path):
+    result = run("timm:resnet18", "--keep-receptive-field", "--input-size", "3", "32", "32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 of 20 Conv2d layers converted" in result.stdout and "16 receptive field" in result.stdout
+
+
+# -- bad input: exit 2, one line, nothing written ----------------------------------------------------
+
+def test_missing_file_directory_empty_truncated(tmp_path, resnet_state_dict):
+    assert_refused(run(tmp_path / "nope.pt", *SMALL, cwd=tmp_path), "no such file")
+    (tmp_path / "adir.pt").mkdir()
+    assert_refused(run(tmp_path / "adir.pt", *SMALL, cwd=tmp_path), "is a directory")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert_refused(run(tmp_path / "empty.pt", *SMALL, cwd=tmp_path), "is empty")
+    data = resnet_state_dict.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert_refused(run(tmp_path / "cut.pt", "--arch", "timm:resnet18", *SMALL, cwd=tmp_path), "truncated or corrupt")
+    assert files(tmp_path) == ["adir.pt", "cut.pt", "empty.pt", "weights.pt"]
+
+
+def test_pickle_holding_no_model(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    assert_refused(run(tmp_path / "list.pt", *SMALL, cwd=tmp_path), "holds a list, not a state dict or a model")
+
+
+class Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_malicious_pickle_does_not_execute(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"weights": Marker(str(marker))}, tmp_path / "evil.pt")
+    assert not marker.exists()
+    assert_refused(run(tmp_path / "evil.pt", *SMALL, cwd=tmp_path), "--trust-pickle")
+    assert not marker.exists()
+
+
+def test_state_dict_without_arch_or_not_fitting(tmp_path, resnet_state_dict):
+    assert_refused(run(resnet_state_dict, *SMALL, cwd=tmp_path), "--arch")
+    assert_refused(run(resnet_state_dict, "--arch", "timm:resnet34", *SMALL, cwd=tmp_path),
+                   "does not fit timm:resnet34", "missing: layer1.2.conv1.weight")
+    assert_refused(run(resnet_state_dict, "--arch", "timm:resnet18", "--arch-kwarg", "num_classes=10", *SMALL,
+                       cwd=tmp_path), "wrong shape: fc.weight", "num_classes")
+
+
+def test_unknown_names_suggest_close_ones(tmp_path):
+    assert_refused(run("timm:resnet51", *SMALL, cwd=tmp_path), "timm has no model 'resnet51'", "resnet50")
+    assert_refused(run("torchvision:resnet_18", *SMALL, cwd=tmp_path), "torchvision has no model", "resnet18")
+
+
+def test_unsupported_formats(tmp_path):
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    scripted.save(str(tmp_path / "scripted.pt"))
+    assert_refused(run(tmp_path / "scripted.pt", *SMALL, cwd=tmp_path), "TorchScript archive")
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    assert_refused(run(tmp_path / "model.onnx", *SMALL, cwd=tmp_path), "unsupported file type '.onnx'", "supported:")
+
+
+def test_model_without_conv2d_is_an_error(tmp_path):
+    """Documented choice: nothing to convert is exit 2 (the input was probably not the intended model)."""
+    torch.save(nn.Sequential(nn.Linear(4, 4)).state_dict(), tmp_path / "mlp.pt")
+    (tmp_path / "mlps.py").write_text("import torch.nn as nn\ndef mlp():\n    return nn.Sequential(nn.Linear(4, 4))\n")
+    result = run(tmp_path / "mlp.pt", "--arch", "mlps:mlp", "--input-size", "1", "1", "4", "--quiet", cwd=tmp_path,
+                 env={"PYTHONPATH": str(tmp_path)})
+    assert_refused(result, "has no nn.Conv2d layers")
+    assert files(tmp_path) == ["mlp.pt", "mlps.py"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--rank", "0"], "must be at least 1"), (["--rank", "-2"], "must be at least 1"),
+    (["--rank", "1.5"], "is not an integer"), (["--dilation", "0"], "must be at least 1"),
+    (["--init", "zeros"], "invalid choice"),
+])
+def test_bad_options(tmp_path, args, fragment):
+    result = run("timm:resnet18", *args, *SMALL, cwd=tmp_path)
+    assert result.returncode == 2 and fragment in result.stderr
+    assert files(tmp_path) == []
+
+
+def test_wrong_input_size(tmp_path):
+    assert_refused(run("timm:resnet18", "--input-size", "1", "32", "32", "--quiet", cwd=tmp_path),
+                   "does not run on example inputs of shape (1, 1, 32, 32)")
+    assert files(tmp_path) == []
+
+
+def test_output_paths_refused(tmp_path, resnet_state_dict):
+    assert_refused(run("timm:resnet18", "-o", tmp_path / "missing" / "x.safetensors", *SMALL, cwd=tmp_path),
+                   "does not exist")
+    assert_refused(run("timm:resnet18", "-o", "/proc/x.safetensors", *SMALL, cwd=tmp_path), "not writable")
+    assert_refused(run("timm:resnet18", "-o", tmp_path / "x.pt", *SMALL, cwd=tmp_path), "*.safetensors")
+    copy = tmp_path / "same.safetensors"
+    save_file(timm.create_model("resnet18").state_dict(), str(copy))
+    assert_refused(run(copy, "--arch", "timm:resnet18", "-o", copy, "--force", *SMALL, cwd=tmp_path),
+                   "is also an input")
+    assert run("timm:resnet18", *SMALL, cwd=tmp_path).returncode == 0
+    before = (tmp_path / "resnet18_dsd.safetensors").stat().st_mtime_ns
+    assert_refused(run("timm:resnet18", *SMALL, cwd=tmp_path), "exists; pass --force")
+    assert (tmp_path / "resnet18_dsd.safetensors").stat().st_mtime_ns == before
+    assert run("timm:resnet18", "--force", *SMALL, cwd=tmp_path).returncode == 0
+    assert files(tmp_path) == ["resnet18_dsd.plan.json", "resnet18_dsd.safetensors", "same.safetensors", "weights.pt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
+def test_read_only_directory(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert_refused(run("timm:resnet18", "-o", locked / "x.safetensors", *SMALL, cwd=tmp_path), "not writable")
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = run(tmp_path / "nope.pt", "--debug", *SMALL, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr
