@@ -6,10 +6,10 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from . import convert, report
+from . import convert, demo, finetune, report
 from .common import run_command
 
-COMMANDS = {"convert": convert, "report": report}
+COMMANDS = {"convert": convert, "report": report, "finetune": finetune, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,7 +72,9 @@ def layer_spec(
     if kernel == (1, 1):
         raise SkipLayer("1x1 kernel", "a pointwise conv has nothing to separate")
     if conv.groups == conv.in_channels:
-        raise SkipLayer("already depthwise", f"groups == in_channels == {conv.in_channels}")
+        multiplier = conv.out_channels // conv.in_channels
+        raise SkipLayer("already depthwise", f"groups == in_channels == {conv.in_channels}"
+                        + (f" (depth multiplier {multiplier})" if multiplier > 1 else ""))
 
     new_kernel, new_dilation, step = kernel, conv_dilation, (1, 1)
     if keep_receptive_field:

@@ -21,7 +21,7 @@ __all__ = ["ModelSource", "build_arch", "load_source_model", "load_state_dict_fi
            "SUPPORTED_FORMATS"]
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-SUPPORTED_FORMATS = ("timm:NAME, torchvision:NAME, package.module:factory, a state dict (.pt/.pth/.bin/.ckpt "
+SUPPORTED_FORMATS = ("timm:NAME, torchvision:NAME, dsd:NAME, package.module:factory, a state dict (.pt/.pth/.bin/.ckpt "
                      "or .safetensors) with --arch, a pickled nn.Module with --trust-pickle, or a dsd plan "
                      "(.plan.json)")
 _CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # common training-checkpoint layouts
@@ -45,7 +45,7 @@ def _suggest(name: str, choices) -> str:
 
 
 def build_arch(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """A model from ``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``."""
+    """A model from ``timm:NAME``, ``torchvision:NAME``, ``dsd:NAME`` or ``package.module:factory``."""
     kind, sep, name = arch.partition(":")
     if not sep or not name:
         raise DsdError(f"architecture {arch!r} is not of the form timm:NAME, torchvision:NAME or package.module:factory")
@@ -74,6 +74,9 @@ def build_arch(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
                                f"({torch.hub.get_dir()}) and none can be downloaded: {type(error).__name__}; "
                                "drop --pretrained or put the weights there") from error
             raise
+    if kind == "dsd":
+        from .. import zoo
+        return zoo.build(name, pretrained, **kwargs)
     try:
         factory = getattr(importlib.import_module(kind), name)
     except (ImportError, AttributeError) as error:
@@ -173,7 +176,7 @@ def load_source_model(
 ) -> Tuple[nn.Module, ModelSource]:
     """The model named by ``source`` and a record of how to rebuild it (see the module docstring)."""
     arch_kwargs = dict(arch_kwargs or {})
-    if source.startswith(("timm:", "torchvision:")):
+    if source.startswith(("timm:", "torchvision:", "dsd:")):
         return build_arch(source, pretrained, **arch_kwargs), ModelSource(source, arch_kwargs, None, pretrained)
     path = Path(source)
     _check_file(path)

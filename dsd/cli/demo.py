@@ -1,0 +1,23 @@
+"""``dsd demo``: train, convert, fine-tune and compare on real digits, offline, in a few minutes."""
+from __future__ import annotations
+
+import argparse
+
+from ..demo import run_demo
+from .common import console, positive_int
+
+DESCRIPTION = "Show the whole toolkit on scikit-learn's handwritten digits (offline, CPU, a few minutes)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=positive_int, help="fine-tuning epochs (default: the digits recipe's)")
+    parser.add_argument("--output-dir", help="run folder (default: a new temporary folder)")
+    parser.add_argument("--force", action="store_true", help="start over in an --output-dir that holds a run")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--debug", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_demo(args.epochs, args.output_dir, progress=not args.quiet, force=args.force)
+    console(args).print(result.to_rich())
+    return 0

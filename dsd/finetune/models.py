@@ -1,0 +1,71 @@
+"""Teacher and student for a recipe: the original model, and its converted copy (or a saved plan)."""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import zoo
+from ..convert import ConversionPlan, apply_plan, convert_model
+from ..fileio import atomic_path
+from ..io import load_converted, load_model
+from .data import build_loaders
+from .distributed import DistEnv
+from .recipe import Recipe, TeacherConfig
+
+__all__ = ["load_teacher", "build_student", "train_builtin"]
+
+
+def train_builtin(name: str, env: DistEnv, progress: bool = True) -> Path:
+    """Train a built-in ``dsd:NAME`` model from scratch on its dataset and cache its weights."""
+    from safetensors.torch import save_model
+    from .engine import train
+
+    if name != "digits_cnn":
+        raise ValueError(f"no training recipe for built-in model {name!r}")
+    recipe = Recipe()
+    recipe.optim.lr, recipe.schedule.epochs, recipe.tensorboard = 3e-3, 12, False
+    torch.manual_seed(recipe.seed)
+    model = zoo.build(name)
+    single = DistEnv(device=env.device)  # one process trains it, the others wait and load it
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(model, build_loaders(recipe.data, recipe.seed), recipe, single, Path(run_dir), progress=progress)
+    path = zoo.cached_weights(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_model(model.cpu(), str(tmp))
+    return path
+
+
+def load_teacher(cfg: TeacherConfig, env: DistEnv, progress: bool = True) -> nn.Module:
+    if cfg.source.startswith("dsd:") and cfg.pretrained:
+        name = cfg.source[4:]
+        if not zoo.cached_weights(name).is_file():
+            if env.is_main:
+                if progress:
+                    print(f"training the built-in teacher dsd:{name} once (cached in {zoo.cache_dir()})")
+                train_builtin(name, env, progress)
+            if env.distributed:
+                dist.barrier()
+    model, _ = load_model(cfg.source, cfg.arch, cfg.arch_kwargs, cfg.pretrained)
+    return model.eval()
+
+
+def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor,
+                  plan: Optional[ConversionPlan] = None) -> Tuple[nn.Module, ConversionPlan]:
+    """The converted student: from a resumed checkpoint's plan, the recipe's plan file, or converted now."""
+    if plan is not None:
+        return apply_plan(copy.deepcopy(teacher), plan), plan
+    if recipe.student.plan:
+        return load_converted(recipe.student.plan, copy.deepcopy(teacher)), ConversionPlan.load(recipe.student.plan)
+    c = recipe.student.convert
+    student, report = convert_model(teacher, example, rank=c.rank, dilation=c.dilation,
+                                    keep_receptive_field=c.keep_receptive_field, init=c.init, include=c.include,
+                                    exclude=c.exclude, min_channels=c.min_channels, skip=c.skip,
+                                    only_if_cheaper=c.only_if_cheaper)
+    return student, report.plan

@@ -1,0 +1,108 @@
+"""``finetune(recipe)``: teacher, student and data from a recipe; distil; save the student; summarise."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..convert import ConversionPlan
+from ..errors import DsdError
+from ..fileio import atomic_write_text
+from ..io import ModelSource, save_converted
+from ..report import compare
+from .bn import recalibrate_batchnorm
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .data import build_loaders
+from .distributed import init_distributed
+from .engine import evaluate, train
+from .models import build_student, load_teacher
+from .recipe import Recipe
+
+__all__ = ["finetune", "FinetuneResult"]
+
+
+@dataclass
+class FinetuneResult:
+    teacher_acc: float
+    student_acc_before: float
+    student_acc_after: float
+    student_acc_ema: Optional[float]
+    teacher_params: int
+    student_params: int
+    teacher_flops: int
+    student_flops: int
+    converted_layers: int
+    epochs: int
+    ranks_agree: bool
+    world_size: int
+    history: List[Dict[str, Any]]
+    run_dir: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Optional[int] = None,
+             progress: bool = True, force: bool = False, **train_kwargs) -> FinetuneResult:
+    """Run a recipe on this process (or, under torchrun, on every rank). Writes into ``recipe.output_dir``:
+    ``checkpoint.pt`` every epoch, ``metrics.jsonl``, ``student_dsd.safetensors`` + ``.plan.json``,
+    ``summary.json``. A fresh run refuses an output_dir that holds a run, unless ``force``."""
+    env = init_distributed(recipe.device)
+    try:
+        checkpoint = load_checkpoint(Path(resume)) if resume else None
+        _seed_everything(recipe.seed + env.rank)
+        run_dir = Path(recipe.output_dir)
+        if checkpoint is None and (run_dir / CHECKPOINT_NAME).exists():
+            if not force:
+                raise DsdError(f"output_dir {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+                               "--force to start over, or --set output_dir=... for a new one")
+            if env.is_main:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if env.is_main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise DsdError(f"output_dir: cannot create {run_dir}: {error.strerror}") from error
+        loaders = build_loaders(recipe.data, recipe.seed, env.world_size, env.rank, env.device.type == "cuda")
+        teacher = load_teacher(recipe.teacher, env, progress and env.is_main)
+        example = next(iter(loaders.val))[0][:1]
+        plan = ConversionPlan.from_dict(checkpoint["plan"]) if checkpoint and checkpoint.get("plan") else None
+        student, plan = build_student(teacher, recipe, example, plan)
+        teacher.to(env.device)
+        teacher_acc = evaluate(teacher, loaders.val, env, recipe)
+        if checkpoint is None:
+            student.to(env.device)
+            before = evaluate(student, loaders.val, env, recipe)
+            recalibrate_batchnorm(student, (b for b, _ in loaders.train), recipe.bn_recalibration_batches, env.device)
+        else:
+            before = checkpoint.get("student_acc_before")
+        result = train(student, loaders, recipe, env, run_dir, teacher=teacher,
+                       feature_layers=[layer.name for layer in plan.layers], plan=plan, resume=checkpoint,
+                       stop_after_epoch=stop_after_epoch, progress=progress, student_acc_before=before, **train_kwargs)
+        student.cpu().eval()
+        teacher.cpu()
+        savings = compare(teacher, student, list(example.shape[1:]), latency=False)
+        summary = FinetuneResult(
+            teacher_acc, before, result.accuracy, result.ema_accuracy, savings.total.params_before,
+            savings.total.params_after, savings.total.flops_before, savings.total.flops_after, len(plan.layers),
+            len(result.history), result.ranks_agree, env.world_size, result.history, str(run_dir))
+        if env.is_main:
+            source = ModelSource(recipe.teacher.source, recipe.teacher.arch_kwargs)
+            if not recipe.teacher.source.startswith(("timm:", "torchvision:", "dsd:")):
+                source = ModelSource(recipe.teacher.arch, recipe.teacher.arch_kwargs, recipe.teacher.source)
+            save_converted(student, plan, run_dir / "student_dsd.safetensors", source)
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+        return summary
+    finally:
+        env.close()
