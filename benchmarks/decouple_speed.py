@@ -1,0 +1,60 @@
+"""Decoupling speed: Gram-matrix eigenvectors (what dsd uses) vs LAPACK's batched SVD, same layers, same run.
+
+    python benchmarks/decouple_speed.py [--repeats 3]
+
+Each row is one dense conv weight (out, in, k, k), decoupled at rank 1 in float64. Both methods give
+the same best rank-r approximation (tests/test_exactness.py); this measures only their time.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dsd.convert.decouple import _factorize
+from _results import write
+
+LAYERS = {  # name: (out, in, kh, kw)
+    "resnet50 layer1 3x3": (64, 64, 3, 3),
+    "resnet50 layer4 3x3": (512, 512, 3, 3),
+    "resnet50 stem 7x7": (64, 3, 7, 7),
+    "vgg16 conv5 3x3": (512, 512, 3, 3),
+    "vgg pre-logits 7x7": (4096, 512, 7, 7),
+    "convnext stem 4x4": (96, 3, 4, 4),
+}
+
+
+def per_channel(weight: torch.Tensor) -> torch.Tensor:
+    out, cin, kh, kw = weight.shape
+    return weight.double().reshape(out, cin, kh * kw).permute(1, 0, 2)  # (C, M, k*k)
+
+
+def seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    print(f"{'layer':22} {'shape':>20} {'gram s':>9} {'svd s':>9} {'svd/gram':>9}")
+    for name, shape in LAYERS.items():
+        a = per_channel(torch.randn(*shape))
+        _factorize(a, 1), torch.linalg.svd(a, full_matrices=False)  # warm-up
+        gram = seconds(lambda: _factorize(a, 1), args.repeats)
+        svd = seconds(lambda: torch.linalg.svd(a, full_matrices=False), args.repeats)
+        rows.append({"layer": name, "shape": list(shape), "gram_s": gram, "svd_s": svd, "ratio": svd / gram})
+        print(f"{name:22} {str(shape):>20} {gram:9.4f} {svd:9.4f} {svd / gram:8.1f}x", flush=True)
+    print(f"wrote {write('decouple_speed', rows, repeats=args.repeats, dtype='float64', rank=1)}")
+
+
+if __name__ == "__main__":
+    main()
