@@ -26,12 +26,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def record_shapes(modules: Mapping[str, nn.Module]) -> Iterator[CallShapes]:
-    """Forward hooks that record every call's first-input and output shapes, by name."""
-    calls: CallShapes = {name: [] for name in modules}
+    """Forward hooks that record every call's first-input and output shapes, by name.
+
+    The dict fills in first-call order (execution order); modules never called are absent.
+    """
+    calls: CallShapes = {}
 
     def recorder(name):
         def record(module, args, output):  # returns None: a hook's return value would replace the output
-            calls[name].append((tuple(args[0].shape), tuple(output.shape)))
+            calls.setdefault(name, []).append((tuple(args[0].shape), tuple(output.shape)))
         return record
     handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
     try:

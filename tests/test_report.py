@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import dsd
 from dsd.report import SavingsReport, count_flops
-from dsd.report.latency import BenchmarkSettings, layer_latency
+from dsd.timing import BenchmarkSettings, layer_latency
 
 
 class Tiny(nn.Module):

@@ -25,6 +25,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a fraction in (0, 1]")
+    return value
+
+
 def rank_value(text: str):
     if text == "full":
         return text

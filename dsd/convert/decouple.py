@@ -35,6 +35,7 @@ def get_initializer(name: str) -> Initializer:
 
 
 def list_initializers() -> list:
+    """Per-layer initialisers; ``convert_model`` also takes ``init="data"`` (with calibration data)."""
     return sorted(_INITIALIZERS)
 
 
@@ -112,3 +113,29 @@ def random_init(sep: DepthwiseSeparableConv2d, weight: torch.Tensor, bias: Optio
     for conv in (sep.depthwise, sep.pointwise):
         nn.Conv2d.reset_parameters(conv)
     return None
+
+
+def rank_errors(weight: torch.Tensor, groups: int, whitening: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Relative squared Frobenius error of decoupling at every rank: ``errors[r]`` for r = 0..full rank.
+
+    ``errors[0] == 1`` (nothing kept) and ``errors[full] == 0``; from the same per-channel eigenvalues
+    as :func:`decouple`, so it costs one batched ``eigh``, not one decomposition per rank. With
+    ``whitening`` (per-channel ``Sigma^(1/2)`` of the input patches) the errors are output errors.
+    """
+    out_ch, cin_g, kh, kw = weight.shape
+    w = weight.detach().to(torch.float64).reshape(groups, out_ch // groups, cin_g, kh * kw).permute(0, 2, 1, 3)
+    if whitening is not None:
+        w = w @ whitening.reshape(groups, cin_g, kh * kw, kh * kw)
+    gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
+    energy = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).reshape(-1, gram.shape[-1]).sum(0)
+    total = energy.sum()
+    if total <= 0:
+        return torch.zeros(energy.numel() + 1, dtype=torch.float64)
+    kept = torch.cat([energy.new_zeros(1), energy.cumsum(0)])
+    return ((total - kept) / total).clamp_min(0)
+
+
+def energy_rank(errors: torch.Tensor, energy: float) -> int:
+    """Network Decoupling's rule: the smallest rank whose kept singular values hold ``energy`` of the total."""
+    kept = 1 - errors
+    return int(torch.nonzero(kept >= energy - 1e-12)[0].item())

@@ -13,9 +13,10 @@ from .geometry import conv_padding, matched_padding
 from .plan import LayerSpec
 from .separable import DepthwiseSeparableConv2d
 
-__all__ = ["SkipLayer", "layer_spec", "build_layer", "from_conv", "shrink_kernel", "check_layer_args", "FULL_RANK"]
+__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "from_conv", "shrink_kernel", "check_layer_args", "FULL_RANK"]
 
 FULL_RANK = "full"
+DATA_INIT = "data"
 Rank = Union[int, str]
 
 
@@ -38,7 +39,8 @@ def check_layer_args(rank: Rank, dilation: Optional[int], keep_receptive_field: 
         raise DsdError(f"keep_receptive_field must be True/False or a kernel size >= 2, got {keep_receptive_field!r}")
     if keep_receptive_field and dilation is not None:
         raise DsdError("dilation and keep_receptive_field both set the dilation: choose one")
-    get_initializer(init)
+    if init != DATA_INIT:  # "data" needs calibration statistics: convert_model runs it, not one layer alone
+        get_initializer(init)
 
 
 def shrink_kernel(kernel: int, target: Optional[int] = None) -> Optional[Tuple[int, int]]:

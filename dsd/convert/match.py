@@ -129,6 +129,9 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
 
 
 def _set_calls(sites: List[ConvSite], calls: CallShapes) -> None:
+    """Shapes and call counts from the hooks; sites re-ordered by execution (never-called ones last)."""
     for site in sites:
-        site.call_shapes = calls[site.name]
+        site.call_shapes = calls.get(site.name, [])
         site.calls = len(site.call_shapes)
+    order = {name: i for i, name in enumerate(calls)}
+    sites.sort(key=lambda site: order.get(site.name, len(order)))

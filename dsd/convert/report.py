@@ -38,6 +38,9 @@ class LayerRecord:
     new_kernel_size: Optional[Tuple[int, int]] = None
     new_dilation: Optional[Tuple[int, int]] = None
     init_error: Optional[float] = None  # relative Frobenius error of the initial weights
+    output_error: Optional[float] = None  # relative squared output error on calibration data (init="data")
+    latency_before_ms: Optional[float] = None  # measured with only_if_faster
+    latency_after_ms: Optional[float] = None
     macs_before: Optional[int] = None  # per image, all calls (fvcore convention: one MAC = one FLOP)
     macs_after: Optional[int] = None
 
@@ -88,6 +91,7 @@ class ConversionReport:
     trace_error: Optional[str] = None
     shapes_verified: Optional[bool] = None  # None: no example input to check with
     other_convs: List[Tuple[str, str]] = field(default_factory=list)
+    budget: Optional[Any] = None  # choose.BudgetOutcome when ranks came from a budget
 
     @property
     def converted(self) -> List[LayerRecord]:
@@ -113,6 +117,10 @@ class ConversionReport:
                  f" ({'traced with torch.fx' if self.traced else 'module-tree fallback: ' + str(self.trace_error)})"]
         if self.skipped:
             lines.append("skipped: " + ", ".join(f"{n} {c}" for c, n in self.skip_counts().items()))
+        if self.budget is not None:
+            b = self.budget
+            lines.append(f"budget: {b.kind} {b.target:g}" + (f", reached {b.reached:.3f} of the original"
+                                                            if b.reached is not None else ""))
         before, after = self.conv_macs()
         if before:
             lines.append(f"conv MACs per image: {before / 1e6:.1f}M -> {after / 1e6:.1f}M ({after / before:.1%})")
@@ -135,6 +143,7 @@ class ConversionReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"traced": self.traced, "trace_error": self.trace_error, "shapes_verified": self.shapes_verified,
+                "budget": asdict(self.budget) if self.budget is not None else None,
                 "other_convs": self.other_convs, "layers": [asdict(r) for r in self.layers],
                 "plan": self.plan.to_dict()}
 

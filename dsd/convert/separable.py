@@ -86,6 +86,12 @@ class DepthwiseSeparableConv2d(nn.Module):
             return F.pad(x, tuple(max(p, 0) for p in self._explicit_pad), mode=mode)
         return F.pad(x, self._explicit_pad, mode=mode)
 
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the depthwise kernel sees it, every kind of padding applied (for calibration)."""
+        x = self._pad(x)
+        ph, pw = self.depthwise.padding
+        return F.pad(x, (pw, pw, ph, ph), mode=_PAD_MODES[self.padding_mode]) if ph or pw else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(self._pad(x)))
 

@@ -1,5 +1,5 @@
 """Fine-tuning by knowledge distillation: recipes, data, the training engine, DDP through torchrun."""
-from .bn import recalibrate_batchnorm
+from ..batchnorm import recalibrate_batchnorm
 from .data import build_loaders, digits_splits
 from .engine import TrainingDiverged, evaluate, train
 from .losses import distillation_loss

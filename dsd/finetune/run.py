@@ -15,7 +15,7 @@ from ..errors import DsdError
 from ..fileio import atomic_write_text
 from ..io import ModelSource, save_converted
 from ..report import compare
-from .bn import recalibrate_batchnorm
+from ..batchnorm import recalibrate_batchnorm
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import build_loaders
 from .distributed import init_distributed

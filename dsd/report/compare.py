@@ -9,7 +9,7 @@ import torch.nn as nn
 from ..modes import eval_mode, record_shapes
 from ..convert.separable import DepthwiseSeparableConv2d
 from .flops import count_flops
-from .latency import BenchmarkSettings, environment, layer_latency, model_latency
+from ..timing import BenchmarkSettings, environment, layer_latency, model_latency
 from .savings import LayerSavings, SavingsReport
 
 __all__ = ["compare", "converted_layer_names", "conv_input_shapes"]
@@ -24,7 +24,7 @@ def conv_input_shapes(model: nn.Module, names: Sequence[str], example: torch.Ten
     """The input shape of each named layer's first call on ``example``."""
     with eval_mode(model), record_shapes({name: model.get_submodule(name) for name in names}) as calls:
         model(example)
-    return {name: shapes[0][0] for name, shapes in calls.items() if shapes}
+    return {name: shapes[0][0] for name, shapes in calls.items()}
 
 
 def compare(

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 from ..errors import DsdError
 from ..fileio import atomic_path, atomic_write_text
 from .flops import FLOP_CONVENTION
-from .latency import LatencyStats
+from ..timing import LatencyStats
 
 __all__ = ["LayerSavings", "SavingsReport", "SCHEMA", "SCHEMA_VERSION"]
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import DsdError
+from .errors import DsdError
 
 __all__ = ["BenchmarkSettings", "LatencyStats", "time_module", "model_latency", "layer_latency", "environment"]
 

@@ -1,0 +1,146 @@
+"""Data-aware initialisation: decouple each conv so its error is small on real inputs, not in weight space.
+
+1. Patch statistics: per input channel, the second moment of the KxK input patches the depthwise
+   kernel sees (streamed over batches: O(C * k^4) memory, no stored activations).
+2. Whitened decoupling: per channel, the best rank-r factors of ``W_c Sigma_c^(1/2)``, un-whitened
+   by ``Sigma_c^(-1/2)``: the rank-r filter that minimises the channel's output error on the data.
+3. Pointwise refit: with the depthwise filters fixed, the pointwise weights (and bias) by ridge least
+   squares against the original layer's outputs, from streamed moments of the depthwise outputs z
+   and the original outputs o (O((C*r)^2 + C*r*M) memory). The same moments give the output error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .decouple import _factorize
+from .separable import DepthwiseSeparableConv2d
+
+__all__ = ["PatchStats", "RefitStats", "whitened_depthwise", "refit_pointwise", "whitening", "RIDGE"]
+
+RIDGE = 1e-5  # relative to the mean eigenvalue: keeps near-singular statistics invertible
+
+
+def _sym_power(matrix: torch.Tensor, power: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(torch.finfo(values.dtype).tiny).pow(power)[..., None, :]) @ vectors.mT
+
+
+def _regularise(second_moment: torch.Tensor) -> torch.Tensor:
+    n = second_moment.shape[-1]
+    scale = torch.diagonal(second_moment, dim1=-2, dim2=-1).mean(-1, keepdim=True)[..., None].clamp_min(1e-12)
+    return second_moment + RIDGE * scale * torch.eye(n, dtype=second_moment.dtype)
+
+
+class PatchStats:
+    """Streaming per-channel second moment of the input patches of a separable layer's depthwise kernel."""
+
+    def __init__(self, layer: DepthwiseSeparableConv2d):
+        self.layer = layer
+        taps = layer.kernel_size[0] * layer.kernel_size[1]
+        self.sum = torch.zeros(layer.in_channels, taps, taps, dtype=torch.float64)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        patches = F.unfold(self.layer.pad_input(x.detach().float()), self.layer.kernel_size,
+                           dilation=self.layer.dilation, stride=self.layer.stride)
+        n, _, positions = patches.shape
+        patches = patches.to(torch.float64).reshape(n, self.layer.in_channels, -1, positions)
+        self.sum += torch.einsum("ncil,ncjl->cij", patches, patches).cpu()
+        self.count += n * positions
+
+    def second_moment(self) -> torch.Tensor:
+        if not self.count:
+            raise ValueError("no calibration data reached this layer")
+        return self.sum / self.count
+
+
+def whitening(second_moment: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``Sigma^(1/2)`` (ridge-regularised) of patch second moments (C, k*k, k*k)."""
+    return _sym_power(_regularise(second_moment), 0.5)
+
+
+def whitened_depthwise(weight: torch.Tensor, groups: int, rank: int, second_moment: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """Depthwise and pointwise weights minimising each channel's output error under ``second_moment``.
+
+    Returns ``(depthwise, pointwise, relative weight-space error)``; exact at full rank.
+    """
+    out_ch, cin_g, kh, kw = weight.shape
+    m_g = out_ch // groups
+    sigma = _regularise(second_moment).reshape(groups, cin_g, kh * kw, kh * kw)
+    root, inverse_root = _sym_power(sigma, 0.5), _sym_power(sigma, -0.5)
+    w = weight.detach().to(torch.float64).reshape(groups, m_g, cin_g, kh * kw).permute(0, 2, 1, 3)
+    left, right, _ = _factorize(w @ root, rank)
+    right = right @ inverse_root  # un-whiten: the depthwise filters act on raw patches
+    error = ((w - left @ right).square().sum() / w.square().sum().clamp_min(1e-30)).sqrt().item()
+    depthwise = right.reshape(cin_g * groups * rank, 1, kh, kw)
+    pointwise = left.permute(0, 2, 1, 3).reshape(out_ch, cin_g * rank, 1, 1)
+    return depthwise.to(weight.dtype), pointwise.to(weight.dtype), error
+
+
+class RefitStats:
+    """Streaming moments of [z, 1] (depthwise outputs) and o (original outputs), per pixel."""
+
+    def __init__(self, layer: DepthwiseSeparableConv2d):
+        self.layer = layer
+        width = layer.in_channels * layer.rank + 1
+        self.zz = torch.zeros(width, width, dtype=torch.float64)
+        self.zo = torch.zeros(width, layer.out_channels, dtype=torch.float64)
+        self.oo = torch.zeros((), dtype=torch.float64)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        weight = self.layer.depthwise.weight
+        z = self.layer.depthwise(self.layer._pad(x.detach().to(weight.device, weight.dtype)))
+        z = z.to(torch.float64).permute(1, 0, 2, 3).reshape(z.shape[1], -1)
+        z = torch.cat([z, torch.ones(1, z.shape[1], dtype=z.dtype, device=z.device)])
+        o = target.detach().to(z.device, torch.float64).permute(1, 0, 2, 3).reshape(target.shape[1], -1)
+        self.zz += (z @ z.T).cpu()
+        self.zo += (z @ o.T).cpu()
+        self.oo += o.square().sum().cpu()
+        self.count += z.shape[1]
+
+    def output_error(self, pointwise: torch.Tensor, bias: Optional[torch.Tensor]) -> float:
+        """Relative squared output error E||P z + b - o||^2 / E||o||^2 of given pointwise weights."""
+        p = self._dense(pointwise, bias)
+        error = (p @ self.zz @ p.T).trace() - 2 * (p @ self.zo).trace() + self.oo
+        return (error.clamp_min(0) / self.oo.clamp_min(1e-30)).item()
+
+    def _dense(self, pointwise: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The grouped pointwise weight as a dense (M, C*r + 1) matrix, bias in the last column."""
+        layer = self.layer
+        m, width = layer.out_channels, layer.in_channels * layer.rank
+        g, m_g, w_g = layer.groups, m // layer.groups, width // layer.groups
+        dense = torch.zeros(m, width + 1, dtype=torch.float64)
+        weight = pointwise.detach().to(torch.float64).cpu().reshape(m, w_g)
+        for j in range(g):
+            dense[j * m_g:(j + 1) * m_g, j * w_g:(j + 1) * w_g] = weight[j * m_g:(j + 1) * m_g]
+        if bias is not None:
+            dense[:, -1] = bias.detach().to(torch.float64).cpu()
+        return dense
+
+
+def refit_pointwise(stats: RefitStats) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Ridge least-squares pointwise weights (and bias, where the layer has one), group by group."""
+    layer = stats.layer
+    m, width = layer.out_channels, layer.in_channels * layer.rank
+    g, m_g, w_g = layer.groups, m // layer.groups, width // layer.groups
+    has_bias = layer.pointwise.bias is not None
+    weight = torch.zeros(m, w_g, dtype=torch.float64)
+    bias = torch.zeros(m, dtype=torch.float64)
+    for j in range(g):
+        cols = list(range(j * w_g, (j + 1) * w_g)) + ([width] if has_bias else [])
+        zz = _regularise(stats.zz[cols][:, cols])
+        solution = torch.linalg.solve(zz, stats.zo[cols][:, j * m_g:(j + 1) * m_g])  # (cols, M/g)
+        weight[j * m_g:(j + 1) * m_g] = solution[:w_g].T
+        if has_bias:
+            bias[j * m_g:(j + 1) * m_g] = solution[w_g]
+    dtype = layer.pointwise.weight.dtype
+    return weight.reshape(m, w_g, 1, 1).to(dtype), bias.to(dtype) if has_bias else None

@@ -1,0 +1,102 @@
+"""Running calibration data through the model for data-aware conversion, in one pass or layer by layer.
+
+Non-sequential: every layer's statistics come from the original model's activations (two passes in
+all). Sequential: layers are calibrated one at a time in execution order, each fed by the
+already-converted layers upstream, so approximation errors do not pile up (two passes per layer).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Iterable, List, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import DsdError
+from ..modes import eval_mode
+from .adapters import get_conv_adapter
+from .calibrate import PatchStats, RefitStats, refit_pointwise, whitened_depthwise
+from .decouple import resample_taps
+from .plan import LayerSpec
+from .rewrite import swap_modules
+from .separable import DepthwiseSeparableConv2d
+
+__all__ = ["take_batches", "patch_statistics", "data_aware_layers"]
+
+
+def take_batches(data: Iterable[Any], limit: int) -> List[torch.Tensor]:
+    """Up to ``limit`` input batches from an iterable of tensors or (inputs, labels) pairs."""
+    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in itertools.islice(iter(data), limit)]
+    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+        raise DsdError("calibration_data must yield input tensors (or (inputs, labels) pairs); it yielded none")
+    return batches
+
+
+def _run(model: nn.Module, batches: Sequence[torch.Tensor], hooks: Dict[str, Any]) -> None:
+    """Forward every batch with ``hooks[name](module, args, output)`` on the named modules."""
+    device = next(model.parameters()).device
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for batch in batches:
+                model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def patch_statistics(model: nn.Module, specs: Sequence[LayerSpec], batches) -> Dict[str, PatchStats]:
+    layers = {spec.name: spec.build(dtype=torch.float32) for spec in specs}
+    stats = {name: PatchStats(layer) for name, layer in layers.items()}
+    _run(model, batches, {name: (lambda m, a, o, s=s: s.update(a[0].cpu())) for name, s in stats.items()})
+    return stats
+
+
+def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.Module], specs: List[LayerSpec],
+                 batches, sequential: bool) -> Dict[str, tuple]:
+    stats = patch_statistics(working, specs, batches)
+    layers = {}
+    for spec in specs:
+        conv = convs[spec.name]
+        layer = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
+        weight = resample_taps(get_conv_adapter(conv).effective_weight(conv), spec.tap_step)
+        depthwise, pointwise, error = whitened_depthwise(weight, spec.groups, spec.rank, stats[spec.name].second_moment())
+        with torch.no_grad():
+            layer.depthwise.weight.copy_(depthwise)
+            layer.pointwise.weight.copy_(pointwise)
+            if layer.pointwise.bias is not None:
+                layer.pointwise.bias.copy_(conv.bias if conv.bias is not None else torch.zeros_like(layer.pointwise.bias))
+        layers[spec.name] = (layer, error)
+    refit = {name: RefitStats(layer) for name, (layer, _) in layers.items()}
+    if sequential:  # inputs from the converted model, targets from the original: one batch at a time
+        for batch in batches:
+            targets: Dict[str, torch.Tensor] = {}
+            _run(reference, [batch], {n: (lambda m, a, o, n=n: targets.__setitem__(n, o.cpu())) for n in refit})
+            _run(working, [batch], {n: (lambda m, a, o, n=n: refit[n].update(a[0].cpu(), targets[n])) for n in refit})
+    else:
+        _run(working, batches, {n: (lambda m, a, o, n=n: refit[n].update(a[0].cpu(), o.cpu())) for n in refit})
+    built = {}
+    for name, (layer, error) in layers.items():
+        stats = refit[name]
+        pointwise, bias = refit_pointwise(stats)
+        kept = stats.output_error(layer.pointwise.weight, layer.pointwise.bias)
+        refitted = stats.output_error(pointwise, bias)
+        if refitted < kept:  # the ridge can make the refit slightly worse, e.g. at full rank where it is exact
+            with torch.no_grad():
+                layer.pointwise.weight.copy_(pointwise)
+                if bias is not None:
+                    layer.pointwise.bias.copy_(bias)
+        built[name] = (layer, error, min(kept, refitted))
+    return built
+
+
+def data_aware_layers(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.Module],
+                      specs: List[LayerSpec], batches, sequential: bool) -> Dict[str, tuple]:
+    """``name -> (layer, weight error, output error)``; sequential mode swaps each layer into ``working``."""
+    if not sequential:
+        return _build_group(reference, working, convs, specs, batches, False)
+    built = {}
+    for spec in specs:  # specs come in execution order
+        built.update(_build_group(reference, working, convs, [spec], batches, True))
+        swap_modules(working, {spec.name: built[spec.name][0]})
+    return built

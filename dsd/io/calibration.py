@@ -1,0 +1,43 @@
+"""Calibration batches for data-aware conversion: ``digits``, ``random``, or a folder of images."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+
+from ..errors import DsdError
+
+__all__ = ["calibration_batches", "CALIBRATION_SOURCES"]
+
+CALIBRATION_SOURCES = "digits, random, or a folder of images (class sub-folders allowed)"
+
+
+def calibration_batches(source: str, input_size: Sequence[int], batches: int, batch_size: int = 32,
+                        seed: int = 0) -> List[torch.Tensor]:
+    """``batches`` input batches of shape ``(batch_size, *input_size)`` from ``source``."""
+    channels, height, width = input_size
+    generator = torch.Generator().manual_seed(seed)
+    if source == "random":
+        return [torch.randn(batch_size, *input_size, generator=generator) for _ in range(batches)]
+    if source == "digits":
+        from ..finetune.data import digits_splits
+        if height != width:
+            raise DsdError(f"--calib digits makes square images; --input-size is {height}x{width}")
+        images = digits_splits(height, 1 if channels == 1 else 3)[0].tensors[0]
+        order = torch.randperm(len(images), generator=generator)
+        return [images[order[i * batch_size:(i + 1) * batch_size]] for i in range(batches)
+                if i * batch_size < len(images)]
+    folder = Path(source)
+    if not folder.is_dir():
+        raise DsdError(f"--calib {source}: not a folder; give {CALIBRATION_SOURCES}")
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise DsdError(f"--calib {source}: no images found (looked for {', '.join(IMG_EXTENSIONS)})")
+    transform = create_transform(**resolve_data_config({"input_size": tuple(input_size)}), is_training=False)
+    order = torch.randperm(len(files), generator=generator).tolist()
+    images = [transform(default_loader(str(files[i]))) for i in order[:batches * batch_size]]
+    return [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]

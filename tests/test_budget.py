@@ -1,0 +1,204 @@
+"""Budgets and data-aware conversion: the solver, the energy rule, budgets met, data-aware init."""
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dsd
+from dsd.convert.budget import Option, solve_budget
+from dsd.convert.calibrate import PatchStats, RefitStats
+from dsd.convert.decouple import decouple, energy_rank, rank_errors
+from dsd.errors import DsdError
+from dsd.report import count_flops
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(32, 32, 5, padding=2, groups=2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.c(torch.relu(self.b(torch.relu(self.bn(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def calibration(n=4):
+    g = torch.Generator().manual_seed(1)
+    # correlated inputs (smoothed noise), so whitening matters
+    return [nn.functional.avg_pool2d(torch.randn(8, 3, 18, 18, generator=g), 3, 1) for _ in range(n)]
+
+
+# -- solver ---------------------------------------------------------------------------------------
+
+def test_solver_hand_checked():
+    layers = [[Option(0, 10, 0.0), Option(1, 2, 0.5), Option(2, 4, 0.2)],
+              [Option(0, 10, 0.0), Option(1, 3, 0.9), Option(2, 6, 0.1)]]
+    assert [o.rank for o in solve_budget(layers, 10)] == [2, 2]   # 4 + 6 = 10, error 0.3
+    assert [o.rank for o in solve_budget(layers, 9)] == [1, 2]    # 2 + 6 = 8, error 0.6 (< 0.2 + 0.9)
+    assert [o.rank for o in solve_budget(layers, 20)] == [0, 0]
+    with pytest.raises(DsdError, match="cannot be met"):
+        solve_budget(layers, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_solver_is_optimal_and_within_budget(seed):
+    rng = random.Random(seed)
+    layers = [[Option(0, rng.randint(5, 30), 0.0)]
+              + [Option(r, rng.randint(1, 20), rng.random()) for r in range(1, rng.randint(2, 4))]
+              for _ in range(rng.randint(1, 4))]
+    budget = rng.randint(3, 90)
+    feasible = [c for c in itertools.product(*layers) if sum(o.cost for o in c) <= budget]
+    if not feasible:
+        with pytest.raises(DsdError):
+            solve_budget(layers, budget)
+        return
+    chosen = solve_budget(layers, budget)
+    assert sum(o.cost for o in chosen) <= budget
+    assert sum(o.error for o in chosen) == pytest.approx(min(sum(o.error for o in c) for c in feasible), abs=1e-12)
+
+
+def test_solver_with_fractional_costs_respects_budget():
+    rng = random.Random(0)
+    layers = [[Option(0, 5.0, 0.0)] + [Option(r, rng.uniform(0.1, 4.9), rng.random()) for r in (1, 2, 4)]
+              for _ in range(30)]
+    chosen = solve_budget(layers, 60.0)
+    assert sum(o.cost for o in chosen) <= 60.0
+
+
+# -- spectrum and energy ------------------------------------------------------------------------
+
+def test_rank_errors_match_decoupling_and_energy_rule():
+    weight = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    errors = rank_errors(weight, 1)
+    assert errors[0] == pytest.approx(1) and errors[-1] == pytest.approx(0, abs=1e-12)
+    for r in (1, 4, 9):
+        assert errors[r].item() == pytest.approx(decouple(weight, 1, r)[2] ** 2, rel=1e-9)
+    for energy in (0.5, 0.9, 0.99):
+        r = energy_rank(errors, energy)
+        assert 1 - errors[r] >= energy - 1e-12 and (r == 0 or 1 - errors[r - 1] < energy)
+
+
+# -- budgets on a model -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.6, 0.4, 0.25])
+def test_target_flops_is_met_on_the_whole_model(target):
+    model, x = Net().eval(), torch.randn(1, 3, 16, 16)
+    converted, report = dsd.convert_model(model, x, target_flops=target)
+    assert report.budget.reached <= target
+    before, after = count_flops(model, x), count_flops(converted, x)
+    conv_share = sum(before.by_module[n] for n in ("a", "b", "c")) / before.total
+    assert conv_share > 0.95  # the budget counts convs; the rest (bn, linear) is under 5% here
+    assert sum(after.by_module[n] for n in ("a", "b", "c")) <= target * sum(before.by_module[n] for n in ("a", "b", "c"))
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
+def test_target_params_is_met_exactly(target):
+    model = Net()
+    converted, report = dsd.convert_model(model, torch.randn(1, 3, 16, 16), target_params=target)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(converted) <= target * count(model)
+    assert count(converted) / count(model) == pytest.approx(report.budget.reached)
+
+
+def test_budget_errors():
+    model, x = Net(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(DsdError, match="cannot be met"):
+        dsd.convert_model(model, x, target_flops=0.01)
+    with pytest.raises(DsdError, match="choose one of"):
+        dsd.convert_model(model, x, target_flops=0.5, target_params=0.5)
+    with pytest.raises(DsdError, match="fraction"):
+        dsd.convert_model(model, x, energy=1.5)
+    with pytest.raises(DsdError, match="need example_inputs"):
+        dsd.convert_model(model, target_flops=0.5)
+    with pytest.raises(DsdError, match="need calibration_data"):
+        dsd.convert_model(model, x, init="data")
+
+
+def test_energy_rule_sets_per_layer_ranks():
+    _, report = dsd.convert_model(Net(), torch.randn(1, 3, 16, 16), energy=0.95, only_if_cheaper=False)
+    for record in report.converted:
+        assert 1 - record.init_error ** 2 >= 0.95 - 1e-9
+
+
+def test_latency_budget_and_only_if_faster_on_cpu():
+    model, x = Net().eval(), torch.randn(1, 3, 32, 32)
+    _, report = dsd.convert_model(model, x, target_latency=0.8)
+    assert report.budget.kind == "latency" and report.budget.reached <= 0.8
+    _, report = dsd.convert_model(model, x, only_if_faster=True)
+    for record in report.converted:
+        assert record.latency_after_ms < record.latency_before_ms
+    assert all(r.category in ("not faster", "1x1 kernel", "already depthwise") for r in report.skipped)
+
+
+# -- data-aware initialisation ------------------------------------------------------------------
+
+def _output_error(original, converted, batches, name):
+    o, c = original.get_submodule(name), converted.get_submodule(name)
+    captured = []
+    handle = original.get_submodule(name).register_forward_hook(lambda m, a, out: captured.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            original(b)
+    handle.remove()
+    with torch.no_grad():
+        num = sum((c(x) - o(x)).square().sum() for x in captured)
+        den = sum(o(x).square().sum() for x in captured)
+    return (num / den).item()
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_data_aware_beats_svd_on_calibration_data(sequential):
+    model, batches = Net().eval(), calibration()
+    svd, _ = dsd.convert_model(model, batches[0], rank=2, only_if_cheaper=False)
+    data, report = dsd.convert_model(model, batches[0], rank=2, only_if_cheaper=False, init="data",
+                                     calibration_data=batches, sequential=sequential)
+    for name in ("b", "c"):
+        assert _output_error(model, data, batches, name) < _output_error(model, svd, batches, name)
+    assert all(r.output_error is not None and r.output_error < 1 for r in report.converted)
+
+
+def test_data_aware_full_rank_is_exact():
+    model = Net().double().eval()
+    batches = [b.double() for b in calibration()]
+    converted, _ = dsd.convert_model(model, batches[0], rank="full", only_if_cheaper=False, init="data",
+                                     calibration_data=batches)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_accumulate_identically_in_one_batch_or_many():
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    layer = dsd.from_conv(conv, rank=2)
+    x = torch.randn(12, 4, 9, 9)
+    one, many = PatchStats(layer), PatchStats(layer)
+    one.update(x)
+    for chunk in x.split(5):
+        many.update(chunk)
+    torch.testing.assert_close(one.second_moment(), many.second_moment())
+    with torch.no_grad():
+        target = conv(x)
+    one, many = RefitStats(layer), RefitStats(layer)
+    one.update(x, target)
+    for chunk, out in zip(x.split(5), target.split(5)):
+        many.update(chunk, out)
+    for a, b in ((one.zz, many.zz), (one.zo, many.zo), (one.oo, many.oo)):
+        torch.testing.assert_close(a / one.count, b / many.count)
+
+
+def test_recalibrate_bn_changes_running_stats_only():
+    model, batches = Net().eval(), calibration()
+    converted, _ = dsd.convert_model(model, batches[0], rank=1, init="data", calibration_data=batches,
+                                     recalibrate_bn=True)
+    assert not torch.equal(converted.bn.running_mean, model.bn.running_mean)
+    torch.testing.assert_close(converted.bn.weight, model.bn.weight, rtol=0, atol=0)
+    assert not converted.training or model.training
