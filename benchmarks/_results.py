@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# DSD_BENCHMARK_RESULTS redirects the output (the smoke tests use it to leave the committed results alone).
+RESULTS = Path(os.environ.get("DSD_BENCHMARK_RESULTS", Path(__file__).parent / "results"))
 
 
 def environment() -> Dict[str, Any]:
@@ -31,3 +35,13 @@ def write(name: str, rows: Any, **extra: Any) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **extra, "rows": rows}, indent=2) + "\n")
     return path
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls (for ratios measured side by side in one run)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

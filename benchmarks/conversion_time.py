@@ -8,26 +8,15 @@ its own work on the example input (one analysis pass, one verification pass) and
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import timm
 import torch
 
 import dsd
-from _results import write
+from _results import median_seconds, write
 
 MODELS = ["resnet50", "resnet18", "resnext50_32x4d", "regnety_016", "efficientnet_b0", "tf_efficientnet_b0",
           "mobilenetv3_large_100", "convnext_tiny", "densenet121", "vgg16"]
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

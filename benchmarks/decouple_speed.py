@@ -8,13 +8,11 @@ the same best rank-r approximation (tests/test_exactness.py); this measures only
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from dsd.convert.decouple import _factorize
-from _results import write
+from dsd.convert.decouple import factorize
+from _results import median_seconds, write
 
 LAYERS = {  # name: (out, in, kh, kw)
     "resnet50 layer1 3x3": (64, 64, 3, 3),
@@ -31,15 +29,6 @@ def per_channel(weight: torch.Tensor) -> torch.Tensor:
     return weight.double().reshape(out, cin, kh * kw).permute(1, 0, 2)  # (C, M, k*k)
 
 
-def seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -48,9 +37,9 @@ def main() -> None:
     print(f"{'layer':22} {'shape':>20} {'gram s':>9} {'svd s':>9} {'svd/gram':>9}")
     for name, shape in LAYERS.items():
         a = per_channel(torch.randn(*shape))
-        _factorize(a, 1), torch.linalg.svd(a, full_matrices=False)  # warm-up
-        gram = seconds(lambda: _factorize(a, 1), args.repeats)
-        svd = seconds(lambda: torch.linalg.svd(a, full_matrices=False), args.repeats)
+        factorize(a, 1), torch.linalg.svd(a, full_matrices=False)  # warm-up
+        gram = median_seconds(lambda: factorize(a, 1), args.repeats)
+        svd = median_seconds(lambda: torch.linalg.svd(a, full_matrices=False), args.repeats)
         rows.append({"layer": name, "shape": list(shape), "gram_s": gram, "svd_s": svd, "ratio": svd / gram})
         print(f"{name:22} {str(shape):>20} {gram:9.4f} {svd:9.4f} {svd / gram:8.1f}x", flush=True)
     print(f"wrote {write('decouple_speed', rows, repeats=args.repeats, dtype='float64', rank=1)}")

@@ -1,5 +1,4 @@
 """Property tests: a converted conv keeps the original's output shape for any geometry and input size."""
-import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, assume, given, settings

@@ -10,14 +10,12 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from .decouple import _factorize
+from .decouple import factorize
 from .separable import DepthwiseSeparableConv2d
 
 __all__ = ["PatchStats", "RefitStats", "whitened_depthwise", "refit_pointwise", "whitening", "RIDGE"]
@@ -76,7 +74,7 @@ def whitened_depthwise(weight: torch.Tensor, groups: int, rank: int, second_mome
     sigma = _regularise(second_moment).reshape(groups, cin_g, kh * kw, kh * kw)
     root, inverse_root = _sym_power(sigma, 0.5), _sym_power(sigma, -0.5)
     w = weight.detach().to(torch.float64).reshape(groups, m_g, cin_g, kh * kw).permute(0, 2, 1, 3)
-    left, right, _ = _factorize(w @ root, rank)
+    left, right, _ = factorize(w @ root, rank)
     right = right @ inverse_root  # un-whiten: the depthwise filters act on raw patches
     error = ((w - left @ right).square().sum() / w.square().sum().clamp_min(1e-30)).sqrt().item()
     depthwise = right.reshape(cin_g * groups * rank, 1, kh, kw)

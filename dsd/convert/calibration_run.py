@@ -19,7 +19,6 @@ from .calibrate import PatchStats, RefitStats, refit_pointwise, whitened_depthwi
 from .decouple import resample_taps
 from .plan import LayerSpec
 from .rewrite import swap_modules
-from .separable import DepthwiseSeparableConv2d
 
 __all__ = ["take_batches", "patch_statistics", "data_aware_layers"]
 

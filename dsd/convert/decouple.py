@@ -14,7 +14,8 @@ from ..errors import DsdError
 from .separable import DepthwiseSeparableConv2d
 
 __all__ = [
-    "decouple", "full_rank", "resample_taps", "register_initializer", "get_initializer", "list_initializers",
+    "decouple", "factorize", "rank_errors", "energy_rank", "full_rank", "resample_taps", "register_initializer",
+    "get_initializer", "list_initializers",
 ]
 
 Initializer = Callable[[DepthwiseSeparableConv2d, torch.Tensor, Optional[torch.Tensor]], Optional[float]]
@@ -49,7 +50,7 @@ def _safe_divide(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.where(d > 0, x / d.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(x))
 
 
-def _factorize(a: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factorize(a: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors of a batch of matrices ``a`` (..., m, n): ``left @ right ~= a``.
 
     Singular values are split evenly (sqrt) between the factors. The SVD comes from the eigenvectors of
@@ -82,7 +83,7 @@ def decouple(weight: torch.Tensor, groups: int, rank: int) -> Tuple[torch.Tensor
     if not 1 <= rank <= q:
         raise ValueError(f"rank must be between 1 and the full rank {q} of this kernel, got {rank}")
     w = weight.detach().to(torch.float64).reshape(groups, m_g, cin_g, kh * kw).permute(0, 2, 1, 3)
-    left, right, _ = _factorize(w, rank)  # left: (g, C/g, M/g, r), right: (g, C/g, r, k*k)
+    left, right, _ = factorize(w, rank)  # left: (g, C/g, M/g, r), right: (g, C/g, r, k*k)
     depthwise = right.reshape(cin_g * groups * rank, 1, kh, kw)
     pointwise = left.permute(0, 2, 1, 3).reshape(out_ch, cin_g * rank, 1, 1)
     total = w.square().sum()

@@ -130,7 +130,7 @@ def convert_model(
     if init == "data":
         built = data_aware_layers(reference, target, {site.name: site.module for site, _ in eligible},
                                   [spec for _, spec in eligible], batches, sequential)
-        for site, spec in eligible:
+        for _, spec in eligible:
             layer, weight_error, output_errors[spec.name] = built[spec.name]
             replacements[spec.name] = layer
             specs.append(spec.with_error(weight_error))

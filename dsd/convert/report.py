@@ -132,13 +132,17 @@ class ConversionReport:
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        rows = ["| layer | geometry | status | rank | new kernel | init error | reason |", "|---|---|---|---|---|---|---|"]
+        rows = ["| layer | geometry | status | rank | new kernel | weight error | output error | ms before | ms after "
+                "| reason |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def number(value, digits=3):
+            return f"{value:.{digits}f}" if value is not None else ""
         for r in self.layers:
             new_kernel = (f"{r.new_kernel_size[0]}x{r.new_kernel_size[1]} d{r.new_dilation[0]}"
                           if r.new_kernel_size else "")
-            error = f"{r.init_error:.3f}" if r.init_error is not None else ""
-            rows.append(f"| `{r.name}` | {r.geometry()} | {r.status} | {r.rank or ''} | {new_kernel} | {error} "
-                        f"| {r.category + ': ' + r.reason if r.reason else ''} |")
+            rows.append(f"| `{r.name}` | {r.geometry()} | {r.status} | {r.rank or ''} | {new_kernel} "
+                        f"| {number(r.init_error)} | {number(r.output_error, 4)} | {number(r.latency_before_ms)} "
+                        f"| {number(r.latency_after_ms)} | {r.category + ': ' + r.reason if r.reason else ''} |")
         return self.summary().replace("\n", "  \n") + "\n\n" + "\n".join(rows) + "\n"
 
     def to_dict(self) -> Dict[str, Any]:

@@ -1,7 +1,7 @@
 """The depthwise-separable replacement for a dense ``nn.Conv2d``."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,16 +56,20 @@ def load_teacher(cfg: TeacherConfig, env: DistEnv, progress: bool = True) -> nn.
     return model.eval()
 
 
-def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor,
-                  plan: Optional[ConversionPlan] = None) -> Tuple[nn.Module, ConversionPlan]:
-    """The converted student: from a resumed checkpoint's plan, the recipe's plan file, or converted now."""
+def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor, plan: Optional[ConversionPlan] = None,
+                  calibration: Optional[Iterable] = None) -> Tuple[nn.Module, ConversionPlan]:
+    """The converted student: from a resumed checkpoint's plan, the recipe's plan file, or converted now
+    (``calibration``: batches for ``init: data`` and ``recalibrate_bn``)."""
     if plan is not None:
         return apply_plan(copy.deepcopy(teacher), plan), plan
     if recipe.student.plan:
         return load_converted(recipe.student.plan, copy.deepcopy(teacher)), ConversionPlan.load(recipe.student.plan)
     c = recipe.student.convert
-    student, report = convert_model(teacher, example, rank=c.rank, dilation=c.dilation,
-                                    keep_receptive_field=c.keep_receptive_field, init=c.init, include=c.include,
-                                    exclude=c.exclude, min_channels=c.min_channels, skip=c.skip,
-                                    only_if_cheaper=c.only_if_cheaper)
+    needs_data = c.init == "data" or c.recalibrate_bn
+    student, report = convert_model(
+        teacher, example, rank=c.rank, dilation=c.dilation, keep_receptive_field=c.keep_receptive_field,
+        init=c.init, include=c.include, exclude=c.exclude, min_channels=c.min_channels, skip=c.skip,
+        only_if_cheaper=c.only_if_cheaper, energy=c.energy, target_flops=c.target_flops,
+        target_params=c.target_params, calibration_data=calibration if needs_data else None,
+        calibration_batches=c.calibration_batches, sequential=c.sequential, recalibrate_bn=c.recalibrate_bn)
     return student, report.plan

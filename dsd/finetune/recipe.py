@@ -49,6 +49,12 @@ class ConvertConfig:
     min_channels: int = 0
     skip: List[str] = field(default_factory=list)
     only_if_cheaper: bool = True
+    energy: Optional[float] = None  # or one budget: per-layer ranks chosen as in dsd-convert
+    target_flops: Optional[float] = None
+    target_params: Optional[float] = None
+    calibration_batches: int = 8  # from the training data, for init: data and recalibrate_bn
+    sequential: bool = False
+    recalibrate_bn: bool = False
 
 
 @dataclass

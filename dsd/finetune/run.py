@@ -78,7 +78,7 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
         teacher = load_teacher(recipe.teacher, env, progress and env.is_main)
         example = next(iter(loaders.val))[0][:1]
         plan = ConversionPlan.from_dict(checkpoint["plan"]) if checkpoint and checkpoint.get("plan") else None
-        student, plan = build_student(teacher, recipe, example, plan)
+        student, plan = build_student(teacher, recipe, example, plan, calibration=loaders.train)
         teacher.to(env.device)
         teacher_acc = evaluate(teacher, loaders.val, env, recipe)
         if checkpoint is None:

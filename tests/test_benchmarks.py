@@ -1,0 +1,28 @@
+"""Smoke tests: every benchmark script runs on its smallest setting, so the scripts cannot rot."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+CASES = {
+    "conversion_time": ["--models", "resnet18", "--size", "64", "--repeats", "1"],
+    "decouple_speed": ["--repeats", "1"],
+    "finetune_digits": ["--epochs", "1", "--seeds", "0", "--configs", "rank1"],
+    "budgets_digits": ["--budgets", "0.5", "--finetune-epochs", "1", "--latency-models"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_runs(script, tmp_path, digits_cache):
+    env = {**os.environ, "DSD_BENCHMARK_RESULTS": str(tmp_path), "DSD_CACHE": str(digits_cache)}
+    result = subprocess.run([sys.executable, f"{script}.py", *CASES[script]], cwd=BENCHMARKS, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / f"{script}.json").read_text())
+    assert data["rows"] and data["environment"]["torch"]
