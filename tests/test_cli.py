@@ -242,3 +242,17 @@ def test_read_only_directory(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     result = run(tmp_path / "nope.pt", "--debug", *SMALL, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_pretrained_comes_from_the_local_cache_only(tmp_path):
+    """--pretrained never downloads: a clear refusal without cached weights, and the cached file when present."""
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
+    assert_refused(run("timm:resnet18", "--pretrained", *SMALL, cwd=tmp_path, env=env), "local Hugging Face cache")
+    assert_refused(run("torchvision:resnet18", "--pretrained", *SMALL, cwd=tmp_path, env=env),
+                   "resnet18-f37072fd.pth is missing")
+    import torchvision
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), checkpoints / "resnet18-f37072fd.pth")
+    result = run("torchvision:resnet18", "--pretrained", *SMALL, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr

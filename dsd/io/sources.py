@@ -4,13 +4,14 @@ a whole pickled module (only with ``trust_pickle=True``: unpickling runs code fr
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -54,26 +55,26 @@ def build_arch(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
         if name not in timm.list_models():
             raise DsdError(f"timm has no model {name!r}.{_suggest(name, timm.list_models())}")
         try:
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+            with _hub_offline():
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
         except Exception as error:
             if pretrained:
-                raise DsdError(f"no pretrained weights for timm:{name} in the local cache and none can be "
-                               f"downloaded (this machine is offline?): {type(error).__name__}; drop --pretrained "
-                               "or put the weights in the Hugging Face cache") from error
+                raise DsdError(f"no pretrained weights for timm:{name} in the local Hugging Face cache "
+                               f"({type(error).__name__}); dsd does not download: drop --pretrained or put the "
+                               "weights in the cache") from error
             raise
     if kind == "torchvision":
         import torchvision
         names = torchvision.models.list_models()
         if name not in names:
             raise DsdError(f"torchvision has no model {name!r}.{_suggest(name, names)}")
-        try:
-            return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-        except Exception as error:
-            if pretrained:
-                raise DsdError(f"no pretrained weights for torchvision:{name} in the torch hub cache "
-                               f"({torch.hub.get_dir()}) and none can be downloaded: {type(error).__name__}; "
-                               "drop --pretrained or put the weights there") from error
-            raise
+        if pretrained:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            if not cached.is_file():
+                raise DsdError(f"no pretrained weights for torchvision:{name} in the local cache ({cached} is "
+                               "missing); drop --pretrained or put the weights file there")
+        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
     if kind == "dsd":
         from .. import zoo
         return zoo.build(name, pretrained, **kwargs)
@@ -82,6 +83,17 @@ def build_arch(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
     except (ImportError, AttributeError) as error:
         raise DsdError(f"cannot import the model factory {arch!r}: {error}") from error
     return factory(**kwargs)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face hub in offline mode: pretrained weights come from the local cache or not at all."""
+    from huggingface_hub import constants
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def _check_file(path: Path) -> None:
