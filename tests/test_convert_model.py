@@ -208,3 +208,15 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
 def test_extra_repr_is_readable():
     text = repr(dsd.from_conv(nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=2), rank=2, dilation=2))
     assert "8, 16, kernel_size=(3, 3), rank=2" in text and "dilation=(2, 2)" in text and "groups=2" in text
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_on_a_converted_model():
+    """The default backend (inductor, which generates and compiles C++ here) on a whole converted model."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18").eval()
+    x = torch.randn(2, 3, 64, 64)
+    converted, _ = dsd.convert_model(model, x)
+    compiled = torch.compile(converted)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), converted(x), rtol=1e-4, atol=1e-4)
