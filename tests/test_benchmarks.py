@@ -14,6 +14,7 @@ CASES = {
     "decouple_speed": ["--repeats", "1"],
     "finetune_digits": ["--epochs", "1", "--seeds", "0", "--configs", "rank1"],
     "budgets_digits": ["--budgets", "0.5", "--finetune-epochs", "1", "--latency-models"],
+    "budgets_latency": ["--budgets", "--latency-models", "resnet18", "--target-latency", "0.8"],
 }
 
 
@@ -21,7 +22,8 @@ CASES = {
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_runs(script, tmp_path, digits_cache):
     env = {**os.environ, "DSD_BENCHMARK_RESULTS": str(tmp_path), "DSD_CACHE": str(digits_cache)}
-    result = subprocess.run([sys.executable, f"{script}.py", *CASES[script]], cwd=BENCHMARKS, env=env,
+    command = "budgets_digits" if script == "budgets_latency" else script  # one script, two result files
+    result = subprocess.run([sys.executable, f"{command}.py", *CASES[script]], cwd=BENCHMARKS, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / f"{script}.json").read_text())
