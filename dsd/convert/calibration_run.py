@@ -7,7 +7,7 @@ already-converted layers upstream, so approximation errors do not pile up (two p
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,8 +52,8 @@ def patch_statistics(model: nn.Module, specs: Sequence[LayerSpec], batches) -> D
 
 
 def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.Module], specs: List[LayerSpec],
-                 batches, sequential: bool) -> Dict[str, tuple]:
-    stats = patch_statistics(working, specs, batches)
+                 batches, sequential: bool, stats: Optional[Dict[str, PatchStats]] = None) -> Dict[str, tuple]:
+    stats = stats or patch_statistics(working, specs, batches)
     layers = {}
     for spec in specs:
         conv = convs[spec.name]
@@ -90,10 +90,15 @@ def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.M
 
 
 def data_aware_layers(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.Module],
-                      specs: List[LayerSpec], batches, sequential: bool) -> Dict[str, tuple]:
-    """``name -> (layer, weight error, output error)``; sequential mode swaps each layer into ``working``."""
+                      specs: List[LayerSpec], batches, sequential: bool,
+                      patch_stats: Optional[Dict[str, PatchStats]] = None) -> Dict[str, tuple]:
+    """``name -> (layer, weight error, output error)``; sequential mode swaps each layer into ``working``.
+
+    ``patch_stats`` already streamed from ``working`` (they do not depend on the rank) are reused in
+    one-pass mode; sequential mode needs fresh ones, since each layer's inputs change upstream.
+    """
     if not sequential:
-        return _build_group(reference, working, convs, specs, batches, False)
+        return _build_group(reference, working, convs, specs, batches, False, patch_stats)
     built = {}
     for spec in specs:  # specs come in execution order
         built.update(_build_group(reference, working, convs, [spec], batches, True))

@@ -70,8 +70,8 @@ def convert_model(
     ``calibration_data`` (an iterable of input batches; ``sequential`` feeds each layer the converted
     upstream outputs); ``recalibrate_bn`` re-estimates BatchNorm statistics on it afterwards.
     """
-    budget = {k: v for k, v in dict(energy=energy, flops=target_flops, params=target_params,
-                                      latency=target_latency).items() if v is not None}
+    budget = {k: v for k, v in dict(energy=energy, target_flops=target_flops, target_params=target_params,
+                                      target_latency=target_latency).items() if v is not None}
     _check_budget_args(budget, example_inputs, init, calibration_data, recalibrate_bn, rank)
     options = ConversionOptions(1 if budget else rank, dilation, keep_receptive_field, init, include, exclude,
                                 min_channels, skip, only_if_cheaper)
@@ -93,7 +93,7 @@ def convert_model(
         except SkipLayer as skip_layer:
             records[site.name] = LayerRecord.skipped(site, skip_layer.category, skip_layer.detail)
 
-    outcome = None
+    outcome, stats = None, None
     if budget:
         whitening = {}
         if init == "data":
@@ -101,7 +101,8 @@ def convert_model(
             whitening = {name: whiten(s.second_moment()) for name, s in stats.items()}
         candidates = [Candidate(site, spec, candidate_errors(site, spec, whitening.get(spec.name)))
                       for site, spec in eligible]
-        (kind, value), = budget.items()
+        (name, value), = budget.items()
+        kind = name.removeprefix("target_")
         ranks, outcome = choose_ranks(candidates, analysis.sites, energy=energy, kind=kind, target=value,
                                       model=target, device=device)
         chosen = []
@@ -129,7 +130,7 @@ def convert_model(
     output_errors: Dict[str, float] = {}
     if init == "data":
         built = data_aware_layers(reference, target, {site.name: site.module for site, _ in eligible},
-                                  [spec for _, spec in eligible], batches, sequential)
+                                  [spec for _, spec in eligible], batches, sequential, stats)
         for _, spec in eligible:
             layer, weight_error, output_errors[spec.name] = built[spec.name]
             replacements[spec.name] = layer
@@ -147,10 +148,8 @@ def convert_model(
     if recalibrate_bn:
         recalibrate_batchnorm(target, batches, len(batches), next(target.parameters()).device)
 
-    plan = ConversionPlan(specs, {**options.to_dict(), "rank": rank, **{f"target_{k}" if k != "energy" else k: v
-                                                                          for k, v in budget.items()},
-                                  "only_if_faster": only_if_faster, "sequential": sequential,
-                                  "recalibrate_bn": recalibrate_bn})
+    plan = ConversionPlan(specs, {**options.to_dict(), "rank": rank, **budget, "only_if_faster": only_if_faster,
+                                  "sequential": sequential, "recalibrate_bn": recalibrate_bn})
     report = ConversionReport([records[site.name] for site in analysis.sites], plan, analysis.traced,
                               analysis.trace_error, other_convs=analysis.other_convs, budget=outcome)
     if analysis.ran:
@@ -164,10 +163,10 @@ def _check_budget_args(budget: Dict[str, float], example_inputs: Any, init: str,
         raise DsdError(f"choose one of energy, target_flops, target_params, target_latency (got {sorted(budget)})")
     for key, value in budget.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise DsdError(f"{key if key == 'energy' else 'target_' + key} must be a fraction in (0, 1], got {value!r}")
+            raise DsdError(f"{key} must be a fraction in (0, 1], got {value!r}")
     if budget and rank != 1:
         raise DsdError("rank and a budget both set the ranks: choose one")
-    if ("flops" in budget or "latency" in budget) and example_inputs is None:
+    if ("target_flops" in budget or "target_latency" in budget) and example_inputs is None:
         raise DsdError("target_flops and target_latency need example_inputs (the layer shapes)")
     if (init == "data" or recalibrate_bn) and calibration_data is None:
         raise DsdError("init='data' and recalibrate_bn need calibration_data (an iterable of input batches)")

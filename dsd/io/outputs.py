@@ -35,12 +35,13 @@ class OutputPaths:
 
 def output_paths(source: str, output: Optional[str] = None, save_module: bool = False,
                  export_onnx: bool = False) -> OutputPaths:
-    weights = Path(output) if output else default_stem(source).with_name(default_stem(source).name + "_dsd.safetensors")
+    stem = default_stem(source)
+    weights = Path(output) if output else stem.with_name(stem.name + "_dsd.safetensors")
     if weights.suffix != ".safetensors":
         raise DsdError(f"-o {weights}: the converted weights are written as safetensors; give a *.safetensors path")
-    stem = weights.with_suffix("")
-    return OutputPaths(weights, plan_path_for(weights), stem.with_suffix(".pt") if save_module else None,
-                       stem.with_suffix(".onnx") if export_onnx else None)
+    base = weights.with_suffix("")
+    return OutputPaths(weights, plan_path_for(weights), base.with_suffix(".pt") if save_module else None,
+                       base.with_suffix(".onnx") if export_onnx else None)
 
 
 def _writable_dir(directory: Path) -> bool:
