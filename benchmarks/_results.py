@@ -1,4 +1,9 @@
-"""Shared by the benchmark scripts: where results go, and the context every result file records."""
+"""Shared by the benchmark scripts: where results go, the context every result file records, and RESULTS.md.
+
+Every script writes ``results/<name>.json`` through :func:`write`, which then regenerates ``RESULTS.md``
+from all the result files: one section per file with its command, date, machine and torch version, and
+the script's own Markdown (``markdown`` in the file) or else a table of its rows.
+"""
 from __future__ import annotations
 
 import datetime
@@ -9,12 +14,26 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch
 
-# DSD_BENCHMARK_RESULTS redirects the output (the smoke tests use it to leave the committed results alone).
-RESULTS = Path(os.environ.get("DSD_BENCHMARK_RESULTS", Path(__file__).parent / "results"))
+# DSD_BENCHMARK_RESULTS redirects the output, RESULTS.md included (the smoke tests leave the committed ones alone).
+_REDIRECT = os.environ.get("DSD_BENCHMARK_RESULTS")
+RESULTS = Path(_REDIRECT) if _REDIRECT else Path(__file__).parent / "results"
+RESULTS_MD = RESULTS / "RESULTS.md" if _REDIRECT else Path(__file__).parent / "RESULTS.md"
+
+SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
+    "coverage": "Zoo coverage: every timm and torchvision model",
+    "recovery": "Accuracy vs cost on real digits",
+    "latency": "Latency on this CPU",
+    "latency_gpu": "Latency on a GPU",
+    "finetune_digits": "Fine-tune recovery on digits (15-epoch recipe)",
+    "budgets_digits": "FLOP budgets on digits: svd vs data-aware initialisation",
+    "budgets_latency": "Latency budgets (only-if-faster, target latency) on this CPU",
+    "conversion_time": "Conversion time, in forward passes",
+    "decouple_speed": "Decoupling speed: Gram eigendecomposition vs SVD",
+}
 
 
 def environment() -> Dict[str, Any]:
@@ -31,10 +50,49 @@ def environment() -> Dict[str, Any]:
 
 
 def write(name: str, rows: Any, **extra: Any) -> Path:
+    """Write ``results/<name>.json`` (``markdown=`` gives the section's text for RESULTS.md) and RESULTS.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **extra, "rows": rows}, indent=2) + "\n")
+    RESULTS_MD.write_text(render_results())
     return path
+
+
+def render_results() -> str:
+    files = {p.stem: p for p in RESULTS.glob("*.json")}
+    names = [n for n in SECTIONS if n in files] + sorted(set(files) - set(SECTIONS))
+    lines = ["# Benchmark results", "",
+             "Generated from `benchmarks/results/*.json` by the scripts in `benchmarks/` (each one rewrites this "
+             "file); do not edit by hand. Every figure comes with the command, date, machine and torch version "
+             "that produced it. CPU timings are ratios measured side by side in one run; absolute times are only "
+             "meaningful on a GPU.", ""]
+    for name in names:
+        data = json.loads(files[name].read_text())
+        env = data.get("environment", {})
+        lines += [f"## {SECTIONS.get(name, name)}", "",
+                  f"`{env.get('command', '?')}` · {env.get('date', '?')} · {env.get('processor', '?')}, "
+                  f"{env.get('cpu_threads', '?')} CPU threads" + (f", {env['cuda']}" if env.get("cuda") else "")
+                  + f" · torch {env.get('torch', '?')} · results/{name}.json", ""]
+        lines.append(data["markdown"] if "markdown" in data else _table(data.get("rows", [])))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict) and {"mean", "std"} <= set(value):
+        return f"{value['mean']:.4g} ± {value['std']:.2g}"
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, separators=(",", ":"))
+        return text if len(text) <= 60 else text[:57] + "..."
+    return "" if value is None else str(value)
+
+
+def _table(rows: List[Dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)).replace("|", "/") for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:

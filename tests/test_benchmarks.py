@@ -15,6 +15,9 @@ CASES = {
     "finetune_digits": ["--epochs", "1", "--seeds", "0", "--configs", "rank1"],
     "budgets_digits": ["--budgets", "0.5", "--finetune-epochs", "1", "--latency-models"],
     "budgets_latency": ["--budgets", "--latency-models", "resnet18", "--target-latency", "0.8"],
+    "coverage": ["--timm", "resnet18", "--torchvision", "resnet18", "--workers", "1"],
+    "recovery": ["--models", "digits_cnn", "--configs", "r1", "--inits", "svd", "--seeds", "0", "--epochs", "1"],
+    "latency": ["--models", "timm:resnet18", "--batch-sizes", "1", "--variants", "rank1"],
 }
 
 
@@ -28,3 +31,18 @@ def test_benchmark_runs(script, tmp_path, digits_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / f"{script}.json").read_text())
     assert data["rows"] and data["environment"]["torch"]
+    results_md = (tmp_path / "RESULTS.md").read_text()  # regenerated with this run's section
+    assert data["environment"]["command"] in results_md and data["environment"]["torch"] in results_md
+
+
+@pytest.mark.slow
+def test_coverage_smoke_checks_real_conversions(tmp_path):
+    """The smallest coverage run passes its own checks: converted, shapes kept, full rank exact."""
+    env = {**os.environ, "DSD_BENCHMARK_RESULTS": str(tmp_path)}
+    subprocess.run([sys.executable, "coverage.py", *CASES["coverage"]], cwd=BENCHMARKS, env=env, check=True,
+                   capture_output=True, timeout=900)
+    data = json.loads((tmp_path / "coverage.json").read_text())
+    assert [r["status"] for r in data["rows"]] == ["pass", "pass"]
+    assert all(r["shapes_preserved"] and r["converted"] == 17 for r in data["rows"])
+    assert [r["status"] for r in data["sample"]] == ["pass", "pass"]
+    assert all(r["full_rank_error"] < 1e-6 for r in data["sample"])

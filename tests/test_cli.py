@@ -50,6 +50,9 @@ def test_timm_name_writes_weights_and_plan_and_round_trips(tmp_path):
     assert files(tmp_path) == ["resnet18_dsd.plan.json", "resnet18_dsd.safetensors"]
     reloaded = dsd.load_converted(tmp_path / "resnet18_dsd.plan.json")
     assert sum(isinstance(m, dsd.DepthwiseSeparableConv2d) for m in reloaded.modules()) == 17
+    by_weights = dsd.load_converted(tmp_path / "resnet18_dsd.safetensors")  # the plan beside the weights
+    for a, b in zip(reloaded.state_dict().values(), by_weights.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_round_trip_equals_in_memory_conversion(tmp_path, resnet_state_dict):

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torchvision
 
 import dsd
+import dsd.zoo
 from dsd.convert import DepthwiseSeparableConv2d
 
 TIMM_MODELS = [  # one or two per family, small variants; (name, input size)
@@ -66,6 +67,17 @@ def test_torchvision_model(name, kwargs):
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     x = torch.randn(1, 3, 64, 64)
     converted, report = dsd.convert_model(model, x, rank=1)
+    check_report(model, converted, report)
+    check_full_rank(model, x)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_resnet", "digits_mobilenet"])
+def test_builtin_digits_models(name):
+    """The built-in models (torchvision BasicBlock, timm EfficientNet blocks) convert, exactly at full rank."""
+    model = dsd.zoo.build(name).eval()
+    x = torch.randn(2, 1, 32, 32)
+    converted, report = dsd.convert_model(model, x, rank=1)
+    assert report.traced
     check_report(model, converted, report)
     check_full_rank(model, x)
 

@@ -44,10 +44,12 @@ def save_converted(model: nn.Module, plan: ConversionPlan, weights_path: PathLik
 
 
 def load_converted(plan_path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
-    """Rebuild a converted model from its plan and weights. ``model``: a fresh original, where the plan
-    cannot build one (the original came from a pickled module)."""
+    """Rebuild a converted model from its plan (or its ``.safetensors`` weights, the plan beside them).
+    ``model``: a fresh original, where the plan cannot build one (the original came from a pickled module)."""
     from safetensors.torch import load_model
     plan_path = Path(plan_path)
+    if plan_path.suffix == ".safetensors":
+        plan_path = plan_path_for(plan_path)
     if not plan_path.is_file():
         raise DsdError(f"{plan_path}: no such plan file")
     try:
