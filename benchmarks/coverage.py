@@ -3,18 +3,19 @@
     python benchmarks/coverage.py [--timm PATTERN ...] [--torchvision PATTERN ...] [--sample-per-family 1]
 
 Two passes, random weights, nothing downloaded:
-- zoo pass: every model built on the meta device (shapes only, no memory, no arithmetic) and
-  converted at rank 1 on its default input size: does the conversion succeed (traced or module-tree
-  fallback), does every converted layer keep its output shapes, does the model's output keep its shape,
-  does every non-converted Conv2d have a stated reason; conv MACs and parameters before/after.
+- zoo pass: every model built on the meta device (shapes only: no memory, no arithmetic; a model whose
+  builder needs real tensors is built on the CPU and run at 64x64) and converted at rank 1 on its
+  default input size: does the conversion succeed (traced or module-tree fallback), does every converted
+  layer keep its output shapes, does the model's output keep its shape, does every Conv2d left alone
+  have a stated reason; conv MACs and parameters before/after.
 - sample pass: the smallest model of each family, built for real on this CPU: rank-1 conversion (svd
-  init) with fvcore FLOPs before/after, and a full-rank conversion in float64 that must reproduce the
-  original, in float64: the model's outputs and, through forward hooks, the output of every converted
-  layer inside the model (random-weight detectors often detect nothing, and some timm heads start at
-  zero, which would make an output-only check vacuous): relative error < 1e-6.
-A model that cannot be built, or whose own forward fails on the meta device, is not a dsd failure: it
-is listed with the reason (and checked in the sample pass when it is there). A dsd failure is an
-exception from ``convert_model``, a changed output shape, a skip without a reason, or a full-rank mismatch.
+  init) with fvcore FLOPs before/after, and a full-rank conversion that must reproduce the original in
+  float64: the model's outputs and, through forward hooks, the output of every converted layer inside
+  the model (random-weight detectors often detect nothing, and some timm heads start at zero, which
+  would make an output-only check vacuous): relative error < 1e-6.
+A model that cannot be built, or whose own forward fails in the zoo pass, is not a dsd failure: it is
+listed with the reason (and checked in the sample pass when it is there). A dsd failure is an exception
+from ``convert_model``, a changed output shape, a skip without a reason, or a full-rank mismatch.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ TORCHVISION_GROUPS = {"classification": (tvm, {}),
                       "detection": (tvm.detection, {"weights_backbone": None})}
 TORCHVISION_SIZE = 224
 DETECTION_SIZE = 160  # detection models resize internally; a small image keeps the CPU pass short
+# Detectors that resize their input to min_size (800 by default) are told to keep it small (SSDs have a fixed size).
+DETECTION_RESIZE = {"min_size": DETECTION_SIZE, "max_size": DETECTION_SIZE}
+LOW_RES = 64  # zoo-pass input size for the models that cannot be built or run on the meta device
 
 
 @dataclass
@@ -56,6 +60,7 @@ class ZooModel:
     family: str
     build: Callable[[], nn.Module]
     example: Callable[[nn.Module, torch.device, torch.dtype], Any]
+    per_item: bool = False  # outputs hold one row per detection: compare shapes without the first dimension
 
 
 def _timm_example(model: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -85,9 +90,9 @@ def torchvision_models(patterns: List[str]) -> List[ZooModel]:
         for name in tvm.list_models(module=module):
             if any(fnmatch.fnmatch(name, p) for p in patterns):
                 family = tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]
-                found.append(ZooModel(f"torchvision/{group}", name, family,
-                                      lambda name=name, kwargs=kwargs: tvm.get_model(name, weights=None, **kwargs),
-                                      example))
+                resize = DETECTION_RESIZE if group == "detection" and family not in ("ssd", "ssdlite") else {}
+                build = lambda name=name, kw={**kwargs, **resize}: tvm.get_model(name, weights=None, **kw)  # noqa: E731
+                found.append(ZooModel(f"torchvision/{group}", name, family, build, example, group == "detection"))
     return found
 
 
@@ -96,14 +101,15 @@ def _error(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:240]
 
 
-def _output_shapes(output: Any) -> Any:
-    """The shapes in a model's output (tensor, tuple/list, dict; detection outputs vary with the data)."""
+def _output_shapes(output: Any, per_item: bool = False) -> Any:
+    """The shapes in a model's output (tensor, tuple/list, dict). ``per_item`` drops each tensor's first
+    dimension: a detector returns as many boxes as survive, which changes with the weights."""
     if isinstance(output, torch.Tensor):
-        return tuple(output.shape)
+        return tuple(output.shape)[1 if per_item else 0:]
     if isinstance(output, dict):
-        return {k: _output_shapes(v) for k, v in output.items()}
+        return {k: _output_shapes(v, per_item) for k, v in output.items()}
     if isinstance(output, (list, tuple)):
-        return [_output_shapes(v) for v in output]
+        return [_output_shapes(v, per_item) for v in output]
     return type(output).__name__
 
 
@@ -132,7 +138,8 @@ class ZooResult:
     family: str
     status: str  # "pass", "FAIL" (a dsd failure), "not built", "no convs"
     reason: str = ""
-    meta_forward: bool = False  # the original model ran on the meta device
+    device: str = "meta"  # where the zoo pass built it
+    forward_ran: bool = False  # the original model ran on that device
     traced: Optional[bool] = None
     trace_error: Optional[str] = None
     convs: int = 0
@@ -147,24 +154,51 @@ class ZooResult:
     seconds: float = 0.0
 
 
+class _NotBuilt(Exception):
+    pass
+
+
+class _ForwardFailed(Exception):
+    pass
+
+
+def _build_and_run(entry: ZooModel, device: torch.device) -> Tuple[nn.Module, Any, Any]:
+    """The model built on ``device``, its example input (small on the CPU) and its output shapes."""
+    try:
+        with device:
+            model = entry.build().eval()
+    except Exception as error:
+        if device.type == "meta":
+            raise
+        raise _NotBuilt(_error(error)) from error
+    example = entry.example(model, device, torch.float32)
+    if device.type == "cpu" and isinstance(example, torch.Tensor):
+        example = torch.randn(*example.shape[:2], LOW_RES, LOW_RES)
+    try:
+        with torch.no_grad():
+            return model, example, _output_shapes(model(*_args(example)), entry.per_item)
+    except Exception as error:
+        if device.type == "meta":
+            raise
+        raise _ForwardFailed(_error(error), model) from error
+
+
 def zoo_check(entry: ZooModel) -> ZooResult:
     """Build on meta, convert at rank 1 (random init: meta tensors hold no values), check the shapes."""
     result = ZooResult(entry.source, entry.name, entry.family, "pass")
     try:
-        with torch.device("meta"):
-            model = entry.build().eval()
-    except Exception as error:
-        result.status, result.reason = "not built", _error(error)
-        return result
-    result.params_before = _params(model)
-    example = entry.example(model, torch.device("meta"), torch.float32)
-    try:
-        with torch.no_grad():
-            expected = _output_shapes(model(*_args(example)))
-        result.meta_forward = True
-    except Exception as error:  # the model itself does not run on meta (data-dependent ops): trace only
-        result.reason = f"own forward fails on meta ({_error(error)}); converted without an example input"
-        example, expected = None, None
+        model, example, expected = _build_and_run(entry, torch.device("meta"))
+    except Exception as meta_error:  # a builder that reads tensor values, or data-dependent ops in forward
+        result.device, result.reason = "cpu", f"on the CPU at low resolution (on meta: {_error(meta_error)})"
+        try:
+            model, example, expected = _build_and_run(entry, torch.device("cpu"))
+        except _NotBuilt as error:
+            result.status, result.reason = "not built", str(error)
+            return result
+        except _ForwardFailed as error:  # the model's own forward fails: convert from the graph alone
+            model, example, expected = error.args[1], None, None
+            result.reason = f"own forward fails ({error.args[0]}); converted without an example input"
+    result.forward_ran, result.params_before = expected is not None, _params(model)
     try:
         converted, report = dsd.convert_model(model, example, rank=1, init="random")
     except dsd.DsdError as error:
@@ -188,7 +222,7 @@ def zoo_check(entry: ZooModel) -> ZooResult:
     if expected is not None:
         with torch.no_grad():
             result.shapes_preserved = bool(report.shapes_verified) and _output_shapes(
-                converted(*_args(example))) == expected
+                converted(*_args(example)), entry.per_item) == expected
         if not result.shapes_preserved:
             result.status, result.reason = "FAIL", "output shape changed"
     return result
@@ -238,11 +272,11 @@ def sample_check(entry: ZooModel) -> SampleResult:
                        else tuple(_args(example)[0].shape))
     try:
         with torch.no_grad():
-            expected = _output_shapes(model(*_args(example)))
+            expected = _output_shapes(model(*_args(example)), entry.per_item)
         converted, report = dsd.convert_model(model, example, rank=1)
         with torch.no_grad():
             result.shapes_preserved = bool(report.shapes_verified) and _output_shapes(
-                converted(*_args(example))) == expected
+                converted(*_args(example)), entry.per_item) == expected
         result.converted, result.convs, result.traced = len(report.converted), len(report.layers), report.traced
         result.params_before, result.params_after = _params(model), _params(converted)
         if isinstance(example, torch.Tensor):
@@ -271,8 +305,12 @@ def sample_check(entry: ZooModel) -> SampleResult:
 def _first_outputs(model: nn.Module, names: List[str]) -> Iterator[Dict[str, torch.Tensor]]:
     """The output of each named submodule on its first call, filled in while the context is open."""
     outputs: Dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(name).register_forward_hook(
-        lambda module, args, output, name=name: outputs.setdefault(name, output)) for name in names]
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:  # None: the output stays as is
+            outputs.setdefault(name, output)
+        return record
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
     try:
         yield outputs
     finally:
@@ -311,7 +349,7 @@ def family_sample(entries: List[ZooModel], results: List[ZooResult], per_family:
     by_key = {(e.source, e.name): e for e in entries}
     families: Dict[Tuple[str, str], List[ZooResult]] = defaultdict(list)
     for r in results:
-        if r.convs > 0 or r.status == "FAIL" or not r.meta_forward:
+        if r.convs > 0 or r.status == "FAIL" or not r.forward_ran:
             families[(r.source, r.family)].append(r)
     chosen = []
     for members in families.values():
@@ -333,9 +371,11 @@ def _markdown(zoo: List[ZooResult], sample: List[SampleResult]) -> str:
              f"{sum(r.traced is False for r in zoo)}. Converted {sum(r.converted for r in zoo):,} of "
              f"{sum(r.convs for r in zoo):,} Conv2d layers; every other one has a stated reason "
              f"({_skip_line(zoo)}).",
-             f"Output shapes preserved on the meta device: {sum(r.shapes_preserved is True for r in zoo)} of "
-             f"{sum(r.shapes_preserved is not None for r in zoo)} models that run there.", ""]
-    lines += ["### By family (zoo pass, meta device, rank 1)", "",
+             f"Output shapes preserved in the zoo pass: {sum(r.shapes_preserved is True for r in zoo)} of "
+             f"{sum(r.shapes_preserved is not None for r in zoo)} models whose own forward runs there "
+             f"({sum(r.device == 'cpu' for r in zoo)} built and run on the CPU at low resolution, the rest on the "
+             "meta device).", ""]
+    lines += ["### By family (zoo pass, rank 1)", "",
               "| source | family | models | pass | fail | not built / no convs | traced | fallback | converted convs "
               "| conv MACs after (median) | params after (median) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: Dict[Tuple[str, str], List[ZooResult]] = defaultdict(list)
@@ -350,7 +390,7 @@ def _markdown(zoo: List[ZooResult], sample: List[SampleResult]) -> str:
                      f"| {sum(bool(r.traced) for r in members)} | {sum(r.traced is False for r in members)} "
                      f"| {sum(r.converted for r in members)}/{sum(r.convs for r in members)} "
                      f"| {_median_pct(macs)} | {_median_pct(params)} |")
-    lines += ["", "### Models not converted or not checked on meta, with the reason", "",
+    lines += ["", "### Models not converted, not built on meta or not run in the zoo pass, with the reason", "",
               "| source | model | status | reason |", "|---|---|---|---|"]
     lines += [f"| {r.source} | {r.name} | {r.status} | {r.reason.replace('|', '/')} |"
               for r in zoo if r.status != "pass" or r.reason]
@@ -407,7 +447,7 @@ def main() -> None:
 
     entries = _entries(args.timm, args.torchvision)
     zoo: List[ZooResult] = []
-    print(f"zoo pass: {len(entries)} models on the meta device, {args.workers} processes", flush=True)
+    print(f"zoo pass: {len(entries)} models, {args.workers} processes", flush=True)
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.workers, _init_worker, (args.timm, args.torchvision), maxtasksperchild=200) as pool:
         for i, result in enumerate(pool.imap(_timed_zoo_check, [(e.source, e.name) for e in entries]), 1):

@@ -103,3 +103,12 @@ def test_conv_modules_timm_reads_outside_forward_still_work():
     x = torch.randn(1, 3, 64, 64)
     converted, report = dsd.convert_model(model, x, rank=1)
     assert converted(x).shape == model(x).shape
+
+
+def test_detection_heads_with_data_dependent_batch():
+    """Mask R-CNN's mask head runs on however many boxes survive: after conversion that number changes,
+    which is not a changed output shape (this raised "dsd bug" before shapes were compared per input)."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("maskrcnn_resnet50_fpn", weights=None, weights_backbone=None).eval()
+    converted, report = dsd.convert_model(model, ([torch.rand(3, 160, 160)],), rank=1)
+    assert report.shapes_verified and any(r.name.startswith("roi_heads.mask_head") for r in report.converted)
