@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -49,11 +49,12 @@ def environment() -> Dict[str, Any]:
     }
 
 
-def write(name: str, rows: Any, **extra: Any) -> Path:
-    """Write ``results/<name>.json`` (``markdown=`` gives the section's text for RESULTS.md) and RESULTS.md."""
+def write(name: str, rows: Any, env: Optional[Dict[str, Any]] = None, **extra: Any) -> Path:
+    """Write ``results/<name>.json`` (``markdown=`` gives the section's text for RESULTS.md) and RESULTS.md.
+    ``env``: the environment of the run that produced the rows, where this call only re-measures part."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"environment": environment(), **extra, "rows": rows}, indent=2) + "\n")
+    path.write_text(json.dumps({"environment": env or environment(), **extra, "rows": rows}, indent=2) + "\n")
     RESULTS_MD.write_text(render_results())
     return path
 

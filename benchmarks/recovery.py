@@ -1,14 +1,16 @@
 """Accuracy vs cost on real digits: three architectures, ranks 1/2/4, dilation, keep-receptive-field, three inits.
 
     python benchmarks/recovery.py [--models digits_cnn ...] [--configs r1 r2 ...] [--inits svd data random]
-                                  [--seeds 0 1 2] [--epochs 5]
+                                  [--seeds 0 1 2] [--epochs 3] [--retime]
 
 For each built-in digits model (trained here once, cached) and each conversion setting: the original's
 accuracy, the converted model's accuracy before fine-tuning and after ``--epochs`` of the digits recipe
 (distillation from the original), for svd, data-aware and random initialisation; mean and spread over
-seeds; whole-model FLOPs (fvcore) and CPU latency at batch 1. Writes ``results/recovery.json`` and the
-Pareto plot ``results/recovery_pareto.png`` (accuracy vs FLOPs and vs latency), and sets the results beside
-the published reference points of MobileNet v1 and Network Decoupling (ImageNet: a different dataset).
+seeds; whole-model FLOPs (fvcore) and CPU latency at batch 1, timed after all training in rounds that
+alternate between the models, so that drift hits them alike (``--retime``: re-time the rows of an
+existing ``results/recovery.json``, on a quiet machine). Writes ``results/recovery.json`` and the Pareto
+plot ``results/recovery_pareto.png`` (accuracy vs FLOPs and vs latency), and sets the results beside the
+published reference points of MobileNet v1 and Network Decoupling (ImageNet: a different dataset).
 """
 from __future__ import annotations
 
@@ -17,26 +19,31 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
-from dsd import convert_model, load_converted, zoo
+from dsd import convert_model, zoo
 from dsd.finetune import finetune, load_recipe
 from dsd.finetune.distributed import DistEnv
 from dsd.finetune.models import train_builtin
+from dsd.io.calibration import calibration_batches
+from dsd.report import count_flops
 from dsd.timing import BenchmarkSettings, model_latency
-from _results import RESULTS, write
+from _results import RESULTS, environment, write
 
 INPUT_SIZE = (1, 32, 32)
 CONFIGS: Dict[str, Dict[str, Any]] = {  # convert_model arguments (the recipe's student.convert)
     "r1": {"rank": 1}, "r2": {"rank": 2}, "r4": {"rank": 4},
     "r1-dil2": {"rank": 1, "dilation": 2},
-    "r1-krf": {"rank": 1, "keep_receptive_field": True},  # 5x5 -> 3x3 dilation 2: only where kernels exceed 3
+    # 5x5 -> 3x3 dilation 2; keep_receptive_field converts only kernels above 3x3 (on 3x3-only nets: nothing,
+    # so its fine-tuned row shows what distillation alone does to the unchanged original)
+    "r1-krf": {"rank": 1, "keep_receptive_field": True},
     "flops-0.55": {"target_flops": 0.55},  # 1.8x fewer conv FLOPs: Network Decoupling's VGG16 operating point
 }
 INITS = ["svd", "data", "random"]
-LATENCY = BenchmarkSettings(iters=50, warmup=10)
+LATENCY = BenchmarkSettings(iters=20, warmup=5)  # per round
 # Published reference points (ImageNet), to set beside ours; both compare separable with full convolution.
 REFERENCES = [
     {"method": "MobileNet v1 (Howard et al., 2017), separable vs full conv", "data": "ImageNet, top-1",
@@ -59,7 +66,7 @@ def same_plan_as_rank1(model: str, config: str) -> bool:
     return plans[0] == plans[1]
 
 
-def run_one(model: str, config: str, init: str, seed: int, epochs: int, latency: bool) -> Dict[str, Any]:
+def run_one(model: str, config: str, init: str, seed: int, epochs: int) -> Dict[str, Any]:
     convert = [f"student.convert.{key}={json.dumps(value)}" for key, value in CONFIGS[config].items()]
     overrides = [f"teacher.source=dsd:{model}", *convert,
                  f"student.convert.init={init}", f"seed={seed}", f"schedule.epochs={epochs}", "tensorboard=false"]
@@ -69,10 +76,39 @@ def run_one(model: str, config: str, init: str, seed: int, epochs: int, latency:
                "after": result.student_acc_after, "flops_before": result.teacher_flops,
                "flops_after": result.student_flops, "params_before": result.teacher_params,
                "params_after": result.student_params, "converted_layers": result.converted_layers}
-        if latency:
-            student = load_converted(Path(run_dir) / "student_dsd.safetensors")
-            row["latency_after_ms"] = model_latency(student, INPUT_SIZE, LATENCY).median_ms
     return row
+
+
+def architecture(teacher: nn.Module, row: Dict[str, Any]) -> Optional[nn.Module]:
+    """The converted architecture of a row (weights do not change latency), rebuilt with its settings; None
+    where the rebuilt one differs (a budget's data-aware ranks depend on which calibration batches it saw)."""
+    example = torch.randn(1, *INPUT_SIZE)
+    kwargs = dict(row["convert"], init=row["init"])
+    if row["init"] == "data":
+        kwargs["calibration_data"] = calibration_batches("digits", INPUT_SIZE, batches=8, batch_size=64)
+    student, _ = convert_model(teacher, example, **kwargs)
+    return student if count_flops(student, example).total == row["flops_after"] else None
+
+
+def add_latency(rows: List[Dict[str, Any]], rounds: int = 5) -> None:
+    """Batch-1 CPU latency of each row's model and its original: median over rounds that alternate models."""
+    models: Dict[str, nn.Module] = {}
+    for model in sorted({r["model"] for r in rows}):
+        teacher = zoo.build(model, pretrained=True).eval()
+        models[model] = teacher
+        for r in rows:
+            if r["model"] == model:
+                student = architecture(teacher, r)
+                if student is not None:
+                    models[f"{model} {r['config']} {r['init']}"] = student
+    times: Dict[str, List[float]] = {key: [] for key in models}
+    for _ in range(rounds):
+        for key, module in models.items():
+            times[key].append(model_latency(module, INPUT_SIZE, LATENCY).median_ms)
+    for r in rows:
+        r["latency_before_ms"] = statistics.median(times[r["model"]])
+        key = f"{r['model']} {r['config']} {r['init']}"
+        r["latency_after_ms"] = statistics.median(times[key]) if key in times else None
 
 
 def pareto(points: List[Dict[str, Any]], cost: str) -> List[Dict[str, Any]]:
@@ -92,17 +128,18 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
 
     points = [{"model": r["model"], "config": r["config"], "init": r["init"], "accuracy": 100 * r["after"]["mean"],
                "flops": r["flops_after"] / 1e6, "latency": r["latency_after_ms"]} for r in rows]
+    timed = [p for p in points if p["latency"] is not None]
     originals = {r["model"]: (100 * r["original_acc"], r["flops_before"] / 1e6, r["latency_before_ms"]) for r in rows}
     markers = dict(zip(sorted(originals), "osD^v"))
     colors = dict(zip(INITS, ("tab:blue", "tab:green", "tab:red")))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, cost, label in ((axes[0], "flops", "FLOPs per image (M, fvcore)"),
                             (axes[1], "latency", "CPU latency, batch 1 (ms)")):
-        for p in points:
+        for p in points if cost == "flops" else timed:
             ax.scatter(p[cost], p["accuracy"], marker=markers[p["model"]], color=colors[p["init"]], alpha=0.7)
         for model, (acc, flops, ms) in originals.items():
             ax.scatter(flops if cost == "flops" else ms, acc, marker=markers[model], color="black", s=80)
-        front = pareto(points, cost)
+        front = pareto(points if cost == "flops" else timed, cost)
         ax.plot([p[cost] for p in front], [p["accuracy"] for p in front], "k--", lw=1, label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -120,14 +157,20 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _ms(value: Optional[float]) -> str:
+    return f"{value:.2f}" if value is not None else "—"
+
+
 def _pct(spread_: Dict[str, Any]) -> str:
     return f"{100 * spread_['mean']:.2f} ± {100 * spread_['std']:.2f}"
 
 
-def markdown(rows: List[Dict[str, Any]], skipped: List[str], epochs: int, seeds: List[int]) -> str:
+def markdown(rows: List[Dict[str, Any]], skipped: List[str]) -> str:
+    epochs, seeds = rows[0]["epochs"], rows[0]["seeds"]
     lines = [f"Fine-tune: {epochs} epochs of the `digits` recipe (distillation from the original), seeds {seeds}; "
              "accuracy in % on the fixed 360-image validation split, mean ± std over seeds. FLOPs: whole model "
-             "(fvcore, MACs); latency: CPU, batch 1, 1x32x32, median.", "",
+             "(fvcore, MACs); latency: CPU, batch 1, 1x32x32, median over 5 rounds that alternate the models "
+             "(— where a budget's data-aware ranks could not be rebuilt exactly for timing).", "",
              "![accuracy vs cost](results/recovery_pareto.png)", "",
              "| model | setting | init | original | converted, no FT | fine-tuned | FLOPs | FLOP reduction "
              "| params | latency (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -135,7 +178,7 @@ def markdown(rows: List[Dict[str, Any]], skipped: List[str], epochs: int, seeds:
         lines.append(f"| {r['model']} | {r['config']} | {r['init']} | {100 * r['original_acc']:.2f} "
                      f"| {_pct(r['before'])} | {_pct(r['after'])} | {r['flops_after'] / 1e6:.2f}M "
                      f"| {r['flops_before'] / r['flops_after']:.2f}x | {r['params_after']:,} "
-                     f"| {r['latency_before_ms']:.2f} -> {r['latency_after_ms']:.2f} |")
+                     f"| {r['latency_before_ms']:.2f} -> {_ms(r['latency_after_ms'])} |")
     if skipped:
         lines += ["", "Not run, the same plan as `r1` (keep_receptive_field acts only on kernels above 3x3): "
                   + ", ".join(skipped) + "."]
@@ -175,37 +218,44 @@ def main() -> None:
     parser.add_argument("--inits", nargs="+", default=INITS, choices=INITS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--retime", action="store_true", help="only re-time the rows in results/recovery.json")
     args = parser.parse_args()
+    if args.retime:
+        data = json.loads((RESULTS / "recovery.json").read_text())
+        add_latency(data["rows"])
+        save(data["rows"], data.get("skipped", []), data["environment"], retimed=environment())
+        return
 
     rows, skipped = [], []
     print(f"{'model':17} {'setting':10} {'init':6} {'original':>8} {'no FT':>15} {'fine-tuned':>15} "
-          f"{'FLOPs':>8} {'ms':>11}", flush=True)
+          f"{'FLOPs':>8}", flush=True)
     for model in args.models:
         if not zoo.cached_weights(model).is_file():
             train_builtin(model, DistEnv(), progress=False)
-        original_ms = model_latency(zoo.build(model, pretrained=True), INPUT_SIZE, LATENCY).median_ms
         for config in args.configs:
             if config != "r1" and same_plan_as_rank1(model, config):
                 skipped.append(f"{model} {config}")
                 continue
             for init in args.inits:
-                runs = [run_one(model, config, init, seed, args.epochs, latency=(i == 0))
-                        for i, seed in enumerate(args.seeds)]
+                runs = [run_one(model, config, init, seed, args.epochs) for seed in args.seeds]
                 first = runs[0]
                 row = {"model": model, "config": config, "convert": CONFIGS[config], "init": init,
                        "seeds": args.seeds, "epochs": args.epochs, "original_acc": first["teacher_acc"],
                        "before": spread([r["before"] for r in runs]), "after": spread([r["after"] for r in runs]),
-                       "latency_before_ms": original_ms,
                        **{k: first[k] for k in ("flops_before", "flops_after", "params_before", "params_after",
-                                                "converted_layers", "latency_after_ms")}}
+                                                "converted_layers")}}
                 rows.append(row)
                 print(f"{model:17} {config:10} {init:6} {100 * row['original_acc']:8.2f} {_pct(row['before']):>15} "
-                      f"{_pct(row['after']):>15} {row['flops_after'] / 1e6:7.2f}M "
-                      f"{row['latency_before_ms']:5.2f}->{row['latency_after_ms']:5.2f}", flush=True)
+                      f"{_pct(row['after']):>15} {row['flops_after'] / 1e6:7.2f}M", flush=True)
+    add_latency(rows)
+    save(rows, skipped, environment())
+
+
+def save(rows: List[Dict[str, Any]], skipped: List[str], env: Dict[str, Any], **extra: Any) -> None:
     plot(rows, RESULTS / "recovery_pareto.png")
-    path = write("recovery", rows, markdown=markdown(rows, skipped, args.epochs, args.seeds),
+    path = write("recovery", rows, env=env, markdown=markdown(rows, skipped), skipped=skipped,
                  dataset="sklearn load_digits, fixed stratified 80/20 split, 360 val images, upsampled to 32x32",
-                 recipe="recipes/digits.yaml", references=REFERENCES, plot="recovery_pareto.png")
+                 recipe="recipes/digits.yaml", references=REFERENCES, plot="recovery_pareto.png", **extra)
     print(f"wrote {path} and {RESULTS / 'recovery_pareto.png'}")
 
 
