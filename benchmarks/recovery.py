@@ -125,6 +125,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     points = [{"model": r["model"], "config": r["config"], "init": r["init"], "accuracy": 100 * r["after"]["mean"],
                "flops": r["flops_after"] / 1e6, "latency": r["latency_after_ms"]} for r in rows]
@@ -137,11 +138,15 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
                             (axes[1], "latency", "CPU latency, batch 1 (ms)")):
         for p in points if cost == "flops" else timed:
             ax.scatter(p[cost], p["accuracy"], marker=markers[p["model"]], color=colors[p["init"]], alpha=0.7)
+        reference = [{"accuracy": acc, "flops": flops, "latency": ms} for acc, flops, ms in originals.values()]
         for model, (acc, flops, ms) in originals.items():
             ax.scatter(flops if cost == "flops" else ms, acc, marker=markers[model], color="black", s=80)
-        front = pareto(points if cost == "flops" else timed, cost)
+        front = pareto((points if cost == "flops" else timed) + reference, cost)
         ax.plot([p[cost] for p in front], [p["accuracy"] for p in front], "k--", lw=1, label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("val accuracy after fine-tuning (%)")
         ax.grid(alpha=0.3)
@@ -149,9 +154,9 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
     handles += [plt.Line2D([], [], ls="", marker="o", color=c, label=f"{i} init") for i, c in colors.items()]
     handles += [plt.Line2D([], [], ls="", marker="o", color="black", label="original"),
                 plt.Line2D([], [], ls="--", color="black", label="Pareto front")]
-    axes[1].legend(handles=handles, fontsize=8, loc="lower right")
+    fig.legend(handles=handles, fontsize=8, loc="center right")
     fig.suptitle("dsd on sklearn digits: accuracy vs cost (mean over seeds)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
