@@ -332,16 +332,24 @@ _WORKER_ENTRIES: Dict[Tuple[str, str], ZooModel] = {}
 
 
 def _init_worker(timm_patterns: List[str], torchvision_patterns: List[str]) -> None:
-    torch.set_num_threads(1)  # meta tensors do no arithmetic: the work is Python, one process per core
+    torch.set_num_threads(1)  # one process per core
     _WORKER_ENTRIES.update({(e.source, e.name): e for e in _entries(timm_patterns, torchvision_patterns)})
 
 
-def _timed_zoo_check(key: Tuple[str, str]) -> ZooResult:
+def _timed_check(check: Callable, key: Tuple[str, str]) -> Any:
     start = time.perf_counter()
-    result = zoo_check(_WORKER_ENTRIES[key])
+    result = check(_WORKER_ENTRIES[key])
     result.seconds = time.perf_counter() - start
     gc.collect()
     return result
+
+
+def _timed_zoo_check(key: Tuple[str, str]) -> ZooResult:
+    return _timed_check(zoo_check, key)
+
+
+def _timed_sample_check(key: Tuple[str, str]) -> SampleResult:
+    return _timed_check(sample_check, key)
 
 
 def family_sample(entries: List[ZooModel], results: List[ZooResult], per_family: int) -> List[ZooModel]:
@@ -447,6 +455,7 @@ def main() -> None:
 
     entries = _entries(args.timm, args.torchvision)
     zoo: List[ZooResult] = []
+    sample: List[SampleResult] = []
     print(f"zoo pass: {len(entries)} models, {args.workers} processes", flush=True)
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.workers, _init_worker, (args.timm, args.torchvision), maxtasksperchild=200) as pool:
@@ -454,19 +463,13 @@ def main() -> None:
             zoo.append(result)
             print(f"[{i}/{len(entries)}] {result.source:24} {result.name:44} {result.status:9} "
                   f"{result.converted:>4}/{result.convs:<4} {result.seconds:5.1f}s {result.reason[:80]}", flush=True)
-
-    sample_entries = family_sample(entries, zoo, args.sample_per_family)
-    sample: List[SampleResult] = []
-    print(f"sample pass: {len(sample_entries)} models on the CPU", flush=True)
-    for i, entry in enumerate(sample_entries, 1):
-        start = time.perf_counter()
-        result = sample_check(entry)
-        result.seconds = time.perf_counter() - start
-        sample.append(result)
-        error = f"{result.full_rank_error:.1e}" if result.full_rank_error is not None else "—"
-        print(f"[{i}/{len(sample_entries)}] {entry.source:24} {entry.name:44} {result.status:5} "
-              f"full-rank err {error:8} {result.seconds:5.1f}s {result.reason[:80]}", flush=True)
-        gc.collect()
+        chosen = [(e.source, e.name) for e in family_sample(entries, zoo, args.sample_per_family)]
+        print(f"sample pass: {len(chosen)} models on the CPU", flush=True)
+        for i, result in enumerate(pool.imap(_timed_sample_check, chosen), 1):
+            sample.append(result)
+            error = f"{result.full_rank_error:.1e}" if result.full_rank_error is not None else "—"
+            print(f"[{i}/{len(chosen)}] {result.source:24} {result.name:44} {result.status:5} "
+                  f"full-rank err {error:8} {result.seconds:5.1f}s {result.reason[:80]}", flush=True)
 
     markdown = _markdown(zoo, sample)
     path = write("coverage", [asdict(r) for r in zoo], sample=[asdict(r) for r in sample], markdown=markdown,
