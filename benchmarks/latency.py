@@ -40,8 +40,8 @@ VARIANTS = {"rank1": dict(rank=1), "rank1-only-if-faster": dict(rank=1, only_if_
 def iterations(device: str, batch_size: int) -> Dict[str, int]:
     """Fewer iterations for large CPU batches (a vgg16 batch of 32 takes seconds on two cores)."""
     if device == "cpu" and batch_size > 8:
-        return {"warmup": 1, "iters": 5}
-    return {"warmup": 10, "iters": 40 if device != "cpu" else 20}
+        return {"warmup": 1, "iters": 3}
+    return {"warmup": 10, "iters": 40} if device != "cpu" else {"warmup": 5, "iters": 15}
 
 
 def main() -> None:
