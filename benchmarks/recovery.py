@@ -205,13 +205,13 @@ def markdown(rows: List[Dict[str, Any]], skipped: List[str]) -> str:
 
 
 def _closest(rows: List[Dict[str, Any]], ratio: float, after: bool) -> List[Dict[str, Any]]:
-    """Per model, the best-accuracy row among those whose FLOP reduction is nearest ``ratio``."""
+    """Per model, the setting whose FLOP reduction is nearest ``ratio``, with its best-accuracy init."""
     chosen = []
     for model in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == model]
-        nearest = min(abs(r["flops_before"] / r["flops_after"] - ratio) for r in mine)
-        close = [r for r in mine if abs(r["flops_before"] / r["flops_after"] - ratio) <= nearest + 1e-9]
-        best = max(close, key=lambda r: (r["after"] if after else r["before"])["mean"])
+        config = min(mine, key=lambda r: abs(r["flops_before"] / r["flops_after"] - ratio))["config"]
+        accuracy = (lambda r: r["after"]["mean"]) if after else (lambda r: r["before"]["mean"])
+        best = max((r for r in mine if r["config"] == config), key=accuracy)
         chosen.append({**best, "_after": after})
     return chosen
 
@@ -224,11 +224,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--retime", action="store_true", help="only re-time the rows in results/recovery.json")
+    parser.add_argument("--render", action="store_true", help="only redraw plot and tables from results/recovery.json")
     args = parser.parse_args()
-    if args.retime:
+    if args.retime or args.render:
         data = json.loads((RESULTS / "recovery.json").read_text())
-        add_latency(data["rows"])
-        save(data["rows"], data.get("skipped", []), data["environment"], retimed=environment())
+        if args.retime:
+            add_latency(data["rows"])
+            data["retimed"] = environment()
+        save(data["rows"], data.get("skipped", []), data["environment"], retimed=data.get("retimed"))
         return
 
     rows, skipped = [], []
