@@ -38,6 +38,7 @@ import torchvision
 from torchvision import models as tvm
 
 import dsd
+from dsd.convert.match import as_args
 from dsd.report import count_flops
 from _results import write
 
@@ -123,10 +124,6 @@ def _tensors(output: Any) -> List[torch.Tensor]:
     return []
 
 
-def _args(example: Any) -> tuple:
-    return example if isinstance(example, tuple) else (example,)
-
-
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -176,7 +173,7 @@ def _build_and_run(entry: ZooModel, device: torch.device) -> Tuple[nn.Module, An
         example = torch.randn(*example.shape[:2], LOW_RES, LOW_RES)
     try:
         with torch.no_grad():
-            return model, example, _output_shapes(model(*_args(example)), entry.per_item)
+            return model, example, _output_shapes(model(*as_args(example)), entry.per_item)
     except Exception as error:
         if device.type == "meta":
             raise
@@ -222,7 +219,7 @@ def zoo_check(entry: ZooModel) -> ZooResult:
     if expected is not None:
         with torch.no_grad():
             result.shapes_preserved = bool(report.shapes_verified) and _output_shapes(
-                converted(*_args(example)), entry.per_item) == expected
+                converted(*as_args(example)), entry.per_item) == expected
         if not result.shapes_preserved:
             result.status, result.reason = "FAIL", "output shape changed"
     return result
@@ -268,15 +265,15 @@ def sample_check(entry: ZooModel) -> SampleResult:
         result.status, result.reason = "not built", _error(error)
         return result
     example = entry.example(model, torch.device("cpu"), torch.float32)
-    result.input = str(tuple(_args(example)[0][0].shape) if isinstance(_args(example)[0], list)
-                       else tuple(_args(example)[0].shape))
+    result.input = str(tuple(as_args(example)[0][0].shape) if isinstance(as_args(example)[0], list)
+                       else tuple(as_args(example)[0].shape))
     try:
         with torch.no_grad():
-            expected = _output_shapes(model(*_args(example)), entry.per_item)
+            expected = _output_shapes(model(*as_args(example)), entry.per_item)
         converted, report = dsd.convert_model(model, example, rank=1)
         with torch.no_grad():
             result.shapes_preserved = bool(report.shapes_verified) and _output_shapes(
-                converted(*_args(example)), entry.per_item) == expected
+                converted(*as_args(example)), entry.per_item) == expected
         result.converted, result.convs, result.traced = len(report.converted), len(report.layers), report.traced
         result.params_before, result.params_after = _params(model), _params(converted)
         if isinstance(example, torch.Tensor):
@@ -287,7 +284,7 @@ def sample_check(entry: ZooModel) -> SampleResult:
         full, report = dsd.convert_model(model, example, rank="full", only_if_cheaper=False)
         names = [layer.name for layer in report.plan.layers]
         with _first_outputs(full, names) as got, _first_outputs(model, names) as want, torch.no_grad():
-            result.full_rank_output_error = _relative_error(full(*_args(example)), model(*_args(example)))
+            result.full_rank_output_error = _relative_error(full(*as_args(example)), model(*as_args(example)))
         result.full_rank_error = max([result.full_rank_output_error,
                                       *(_relative_error(got[n], want[n]) for n in names)])
     except Exception as error:

@@ -79,13 +79,13 @@ def run_one(model: str, config: str, init: str, seed: int, epochs: int) -> Dict[
     return row
 
 
-def architecture(teacher: nn.Module, row: Dict[str, Any]) -> Optional[nn.Module]:
+def architecture(teacher: nn.Module, row: Dict[str, Any], calibration: List[torch.Tensor]) -> Optional[nn.Module]:
     """The converted architecture of a row (weights do not change latency), rebuilt with its settings; None
     where the rebuilt one differs (a budget's data-aware ranks depend on which calibration batches it saw)."""
     example = torch.randn(1, *INPUT_SIZE)
     kwargs = dict(row["convert"], init=row["init"])
     if row["init"] == "data":
-        kwargs["calibration_data"] = calibration_batches("digits", INPUT_SIZE, batches=8, batch_size=64)
+        kwargs["calibration_data"] = calibration
     student, _ = convert_model(teacher, example, **kwargs)
     return student if count_flops(student, example).total == row["flops_after"] else None
 
@@ -93,12 +93,13 @@ def architecture(teacher: nn.Module, row: Dict[str, Any]) -> Optional[nn.Module]
 def add_latency(rows: List[Dict[str, Any]], rounds: int = 5) -> None:
     """Batch-1 CPU latency of each row's model and its original: median over rounds that alternate models."""
     models: Dict[str, nn.Module] = {}
+    calibration = calibration_batches("digits", INPUT_SIZE, batches=8, batch_size=64)
     for model in sorted({r["model"] for r in rows}):
         teacher = zoo.build(model, pretrained=True).eval()
         models[model] = teacher
         for r in rows:
             if r["model"] == model:
-                student = architecture(teacher, r)
+                student = architecture(teacher, r, calibration)
                 if student is not None:
                     models[f"{model} {r['config']} {r['init']}"] = student
     times: Dict[str, List[float]] = {key: [] for key in models}
