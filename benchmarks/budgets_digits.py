@@ -25,7 +25,7 @@ import dsd
 from dsd import zoo
 from dsd.errors import DsdError
 from dsd.finetune import finetune, load_recipe
-from dsd.finetune.data import digits_splits
+from dsd.zoo import digits_splits
 from dsd.finetune.distributed import DistEnv
 from dsd.finetune.models import train_builtin
 from dsd.timing import BenchmarkSettings, model_latency
@@ -80,7 +80,7 @@ def latency_rows(models, target):
         for label, kwargs in (("target_latency", dict(target_latency=target)),
                               ("only_if_faster", dict(rank=1, only_if_faster=True))):
             try:
-                converted, report = dsd.convert_model(model, x, **kwargs)
+                converted, report = dsd.convert_model(model, x, benchmark=settings, **kwargs)
             except DsdError as error:  # an unreachable budget is a result too
                 rows.append({"model": name, "mode": label, "target": target, "infeasible": str(error)})
                 print(f"{name:14} {label:15} infeasible: {error}", flush=True)

@@ -39,7 +39,7 @@ from torchvision import models as tvm
 
 import dsd
 from dsd.convert.match import as_args
-from dsd.report import count_flops
+from dsd.savings import count_flops
 from _results import write
 
 FULL_RANK_TOLERANCE = 1e-6

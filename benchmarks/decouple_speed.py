@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from dsd.convert.decouple import factorize
+from dsd.layers.decouple import factorize
 from _results import median_seconds, write
 
 LAYERS = {  # name: (out, in, kh, kw)

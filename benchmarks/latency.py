@@ -13,13 +13,15 @@ channels_last, and fp16 AMP + channels_last + torch.compile.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any, Dict, List
 
 import torch
 
 import dsd
+from dsd.convert.options import DECISION_TIMING
 from dsd.io import build_arch
-from dsd.report import count_flops
+from dsd.savings import count_flops
 from dsd.timing import BenchmarkSettings, model_latency
 from _results import write
 
@@ -55,6 +57,7 @@ def main() -> None:
     settings_names = args.settings or DEFAULT_SETTINGS["cuda" if args.device.startswith("cuda") else "cpu"]
     example = torch.randn(1, *INPUT_SIZE)
 
+    decisions = replace(DECISION_TIMING, device=args.device)  # only_if_faster's per-layer timings
     rows: List[Dict[str, Any]] = []
     print(f"{'model':24} {'variant':21} {'batch':>5} {'setting':16} {'ms (p10-p90)':>24} {'speedup':>8} "
           f"{'FLOPs':>7} {'efficiency':>10}", flush=True)
@@ -62,7 +65,7 @@ def main() -> None:
         original = build_arch(spec).eval()
         models = {"original": (original, None)}
         for variant in args.variants:
-            converted, report = dsd.convert_model(original, example, device=args.device, **VARIANTS[variant])
+            converted, report = dsd.convert_model(original, example, benchmark=decisions, **VARIANTS[variant])
             models[variant] = (converted, report)
         flops = {name: count_flops(model, example).total for name, (model, _) in models.items()}
         for batch_size in args.batch_sizes:

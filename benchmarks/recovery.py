@@ -28,8 +28,8 @@ from dsd import convert_model, zoo
 from dsd.finetune import finetune, load_recipe
 from dsd.finetune.distributed import DistEnv
 from dsd.finetune.models import train_builtin
-from dsd.io.calibration import calibration_batches
-from dsd.report import count_flops
+from dsd.calibration import calibration_batches
+from dsd.savings import count_flops
 from dsd.timing import BenchmarkSettings, model_latency
 from _results import RESULTS, environment, write
 

@@ -2,6 +2,7 @@
 from .convert import (
     ConversionPlan,
     ConversionReport,
+    ConvertOptions,
     DepthwiseSeparableConv2d,
     apply_plan,
     convert_model,
@@ -9,10 +10,11 @@ from .convert import (
 )
 from .errors import DsdError
 from .io import export_onnx, load_converted, load_model, save_converted
-from .report import SavingsReport, compare
+from .savings import SavingsReport, compare
+from .timing import BenchmarkSettings
 
 __version__ = "0.1.0"
 
-__all__ = ["convert_model", "apply_plan", "from_conv", "DepthwiseSeparableConv2d", "ConversionPlan",
-           "ConversionReport", "compare", "SavingsReport", "load_model", "load_converted", "save_converted",
-           "export_onnx", "DsdError", "__version__"]
+__all__ = ["convert_model", "ConvertOptions", "apply_plan", "from_conv", "DepthwiseSeparableConv2d",
+           "ConversionPlan", "ConversionReport", "compare", "SavingsReport", "BenchmarkSettings", "load_model",
+           "load_converted", "save_converted", "export_onnx", "DsdError", "__version__"]

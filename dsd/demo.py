@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from .finetune import FinetuneResult, finetune, load_recipe
 from .io import load_converted, load_model
-from .report import SavingsReport, compare
+from .savings import SavingsReport, compare
 
 __all__ = ["run_demo", "DemoResult"]
 

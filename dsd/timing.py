@@ -11,7 +11,7 @@ import copy
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
@@ -24,27 +24,55 @@ __all__ = ["BenchmarkSettings", "LatencyStats", "time_module", "model_latency", 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
+def _help(text: str) -> Dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
 class BenchmarkSettings:
-    device: str = "cpu"
-    dtype: str = "float32"  # float16 / bfloat16: AMP autocast
-    batch_size: int = 1
-    channels_last: bool = False
-    compile: bool = False
-    warmup: int = 10  # timm benchmark.py: --num-warm-iter 10, --num-bench-iter 40
-    iters: int = 40
+    """How every latency in dsd is measured: the savings report, ``only_if_faster``, ``target_latency``,
+    and the benchmarks. The CLI's measurement flags are derived from these fields."""
+    device: str = field(default="cpu", metadata=_help("device to time on: cpu, cuda, cuda:1"))
+    dtype: str = field(default="float32", metadata={
+        **_help("precision; float16/bfloat16 run under AMP autocast"), "cli": {"choices": tuple(DTYPES)}})
+    batch_size: int = field(default=1, metadata=_help("batch size of the timed inputs"))
+    channels_last: bool = field(default=False, metadata=_help("time in the channels_last memory format"))
+    compile: bool = field(default=False, metadata=_help("time torch.compile'd models"))
+    warmup: int = field(default=10, metadata=_help("untimed iterations first"))  # timm benchmark.py: 10 and 40
+    iters: int = field(default=40, metadata=_help("timed iterations"))
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise DsdError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise DsdError(f"device {self.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise DsdError(f"device {self.device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
-        if self.batch_size < 1 or self.iters < 1 or self.warmup < 0:
-            raise DsdError("batch_size and iters must be >= 1 and warmup >= 0")
+        for name in ("batch_size", "iters", "warmup"):
+            value, least = getattr(self, name), 0 if name == "warmup" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DsdError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise DsdError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def is_cuda(self) -> bool:
         return torch.device(self.device).type == "cuda"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "BenchmarkSettings":
+        if not isinstance(data, dict):
+            raise DsdError(f"benchmark settings must be a mapping, got {data!r}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DsdError(f"unknown benchmark setting {unknown[0]!r}; valid: {', '.join(f.name for f in fields(cls))}")
+        return cls(**data)
 
 
 @dataclass

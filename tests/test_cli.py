@@ -89,10 +89,14 @@ def test_factory_arch_with_kwargs(tmp_path):
     try:
         state = importlib.import_module("mynets").small(width=16).state_dict()
         torch.save(state, tmp_path / "small.pt")
-        result = run(tmp_path / "small.pt", "--arch", "mynets:small", "--arch-kwarg", "width=16", *SMALL,
-                     cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+        args = [tmp_path / "small.pt", "--arch", "mynets:small", "--arch-kwarg", "width=16", *SMALL]
+        assert_refused(run(*args, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)}), "--trust-code")
+        assert files(tmp_path) == ["mynets.py", "small.pt"]
+        result = run(*args, "--trust-code", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
         assert result.returncode == 0, result.stderr
-        reloaded = dsd.load_converted(tmp_path / "small_dsd.plan.json")
+        with pytest.raises(dsd.DsdError, match="trust_code=True"):
+            dsd.load_converted(tmp_path / "small_dsd.plan.json")
+        reloaded = dsd.load_converted(tmp_path / "small_dsd.plan.json", trust_code=True)
         assert isinstance(reloaded[2], dsd.DepthwiseSeparableConv2d)
     finally:
         sys.path.remove(str(tmp_path))
@@ -195,7 +199,7 @@ def test_model_without_conv2d_is_an_error(tmp_path):
     """Documented choice: nothing to convert is exit 2 (the input was probably not the intended model)."""
     torch.save(nn.Sequential(nn.Linear(4, 4)).state_dict(), tmp_path / "mlp.pt")
     (tmp_path / "mlps.py").write_text("import torch.nn as nn\ndef mlp():\n    return nn.Sequential(nn.Linear(4, 4))\n")
-    result = run(tmp_path / "mlp.pt", "--arch", "mlps:mlp", "--input-size", "1", "1", "4", "--quiet", cwd=tmp_path,
+    result = run(tmp_path / "mlp.pt", "--arch", "mlps:mlp", "--trust-code", "--input-size", "1", "1", "4", "--quiet", cwd=tmp_path,
                  env={"PYTHONPATH": str(tmp_path)})
     assert_refused(result, "has no nn.Conv2d layers")
     assert files(tmp_path) == ["mlp.pt", "mlps.py"]
@@ -203,8 +207,9 @@ def test_model_without_conv2d_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--rank", "0"], "must be at least 1"), (["--rank", "-2"], "must be at least 1"),
-    (["--rank", "1.5"], "is not an integer"), (["--dilation", "0"], "must be at least 1"),
-    (["--init", "zeros"], "invalid choice"),
+    (["--rank", "1.5"], "is not an integer"), (["--dilation", "0"], "dilation must be an integer >= 1"),
+    (["--init", "zeros"], "unknown init 'zeros'"), (["--target-flops", "1.5"], "must be a fraction in (0, 1]"),
+    (["--exclude", "re:(["], "not a valid regular expression"), (["--iters", "0"], "iters must be an integer >= 1"),
 ])
 def test_bad_options(tmp_path, args, fragment):
     result = run("timm:resnet18", *args, *SMALL, cwd=tmp_path)

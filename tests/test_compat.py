@@ -25,7 +25,9 @@ def test_legacy_plan_rebuilds_the_same_model(stem):
     torch.testing.assert_close(got, expected[stem], rtol=1e-5, atol=1e-6)
 
 
-def test_legacy_plan_options_read_back():
+def test_legacy_plan_options_read_back_as_convert_options():
     plan = dsd.ConversionPlan.load(LEGACY / "digits_cnn_w8_dsd.plan.json")
     assert [layer.rank for layer in plan.layers] == [2, 2]
-    assert plan.options["target_flops"] == 0.5
+    assert dsd.ConvertOptions.from_dict(plan.options) == dsd.ConvertOptions(target_flops=0.5)
+    krf = dsd.ConversionPlan.load(LEGACY / "digits_mobilenet_krf_dsd.plan.json")
+    assert dsd.ConvertOptions.from_dict(krf.options) == dsd.ConvertOptions(rank=2, keep_receptive_field=True)

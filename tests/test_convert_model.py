@@ -225,10 +225,10 @@ def test_torch_compile_inductor_on_a_converted_model():
 def test_shape_verification_catches_a_changed_output_shape():
     """The check behind shapes_verified: a replacement that maps an input shape to another output fails."""
     from dsd.convert.match import analyze
-    from dsd.convert.pipeline import _verify_shapes
+    from dsd.convert.pipeline import verify_shapes
     model, x = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), torch.randn(2, 3, 8, 8)
     analysis = analyze(model, x)
     model[0] = nn.Conv2d(3, 4, 3)  # no padding: 8x8 -> 6x6
     with pytest.raises(RuntimeError, match="changed output shape"):
-        _verify_shapes(model, x, analysis, {"0": model[0]})
-    assert _verify_shapes(model, torch.randn(5, 3, 10, 10), analysis, {"0": model[0]})  # unseen input: unchecked
+        verify_shapes(model, x, analysis, {"0": model[0]})
+    assert verify_shapes(model, torch.randn(5, 3, 10, 10), analysis, {"0": model[0]})  # unseen input: unchecked

@@ -5,7 +5,7 @@ import torch.nn as nn
 from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
 from dsd.convert import FULL_RANK, decouple, from_conv, full_rank
-from dsd.convert.factory import shrink_kernel
+from dsd.layers.create import shrink_kernel
 
 
 def rel_error(a, b):
@@ -125,7 +125,7 @@ def test_bad_arguments(kwargs, message):
 @pytest.mark.parametrize("rank", [1, 4, 9])
 def test_factorization_matches_lapack_svd(shape, rank):
     """The Gram-eigenvector route gives the same best rank-r approximation as torch.linalg.svd."""
-    from dsd.convert.decouple import factorize
+    from dsd.layers.decouple import factorize
     a = torch.randn(*shape, dtype=torch.float64)
     left, right, _ = factorize(a, rank)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)

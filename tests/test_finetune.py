@@ -12,12 +12,13 @@ import torch.nn as nn
 
 from dsd.errors import DsdError
 from dsd.finetune import TrainingDiverged, builtin_recipes, finetune, load_recipe, recalibrate_batchnorm
-from dsd.finetune.data import build_datasets, digits_splits
+from dsd.finetune.data import build_datasets
+from dsd.zoo import digits_splits
 from dsd.finetune.losses import distillation_loss
 from dsd.finetune.recipe import DataConfig
 
 BIN = Path(sys.executable).parent
-FAST = ["schedule.epochs=1", "data.batch_size=128", "tensorboard=false"]
+FAST = ["schedule.epochs=1", "schedule.warmup_epochs=0", "data.batch_size=128", "tensorboard=false"]
 
 
 def recipe(tmp_path, *overrides):

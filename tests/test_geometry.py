@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dsd.convert import from_conv
-from dsd.convert.factory import shrink_kernel
-from dsd.convert.geometry import matched_padding, output_size
+from dsd.layers.create import shrink_kernel
+from dsd.layers.padding import matched_padding, output_size
 
 
 @st.composite

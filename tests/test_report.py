@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import dsd
-from dsd.report import SavingsReport, count_flops
+from dsd.savings import SavingsReport, count_flops
 from dsd.timing import BenchmarkSettings, layer_latency
 
 

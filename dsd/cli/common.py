@@ -25,16 +25,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a fraction in (0, 1]")
-    return value
-
-
 def rank_value(text: str):
     if text == "full":
         return text
@@ -57,29 +47,39 @@ def key_value(text: str) -> Tuple[str, Any]:
 
 def add_model_args(parser: argparse.ArgumentParser, source_help: str) -> None:
     parser.add_argument("source", help=source_help)
-    parser.add_argument("--arch", help="architecture of a state dict: timm:NAME, torchvision:NAME or package.module:factory")
+    parser.add_argument("--arch", help="architecture of a state dict: timm:NAME, torchvision:NAME, dsd:NAME or "
+                                       "package.module:factory (with --trust-code)")
     parser.add_argument("--arch-kwarg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                         help="keyword for the architecture's constructor, e.g. num_classes=10 (repeatable)")
     parser.add_argument("--pretrained", action="store_true", help="timm/torchvision weights from the local cache")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
+    add_trust_code(parser)
+
+
+def add_trust_code(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-code", action="store_true",
+                        help="allow a source, --arch or plan naming package.module:factory (imports and runs that code)")
 
 
 def add_measure_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("measurement")
+    """The measurement flags: one per field of :class:`dsd.BenchmarkSettings`, plus the input size and reports."""
+    from ..timing import BenchmarkSettings
+    from .dataclass_args import add_dataclass_arguments
+
+    group = parser.add_argument_group("measurement (dsd.BenchmarkSettings)")
     group.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                        help="input size (default: the timm model's pretrained_cfg, else 3 224 224)")
-    group.add_argument("--device", default="cpu", help="device for latency (cpu, cuda, cuda:1)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                       help="latency precision (half types run under AMP autocast)")
-    group.add_argument("--batch-size", type=positive_int, default=1)
-    group.add_argument("--channels-last", action="store_true")
-    group.add_argument("--compile", action="store_true", help="time torch.compile'd models")
-    group.add_argument("--warmup", type=int, default=10)
-    group.add_argument("--iters", type=positive_int, default=40)
+    add_dataclass_arguments(group, BenchmarkSettings)
     group.add_argument("--json", metavar="FILE", help="write the savings report as JSON")
     group.add_argument("--md", metavar="FILE", help="write the savings report as Markdown")
     group.add_argument("--plot", metavar="FILE", help="write a PNG of per-layer FLOPs and latency")
+
+
+def benchmark_settings(args: argparse.Namespace):
+    from ..timing import BenchmarkSettings
+    from .dataclass_args import dataclass_from_args
+    return dataclass_from_args(BenchmarkSettings, args)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

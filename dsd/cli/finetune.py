@@ -8,7 +8,7 @@ import argparse
 import os
 
 from ..finetune import builtin_recipes, finetune, load_recipe
-from .common import console, positive_int
+from .common import add_trust_code, console, positive_int
 
 DESCRIPTION = "Fine-tune a converted model by distillation from the original, as a recipe says."
 
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-after-epoch", type=positive_int, metavar="N",
                         help="stop after epoch N (resume later with --resume), e.g. for time-limited jobs")
     parser.add_argument("--force", action="store_true", help="start over in an output_dir that holds a run")
+    add_trust_code(parser)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--debug", action="store_true")
 
@@ -44,7 +45,7 @@ def summary_table(result):
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     result = finetune(recipe, resume=args.resume, stop_after_epoch=args.stop_after_epoch,
-                      progress=not args.quiet, force=args.force)
+                      progress=not args.quiet, force=args.force, trust_code=args.trust_code)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         console(args).print(summary_table(result))
     return 0

@@ -7,8 +7,9 @@ import torch
 
 from ..convert import convert_model
 from ..io import SUPPORTED_FORMATS, check_outputs, load_model
-from ..report import compare
-from .common import add_common_flags, add_measure_args, add_model_args, arch_kwargs, console, input_size
+from ..savings import compare
+from .common import (add_common_flags, add_measure_args, add_model_args, arch_kwargs, benchmark_settings, console,
+                     input_size)
 from .savings_output import emit, report_files
 
 DESCRIPTION = "Savings of a converted model against its original: fvcore params/FLOPs and measured latency."
@@ -26,13 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_outputs(report_files(args), [args.source, args.against or ""], args.force)
-    original, _ = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle)
+    settings = benchmark_settings(args)
+    original, _ = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
+                             args.trust_code)
     size = input_size(args, original)
     if args.against:
-        converted, _ = load_model(args.against, trust_pickle=args.trust_pickle)
+        converted, _ = load_model(args.against, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     else:
         converted, _ = convert_model(original, torch.randn(1, *size))
-    savings = compare(original, converted, size, args.device, args.batch_size, args.dtype, args.channels_last,
-                      args.compile, per_layer=args.per_layer, warmup=args.warmup, iters=args.iters)
+    savings = compare(original, converted, size, settings, per_layer=args.per_layer)
     emit(savings, args, console(args), show_table=True)
     return 0

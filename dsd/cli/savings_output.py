@@ -8,7 +8,7 @@ from typing import List
 from rich.console import Console
 
 from ..fileio import atomic_write_text
-from ..report import SavingsReport
+from ..savings import SavingsReport
 
 
 def report_files(args: argparse.Namespace) -> List[Path]:

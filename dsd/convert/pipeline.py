@@ -1,29 +1,41 @@
-"""``convert_model`` (analyse, select, build, swap, verify) and ``apply_plan`` (rebuild from a plan)."""
+"""``convert_model`` as a sequence of stages, and ``apply_plan`` (rebuild from a plan).
+
+1. :func:`analyze` (trace and match): every Conv2d, how it was found, its call shapes;
+2. :func:`describe_layers`: one :class:`LayerRecord` per conv, and the convertible ones with their spec;
+3. :func:`choose_layer_ranks` (a budget) and :func:`keep_faster_layers` (``only_if_faster``);
+4. :func:`initialise_layers`: build each separable layer from the trained (or calibrated) weights;
+5. :func:`rewrite`: swap the layers into the model, re-estimate BatchNorm if asked;
+6. :func:`verify_shapes`: every converted layer keeps its output shape on the example input.
+"""
 from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..batchnorm import recalibrate_batchnorm
+from ..calibration import (PatchStats, data_aware_layers, patch_statistics, recalibrate_batchnorm, take_batches,
+                           whitening)
 from ..errors import DsdError
+from ..layers.create import DATA_INIT, SkipLayer, build_layer
+from ..layers.spec import LayerSpec
 from ..modes import eval_mode, record_shapes
+from ..module_tree import swap_modules
 from .budget import DENSE
-from .calibrate import whitening as whiten
-from .calibration_run import data_aware_layers, patch_statistics, take_batches
-from .choose import Candidate, candidate_errors, choose_ranks, is_faster
-from .factory import Rank, SkipLayer, build_layer
+from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, is_faster
+from .conversion_report import ConversionReport, LayerRecord
 from .match import ConvSite, ModelAnalysis, analyze, as_args
-from .plan import ConversionPlan, LayerSpec
-from .report import ConversionReport, LayerRecord
-from .rewrite import swap_modules
-from .rules import ConversionOptions, NamePattern, SkipPredicate, select
+from .options import ConvertOptions
+from .plan import ConversionPlan
+from .rules import select
 
-__all__ = ["convert_model", "apply_plan", "PlanMismatch"]
+__all__ = ["convert_model", "apply_plan", "PlanMismatch", "describe_layers", "choose_layer_ranks",
+           "keep_faster_layers", "initialise_layers", "rewrite", "verify_shapes"]
+
+Eligible = List[Tuple[ConvSite, LayerSpec]]
 
 
 class PlanMismatch(DsdError):
@@ -33,148 +45,142 @@ class PlanMismatch(DsdError):
 def convert_model(
         model: nn.Module,
         example_inputs: Any = None,
+        options: Optional[ConvertOptions] = None,
         *,
-        rank: Rank = 1,
-        dilation: Optional[int] = None,
-        keep_receptive_field: Union[bool, int] = False,
-        init: str = "svd",
-        include: Sequence[NamePattern] = (),
-        exclude: Sequence[NamePattern] = (),
-        min_channels: int = 0,
-        skip: Sequence[Union[str, SkipPredicate]] = (),
-        only_if_cheaper: bool = True,
-        energy: Optional[float] = None,
-        target_flops: Optional[float] = None,
-        target_params: Optional[float] = None,
-        target_latency: Optional[float] = None,
-        device: str = "cpu",
-        only_if_faster: bool = False,
         calibration_data: Optional[Iterable] = None,
-        calibration_batches: int = 8,
-        sequential: bool = False,
-        recalibrate_bn: bool = False,
         inplace: bool = False,
         progress: bool = False,
+        **overrides: Any,
 ) -> Tuple[nn.Module, ConversionReport]:
     """Replace the model's dense ``nn.Conv2d`` layers by depthwise-separable ones, initialised from its weights.
 
-    ``example_inputs`` (a tensor or a tuple of forward arguments) gives each conv's shapes, finds the
-    convs that never run, and checks afterwards that every converted layer keeps its output shape.
-    The model is copied unless ``inplace=True``; it keeps its class. Returns ``(model, report)``;
-    ``report.plan`` rebuilds the architecture with :func:`apply_plan`.
-
-    Rank per layer: ``rank`` for all, or ``energy`` (smallest rank keeping that share of each layer's
-    energy), or the least total error under ``target_flops`` / ``target_params`` / ``target_latency``
-    (a share of the original's total; latency measured on ``device``). ``only_if_faster`` keeps layers
-    dense that measure slower separable on ``device``. ``init="data"`` decouples on
-    ``calibration_data`` (an iterable of input batches; ``sequential`` feeds each layer the converted
-    upstream outputs); ``recalibrate_bn`` re-estimates BatchNorm statistics on it afterwards.
+    ``options`` (a :class:`ConvertOptions`) says what to convert and how; any of its fields may also be
+    given as a keyword (``rank=2``, ``target_flops=0.5``), which overrides it. ``example_inputs`` (a tensor
+    or a tuple of forward arguments) gives each conv's shapes, finds the convs that never run, and
+    checks afterwards that every converted layer keeps its output shape. ``calibration_data`` (an
+    iterable of input batches) feeds ``init="data"`` and ``recalibrate_bn``. The model is copied unless
+    ``inplace=True``; it keeps its class. Returns ``(model, report)``; ``report.plan`` rebuilds the
+    architecture with :func:`apply_plan`.
     """
-    budget = {k: v for k, v in dict(energy=energy, target_flops=target_flops, target_params=target_params,
-                                      target_latency=target_latency).items() if v is not None}
-    _check_budget_args(budget, example_inputs, init, calibration_data, recalibrate_bn, rank)
-    options = ConversionOptions(1 if budget else rank, dilation, keep_receptive_field, init, include, exclude,
-                                min_channels, skip, only_if_cheaper)
+    options = (options or ConvertOptions()).with_overrides(**overrides)
+    _check_inputs(options, example_inputs, calibration_data)
     reference = model
-    if inplace and init == "data" and sequential:
+    if inplace and options.init == DATA_INIT and options.sequential:
         reference = copy.deepcopy(model)  # the original activations are the refit targets
-    target = model if inplace else copy.deepcopy(model)
-    analysis = analyze(target, example_inputs)
-    batches = take_batches(calibration_data, calibration_batches) if calibration_data is not None else None
+    working = model if inplace else copy.deepcopy(model)
+    analysis = analyze(working, example_inputs)
+    batches = take_batches(calibration_data, options.calibration_batches) if calibration_data is not None else None
 
-    records: Dict[str, LayerRecord] = {}
-    eligible: List[Tuple[ConvSite, LayerSpec]] = []
-    for site in analysis.sites:
-        if site.calls == 0:
-            records[site.name] = LayerRecord.skipped(site, "not called", "not called on the example input")
-            continue
-        try:
-            eligible.append((site, select(site.name, site.module, options)))
-        except SkipLayer as skip_layer:
-            records[site.name] = LayerRecord.skipped(site, skip_layer.category, skip_layer.detail)
+    records, eligible = describe_layers(analysis, options)
+    stats = None
+    if options.init == DATA_INIT and options.budget:
+        stats = patch_statistics(working, [spec for _, spec in eligible], batches)
+    outcome = None
+    if options.budget:
+        eligible, outcome = choose_layer_ranks(eligible, records, analysis, options, working, stats)
+    if options.only_if_faster:
+        eligible = keep_faster_layers(eligible, records, options)
+    layers, specs = initialise_layers(eligible, records, options, reference, working, batches, stats, progress)
+    rewrite(working, layers, options, batches)
 
-    outcome, stats = None, None
-    if budget:
-        whitening = {}
-        if init == "data":
-            stats = patch_statistics(target, [spec for _, spec in eligible], batches)
-            whitening = {name: whiten(s.second_moment()) for name, s in stats.items()}
-        candidates = [Candidate(site, spec, candidate_errors(site, spec, whitening.get(spec.name)))
-                      for site, spec in eligible]
-        (name, value), = budget.items()
-        kind = name.removeprefix("target_")
-        ranks, outcome = choose_ranks(candidates, analysis.sites, energy=energy, kind=kind, target=value,
-                                      model=target, device=device)
-        chosen = []
-        for site, spec in eligible:
-            if ranks[spec.name] == DENSE:
-                records[site.name] = LayerRecord.skipped(site, "budget", f"kept dense by the {kind} budget")
-            else:
-                chosen.append((site, replace(spec, rank=ranks[spec.name])))
-        eligible = chosen
-    timings: Dict[str, Tuple[float, float]] = {}
-    if only_if_faster:
-        kept = []
-        for site, spec in eligible:
-            faster, dense_ms, separable_ms = is_faster(site, spec, device)
-            timings[spec.name] = (dense_ms, separable_ms)
-            if faster:
-                kept.append((site, spec))
-            else:
-                records[site.name] = LayerRecord.skipped(
-                    site, "not faster", f"{separable_ms:.3f} ms separable vs {dense_ms:.3f} ms dense on {device}")
-        eligible = kept
-
-    replacements: Dict[str, nn.Module] = {}
-    specs: List[LayerSpec] = []
-    output_errors: Dict[str, float] = {}
-    if init == "data":
-        built = data_aware_layers(reference, target, {site.name: site.module for site, _ in eligible},
-                                  [spec for _, spec in eligible], batches, sequential, stats)
-        for _, spec in eligible:
-            layer, weight_error, output_errors[spec.name] = built[spec.name]
-            replacements[spec.name] = layer
-            specs.append(spec.with_error(weight_error))
-    else:
-        for site, spec in tqdm(eligible, desc="converting", unit="conv", disable=not progress):
-            replacements[site.name], spec = build_layer(site.module, spec)
-            specs.append(spec)
-    for (site, _), spec in zip(eligible, specs):
-        record = LayerRecord.converted(site, spec)
-        record.output_error = output_errors.get(spec.name)
-        record.latency_before_ms, record.latency_after_ms = timings.get(spec.name, (None, None))
-        records[site.name] = record
-    swap_modules(target, replacements)
-    if recalibrate_bn:
-        recalibrate_batchnorm(target, batches, len(batches), next(target.parameters()).device)
-
-    plan = ConversionPlan(specs, {**options.to_dict(), "rank": rank, **budget, "only_if_faster": only_if_faster,
-                                  "sequential": sequential, "recalibrate_bn": recalibrate_bn})
-    report = ConversionReport([records[site.name] for site in analysis.sites], plan, analysis.traced,
-                              analysis.trace_error, other_convs=analysis.other_convs, budget=outcome)
+    plan = ConversionPlan(specs, options.to_dict())
+    report = ConversionReport(list(records.values()), plan, analysis.traced, analysis.trace_error,
+                              other_convs=analysis.other_convs, budget=outcome)
     if analysis.ran:
-        report.shapes_verified = _verify_shapes(target, example_inputs, analysis, replacements)
-    return target, report
+        report.shapes_verified = verify_shapes(working, example_inputs, analysis, layers)
+    return working, report
 
 
-def _check_budget_args(budget: Dict[str, float], example_inputs: Any, init: str, calibration_data: Any,
-                       recalibrate_bn: bool, rank: Rank) -> None:
-    if len(budget) > 1:
-        raise DsdError(f"choose one of energy, target_flops, target_params, target_latency (got {sorted(budget)})")
-    for key, value in budget.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise DsdError(f"{key} must be a fraction in (0, 1], got {value!r}")
-    if budget and rank != 1:
-        raise DsdError("rank and a budget both set the ranks: choose one")
-    if ("target_flops" in budget or "target_latency" in budget) and example_inputs is None:
+def _check_inputs(options: ConvertOptions, example_inputs: Any, calibration_data: Any) -> None:
+    if ("target_flops" in options.budget or "target_latency" in options.budget) and example_inputs is None:
         raise DsdError("target_flops and target_latency need example_inputs (the layer shapes)")
-    if (init == "data" or recalibrate_bn) and calibration_data is None:
+    if (options.init == DATA_INIT or options.recalibrate_bn) and calibration_data is None:
         raise DsdError("init='data' and recalibrate_bn need calibration_data (an iterable of input batches)")
 
 
+def describe_layers(analysis: ModelAnalysis, options: ConvertOptions) -> Tuple[Dict[str, LayerRecord], Eligible]:
+    """One record per conv (in execution order), and the convs the rules let through, with their spec."""
+    records: Dict[str, LayerRecord] = {}
+    eligible: Eligible = []
+    for site in analysis.sites:
+        record = records[site.name] = LayerRecord.describe(site)
+        if site.calls == 0:
+            record.skip("not called", "not called on the example input")
+            continue
+        try:
+            eligible.append((site, select(site.name, site.module, options)))
+        except SkipLayer as skip:
+            record.skip(skip.category, skip.detail)
+    return records, eligible
+
+
+def choose_layer_ranks(eligible: Eligible, records: Dict[str, LayerRecord], analysis: ModelAnalysis,
+                       options: ConvertOptions, model: nn.Module, stats: Optional[Dict[str, PatchStats]] = None
+                       ) -> Tuple[Eligible, BudgetOutcome]:
+    """The options' budget decides each layer's rank; layers it keeps dense are marked so."""
+    whitenings = {name: whitening(s.second_moment()) for name, s in (stats or {}).items()}
+    candidates = [Candidate(site, spec, candidate_errors(site, spec, whitenings.get(spec.name)))
+                  for site, spec in eligible]
+    ranks, outcome = choose_ranks(candidates, analysis.sites, options, model)
+    chosen = []
+    for site, spec in eligible:
+        if ranks[spec.name] == DENSE:
+            records[site.name].skip("budget", f"kept dense by the {outcome.kind} budget")
+        else:
+            chosen.append((site, replace(spec, rank=ranks[spec.name])))
+    return chosen, outcome
+
+
+def keep_faster_layers(eligible: Eligible, records: Dict[str, LayerRecord], options: ConvertOptions) -> Eligible:
+    """Only the layers that measure faster separable than dense (with the options' benchmark settings)."""
+    kept = []
+    for site, spec in eligible:
+        faster, dense_ms, separable_ms = is_faster(site, spec, options.benchmark)
+        record = records[site.name]
+        record.latency_before_ms, record.latency_after_ms = dense_ms, separable_ms
+        if faster:
+            kept.append((site, spec))
+        else:
+            record.skip("not faster", f"{separable_ms:.3f} ms separable vs {dense_ms:.3f} ms dense "
+                                      f"on {options.benchmark.device}")
+    return kept
+
+
+def initialise_layers(eligible: Eligible, records: Dict[str, LayerRecord], options: ConvertOptions,
+                      reference: nn.Module, working: nn.Module, batches: Optional[List[torch.Tensor]],
+                      stats: Optional[Dict[str, PatchStats]], progress: bool = False
+                      ) -> Tuple[Dict[str, nn.Module], List[LayerSpec]]:
+    """Build every chosen layer from the trained weights (``init="data"``: on the calibration batches)."""
+    layers: Dict[str, nn.Module] = {}
+    specs: List[LayerSpec] = []
+    if options.init == DATA_INIT:
+        built = data_aware_layers(reference, working, {site.name: site.module for site, _ in eligible},
+                                  [spec for _, spec in eligible], batches, options.sequential, stats)
+        for site, spec in eligible:
+            layers[spec.name], weight_error, output_error = built[spec.name]
+            specs.append(spec.with_error(weight_error))
+            records[site.name].output_error = output_error
+    else:
+        for site, spec in tqdm(eligible, desc="converting", unit="conv", disable=not progress):
+            layers[site.name], spec = build_layer(site.module, spec)
+            specs.append(spec)
+    for (site, _), spec in zip(eligible, specs):
+        records[site.name].convert(spec)
+    return layers, specs
+
+
+def rewrite(model: nn.Module, layers: Dict[str, nn.Module], options: ConvertOptions,
+            batches: Optional[Sequence[torch.Tensor]] = None) -> nn.Module:
+    """Swap the new layers in under every name their originals have; re-estimate BatchNorm if asked."""
+    swap_modules(model, layers)
+    if options.recalibrate_bn:
+        recalibrate_batchnorm(model, batches, len(batches), next(model.parameters()).device)
+    return model
+
+
 @torch.no_grad()
-def _verify_shapes(model: nn.Module, example_inputs: Any, analysis: ModelAnalysis,
-                   replacements: Dict[str, nn.Module]) -> bool:
+def verify_shapes(model: nn.Module, example_inputs: Any, analysis: ModelAnalysis,
+                  replacements: Dict[str, nn.Module]) -> bool:
     """Run the converted model; raise if a converted layer maps an input shape to another output shape.
 
     Compared per input shape, batch size aside: behind data-dependent ops (detection heads on however

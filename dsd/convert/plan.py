@@ -7,87 +7,24 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
-
-import torch.nn as nn
+from typing import Any, Dict, List, Optional, Union
 
 from ..errors import DsdError
 from ..fileio import atomic_write_text
-from .geometry import TF_SAME, PaddingSpec
-from .separable import DepthwiseSeparableConv2d
+from ..layers.spec import LayerSpec
 
-__all__ = ["LayerSpec", "ConversionPlan", "PLAN_VERSION"]
+__all__ = ["ConversionPlan", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
-Pair = Tuple[int, int]
-
-
-def _padding_from_json(value: Any) -> PaddingSpec:
-    return TF_SAME if value == TF_SAME else tuple(tuple(int(p) for p in axis) for axis in value)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One dense conv and the separable layer that replaces it."""
-    name: str
-    conv_class: str
-    in_channels: int
-    out_channels: int
-    kernel_size: Pair
-    stride: Pair
-    padding: PaddingSpec  # the original's, per side, or "tf_same"
-    dilation: Pair
-    groups: int
-    bias: bool
-    padding_mode: str
-    rank: int
-    new_kernel_size: Pair
-    new_dilation: Pair
-    new_padding: PaddingSpec
-    tap_step: Pair = (1, 1)  # >1 where keep_receptive_field keeps every step-th original tap
-    init: str = "svd"
-    init_error: Optional[float] = None
-
-    def build(self, device=None, dtype=None) -> DepthwiseSeparableConv2d:
-        """An uninitialised separable layer with this geometry."""
-        return DepthwiseSeparableConv2d(
-            self.in_channels, self.out_channels, self.new_kernel_size, rank=self.rank, stride=self.stride,
-            padding=self.new_padding, dilation=self.new_dilation, groups=self.groups, bias=self.bias,
-            padding_mode=self.padding_mode, device=device, dtype=dtype)
-
-    def fits(self, conv: nn.Module) -> Optional[str]:
-        """Why ``conv`` is not the layer this spec was made from, or None if it is."""
-        if not isinstance(conv, nn.Conv2d):
-            return f"is a {type(conv).__name__}, not a Conv2d"
-        want = (self.in_channels, self.out_channels, self.kernel_size, self.stride, self.groups)
-        have = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride), conv.groups)
-        if want != have:
-            return f"has (in, out, kernel, stride, groups) = {have}, the plan expects {want}"
-        return None
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "LayerSpec":
-        data = dict(data)
-        for key in ("kernel_size", "stride", "dilation", "new_kernel_size", "new_dilation", "tap_step"):
-            data[key] = tuple(data[key])
-        data["padding"] = _padding_from_json(data["padding"])
-        data["new_padding"] = _padding_from_json(data["new_padding"])
-        return cls(**data)
-
-    def with_error(self, error: Optional[float]) -> "LayerSpec":
-        return replace(self, init_error=error)
 
 
 @dataclass
 class ConversionPlan:
     layers: List[LayerSpec]
-    options: Dict[str, Any] = field(default_factory=dict)
-    source: Optional[Dict[str, Any]] = None  # how to rebuild the original model (set by the CLI)
+    options: Dict[str, Any] = field(default_factory=dict)  # ConvertOptions.to_dict() of the conversion
+    source: Optional[Dict[str, Any]] = None  # how to rebuild the original model (set by save_converted)
     version: int = PLAN_VERSION
 
     def to_dict(self) -> Dict[str, Any]:
@@ -110,4 +47,13 @@ class ConversionPlan:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "ConversionPlan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise DsdError(f"{path}: no such plan file") from None
+        except DsdError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DsdError(f"{path} is not a readable dsd conversion plan ({type(error).__name__}: {error}); "
+                           "write it again with dsd-convert") from error

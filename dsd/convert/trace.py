@@ -6,7 +6,7 @@ import torch.nn as nn
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
-from .separable import DepthwiseSeparableConv2d
+from ..layers.separable import DepthwiseSeparableConv2d
 
 __all__ = ["create_tracer", "trace"]
 

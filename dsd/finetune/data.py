@@ -6,34 +6,13 @@ from pathlib import Path
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import DsdError
+from ..zoo.digits import digits_splits
 from .recipe import DataConfig
 
-__all__ = ["digits_splits", "build_datasets", "build_loaders", "Loaders", "DIGITS_SPLIT_SEED"]
-
-DIGITS_SPLIT_SEED = 0  # the train/val split is fixed: results are comparable across runs and machines
-
-
-def digits_splits(image_size: int = 32, channels: int = 1) -> Tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's 1,797 handwritten 8x8 digits: a fixed stratified 80/20 split, resized, in [-1, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = (images - 0.5) / 0.5
-    if channels == 3:
-        images = images.repeat(1, 3, 1, 1)
-    elif channels != 1:
-        raise DsdError(f"data.channels: expected 1 or 3, got {channels}")
-    labels = torch.tensor(digits.target)
-    train_idx, val_idx = train_test_split(torch.arange(len(labels)).numpy(), test_size=0.2,
-                                          stratify=labels.numpy(), random_state=DIGITS_SPLIT_SEED)
-    return (TensorDataset(images[train_idx], labels[train_idx]), TensorDataset(images[val_idx], labels[val_idx]))
+__all__ = ["build_datasets", "build_loaders", "Loaders"]
 
 
 def _torchvision_dataset(cfg: DataConfig, cls_name: str):

@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -99,22 +99,22 @@ def _checksum(model: nn.Module) -> torch.Tensor:
     return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).cpu()
 
 
-def train(
-        student: nn.Module,
-        loaders: Loaders,
-        recipe: Recipe,
-        env: DistEnv,
-        run_dir: Path,
-        teacher: Optional[nn.Module] = None,
-        feature_layers: Optional[List[str]] = None,
-        plan: Optional[ConversionPlan] = None,
-        resume: Optional[Dict[str, Any]] = None,
-        stop_after_epoch: Optional[int] = None,
-        progress: bool = True,
-        loss_fn: Callable = distillation_loss,
-        student_acc_before: Optional[float] = None,
-) -> TrainResult:
-    """Train ``student`` (distilling from ``teacher`` when given) as the recipe says; checkpoint every epoch."""
+@dataclass
+class _Parts:
+    """What one training run carries from step to step."""
+    model: nn.Module  # the student, or its DDP wrapper
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    ema: Any
+    student_taps: Optional[FeatureTaps]
+    teacher_taps: Optional[FeatureTaps]
+
+
+def _setup(student: nn.Module, teacher: Optional[nn.Module], loaders: Loaders, recipe: Recipe, env: DistEnv,
+           feature_layers: Optional[List[str]], resume: Optional[Dict[str, Any]],
+           student_acc_before: Optional[float]) -> Tuple[_Parts, TrainState]:
+    """Devices, optimiser, schedule, scaler, EMA and feature taps; restored from ``resume`` when given."""
     from timm.utils import ModelEmaV3
 
     student.to(env.device)
@@ -142,83 +142,125 @@ def train(
         if env.distributed else student
     student_taps = FeatureTaps(student, feature_layers or []) if recipe.loss.feature_weight > 0 else None
     teacher_taps = FeatureTaps(teacher, feature_layers or []) if student_taps and teacher is not None else None
-    checkpoint_path = run_dir / CHECKPOINT_NAME
-    metrics_path = run_dir / "metrics.jsonl"
-    writer = _tensorboard(run_dir, recipe, env)
-    steps = len(loaders.train)
-    last_epoch = min(recipe.schedule.epochs, stop_after_epoch or recipe.schedule.epochs)
+    return _Parts(model, optimizer, scheduler, scaler, ema, student_taps, teacher_taps), state
 
+
+def _teacher_outputs(teacher: nn.Module, images: torch.Tensor, parts: _Parts, recipe: Recipe, env: DistEnv):
+    with torch.inference_mode(), _autocast(recipe, env):
+        with (parts.teacher_taps.capture() if parts.teacher_taps else contextlib.nullcontext([])) as features:
+            logits = teacher(images)
+    # inference tensors cannot be saved for backward: plain copies for the loss
+    return logits.clone(), [f.clone() for f in features]
+
+
+def _train_epoch(epoch: int, student: nn.Module, teacher: Optional[nn.Module], loaders: Loaders, recipe: Recipe,
+                 env: DistEnv, parts: _Parts, loss_fn: Callable, checkpoint_path: Path, progress: bool) -> torch.Tensor:
+    """One pass over the training data; returns (loss sum, images), summed over every rank."""
+    loaders.train_sampler.set_epoch(epoch)
+    parts.model.train()
+    steps = len(loaders.train)
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, images
+    start = time.perf_counter()
+    bar = tqdm(loaders.train, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", unit="batch",
+               disable=not (progress and env.is_main), leave=False)
+    for step, (images, labels) in enumerate(bar):
+        images, labels = _to_device(images, env, recipe), labels.to(env.device)
+        teacher_logits, teacher_features = (_teacher_outputs(teacher, images, parts, recipe, env)
+                                            if teacher is not None else (None, []))
+        with _autocast(recipe, env):
+            with (parts.student_taps.capture() if parts.student_taps else contextlib.nullcontext([])) as s_feats:
+                logits = parts.model(images)
+        terms = loss_fn(logits.float(), labels, recipe.loss, None if teacher_logits is None else
+                        teacher_logits.float(), [f.float() for f in s_feats], [f.float() for f in teacher_features])
+        _stop_if_diverged(terms.total, epoch, step, checkpoint_path, env)
+        _optimizer_step(terms.total, student, recipe, parts, epoch * steps + step + 1)
+        totals += torch.tensor([terms.total.item() * labels.numel(), labels.numel()], dtype=torch.float64,
+                               device=env.device)
+        if env.is_main and progress:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{terms.total.item():.4f}", lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{totals[1].item() * env.world_size / max(elapsed, 1e-9):.0f}")
+    return all_reduce_sum(totals, env)
+
+
+def _stop_if_diverged(loss: torch.Tensor, epoch: int, step: int, checkpoint_path: Path, env: DistEnv) -> None:
+    finite = torch.isfinite(loss.detach()).to(torch.float64).reshape(1)
+    if all_reduce_sum(finite, env).item() < env.world_size:
+        where = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists()
+                 else "no checkpoint was written yet")
+        raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                               f"training stopped and {where}. Lower optim.lr or set optim.clip_grad")
+
+
+def _optimizer_step(loss: torch.Tensor, student: nn.Module, recipe: Recipe, parts: _Parts, global_step: int) -> None:
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    if recipe.optim.clip_grad:
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.clip_grad)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.scheduler.step_update(global_step)
+    if parts.ema is not None:
+        parts.ema.update(student, step=global_step)
+
+
+def _end_epoch(epoch: int, seconds: float, totals: torch.Tensor, student: nn.Module, loaders: Loaders,
+               recipe: Recipe, env: DistEnv, parts: _Parts, state: TrainState, plan: Optional[ConversionPlan],
+               run_dir: Path, writer, progress: bool) -> None:
+    """Validate, record the epoch, write the checkpoint and the metrics (on the main process)."""
+    record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(),
+              "val_acc": evaluate(student, loaders.val, env, recipe),
+              "lr": parts.optimizer.param_groups[0]["lr"], "seconds": seconds,
+              "images_per_s": totals[1].item() / seconds}
+    if parts.ema is not None:
+        record["val_acc_ema"] = evaluate(parts.ema.module, loaders.val, env, recipe)
+    state.history.append(record)
+    state.epoch = epoch + 1
+    if not env.is_main:
+        return
+    save_checkpoint(run_dir / CHECKPOINT_NAME, {
+        "epoch": state.epoch, "history": state.history, "student_acc_before": state.student_acc_before,
+        "model": student.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema is not None else None, "rng": capture_rng(),
+        "recipe": recipe.to_dict(), "plan": plan.to_dict() if plan is not None else None})
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, record["epoch"])
+    if progress:
+        tqdm.write(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, val acc {record['val_acc']:.4f}"
+                   + (f" (ema {record['val_acc_ema']:.4f})" if parts.ema is not None else ""))
+
+
+def train(
+        student: nn.Module,
+        loaders: Loaders,
+        recipe: Recipe,
+        env: DistEnv,
+        run_dir: Path,
+        teacher: Optional[nn.Module] = None,
+        feature_layers: Optional[List[str]] = None,
+        plan: Optional[ConversionPlan] = None,
+        resume: Optional[Dict[str, Any]] = None,
+        stop_after_epoch: Optional[int] = None,
+        progress: bool = True,
+        loss_fn: Callable = distillation_loss,
+        student_acc_before: Optional[float] = None,
+) -> TrainResult:
+    """Train ``student`` (distilling from ``teacher`` when given) as the recipe says; checkpoint every epoch."""
+    parts, state = _setup(student, teacher, loaders, recipe, env, feature_layers, resume, student_acc_before)
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    writer = _tensorboard(run_dir, recipe, env)
+    last_epoch = min(recipe.schedule.epochs, stop_after_epoch or recipe.schedule.epochs)
     for epoch in range(state.epoch, last_epoch):
-        loaders.train_sampler.set_epoch(epoch)
-        model.train()
-        totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, images
         start = time.perf_counter()
-        bar = tqdm(loaders.train, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", unit="batch",
-                   disable=not (progress and env.is_main), leave=False)
-        for step, (images, labels) in enumerate(bar):
-            images, labels = _to_device(images, env, recipe), labels.to(env.device)
-            teacher_logits = teacher_features = None
-            if teacher is not None:
-                with torch.inference_mode(), _autocast(recipe, env):
-                    with (teacher_taps.capture() if teacher_taps else contextlib.nullcontext([])) as t_feats:
-                        teacher_logits = teacher(images)
-                # inference tensors cannot be saved for backward: plain copies for the loss
-                teacher_logits = teacher_logits.clone()
-                teacher_features = [f.clone() for f in t_feats]
-            with _autocast(recipe, env):
-                with (student_taps.capture() if student_taps else contextlib.nullcontext([])) as s_feats:
-                    logits = model(images)
-            terms = loss_fn(logits.float(), labels, recipe.loss, None if teacher_logits is None else
-                            teacher_logits.float(), [f.float() for f in s_feats],
-                            [f.float() for f in teacher_features or []])
-            finite = torch.isfinite(terms.total.detach()).to(torch.float64).reshape(1)
-            if all_reduce_sum(finite, env).item() < env.world_size:
-                where = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists()
-                         else "no checkpoint was written yet")
-                raise TrainingDiverged(f"the loss became {terms.total.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                       f"training stopped and {where}. Lower optim.lr or set optim.clip_grad")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms.total).backward()
-            if recipe.optim.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step_update(epoch * steps + step + 1)
-            if ema is not None:
-                ema.update(student, step=epoch * steps + step + 1)
-            totals += torch.tensor([terms.total.item() * labels.numel(), labels.numel()], dtype=torch.float64,
-                                   device=env.device)
-            if env.is_main and progress:
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{terms.total.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{totals[1].item() * env.world_size / max(elapsed, 1e-9):.0f}")
-        all_reduce_sum(totals, env)
-        seconds = time.perf_counter() - start
-        record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(),
-                  "val_acc": evaluate(student, loaders.val, env, recipe),
-                  "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                  "images_per_s": totals[1].item() / seconds}
-        if ema is not None:
-            record["val_acc_ema"] = evaluate(ema.module, loaders.val, env, recipe)
-        state.history.append(record)
-        state.epoch = epoch + 1
-        if env.is_main:
-            save_checkpoint(checkpoint_path, {
-                "epoch": state.epoch, "history": state.history, "student_acc_before": state.student_acc_before,
-                "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "rng": capture_rng(),
-                "recipe": recipe.to_dict(), "plan": plan.to_dict() if plan is not None else None})
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                for key, value in record.items():
-                    if key != "epoch":
-                        writer.add_scalar(key, value, record["epoch"])
-            if progress:
-                tqdm.write(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, val acc {record['val_acc']:.4f}"
-                           + (f" (ema {record['val_acc_ema']:.4f})" if ema is not None else ""))
+        totals = _train_epoch(epoch, student, teacher, loaders, recipe, env, parts, loss_fn, checkpoint_path, progress)
+        _end_epoch(epoch, time.perf_counter() - start, totals, student, loaders, recipe, env, parts, state, plan,
+                   run_dir, writer, progress)
     if writer is not None:
         writer.close()
     ranks_agree = all_equal(_checksum(student), env)

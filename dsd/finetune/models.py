@@ -13,7 +13,8 @@ import torch.nn as nn
 from .. import zoo
 from ..convert import ConversionPlan, apply_plan, convert_model
 from ..fileio import atomic_path
-from ..io import load_converted, load_model
+from ..io import load_converted, load_model, parse_source
+from ..layers.create import DATA_INIT
 from .data import build_loaders
 from .distributed import DistEnv
 from .recipe import Recipe, TeacherConfig
@@ -42,9 +43,10 @@ def train_builtin(name: str, env: DistEnv, progress: bool = True) -> Path:
     return path
 
 
-def load_teacher(cfg: TeacherConfig, env: DistEnv, progress: bool = True) -> nn.Module:
-    if cfg.source.startswith("dsd:") and cfg.pretrained:
-        name = cfg.source[4:]
+def load_teacher(cfg: TeacherConfig, env: DistEnv, progress: bool = True, trust_code: bool = False) -> nn.Module:
+    ref = parse_source(cfg.source)
+    if ref.kind == "dsd" and cfg.pretrained:
+        name = ref.name
         if not zoo.cached_weights(name).is_file():
             if env.is_main:
                 if progress:
@@ -52,7 +54,7 @@ def load_teacher(cfg: TeacherConfig, env: DistEnv, progress: bool = True) -> nn.
                 train_builtin(name, env, progress)
             if env.distributed:
                 dist.barrier()
-    model, _ = load_model(cfg.source, cfg.arch, cfg.arch_kwargs, cfg.pretrained)
+    model, _ = load_model(cfg.source, cfg.arch, cfg.arch_kwargs, cfg.pretrained, trust_code=trust_code)
     return model.eval()
 
 
@@ -64,12 +66,7 @@ def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor, pla
         return apply_plan(copy.deepcopy(teacher), plan), plan
     if recipe.student.plan:
         return load_converted(recipe.student.plan, copy.deepcopy(teacher)), ConversionPlan.load(recipe.student.plan)
-    c = recipe.student.convert
-    needs_data = c.init == "data" or c.recalibrate_bn
-    student, report = convert_model(
-        teacher, example, rank=c.rank, dilation=c.dilation, keep_receptive_field=c.keep_receptive_field,
-        init=c.init, include=c.include, exclude=c.exclude, min_channels=c.min_channels, skip=c.skip,
-        only_if_cheaper=c.only_if_cheaper, energy=c.energy, target_flops=c.target_flops,
-        target_params=c.target_params, calibration_data=calibration if needs_data else None,
-        calibration_batches=c.calibration_batches, sequential=c.sequential, recalibrate_bn=c.recalibrate_bn)
+    options = recipe.student.convert
+    needs_data = options.init == DATA_INIT or options.recalibrate_bn
+    student, report = convert_model(teacher, example, options, calibration_data=calibration if needs_data else None)
     return student, report.plan

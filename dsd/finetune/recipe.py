@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from ..convert.options import ConvertOptions
 from ..errors import DsdError
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "apply_overrides", "builtin_recipes", "resolve_recipe_path"]
@@ -39,28 +40,9 @@ class TeacherConfig:
 
 
 @dataclass
-class ConvertConfig:
-    rank: Union[int, str] = 1
-    dilation: Optional[int] = None
-    keep_receptive_field: Union[bool, int] = False
-    init: str = "svd"
-    include: List[str] = field(default_factory=list)
-    exclude: List[str] = field(default_factory=list)
-    min_channels: int = 0
-    skip: List[str] = field(default_factory=list)
-    only_if_cheaper: bool = True
-    energy: Optional[float] = None  # or one budget: per-layer ranks chosen as in dsd-convert
-    target_flops: Optional[float] = None
-    target_params: Optional[float] = None
-    calibration_batches: int = 8  # from the training data, for init: data and recalibrate_bn
-    sequential: bool = False
-    recalibrate_bn: bool = False
-
-
-@dataclass
 class StudentConfig:
     plan: Optional[str] = None  # a .plan.json from dsd-convert; otherwise convert the teacher with `convert`
-    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    convert: ConvertOptions = field(default_factory=ConvertOptions)  # calibration batches: the training data
 
 
 @dataclass
@@ -115,7 +97,9 @@ class Recipe:
     tensorboard: bool = True  # when the tensorboard package is installed
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["student"]["convert"] = self.student.convert.to_dict()
+        return data
 
 
 _CHOICES = {"data.name": ("digits", "mnist", "cifar10", "imagefolder"), "optim.name": ("adamw", "sgd"),
@@ -138,6 +122,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
             except DsdError as error:
                 errors.append(error)
         raise DsdError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if hasattr(tp, "from_dict"):  # a dsd options object validates itself
+        try:
+            return tp.from_dict(value)
+        except DsdError as error:
+            raise DsdError(f"{key}: {error}") from None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin in (list, List):

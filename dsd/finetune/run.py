@@ -13,9 +13,9 @@ import torch
 from ..convert import ConversionPlan
 from ..errors import DsdError
 from ..fileio import atomic_write_text
-from ..io import ModelSource, save_converted
-from ..report import compare
-from ..batchnorm import recalibrate_batchnorm
+from ..calibration import recalibrate_batchnorm
+from ..io import ModelSource, parse_source, save_converted
+from ..savings import compare
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import build_loaders
 from .distributed import init_distributed
@@ -54,10 +54,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Optional[int] = None,
-             progress: bool = True, force: bool = False, **train_kwargs) -> FinetuneResult:
+             progress: bool = True, force: bool = False, trust_code: bool = False, **train_kwargs) -> FinetuneResult:
     """Run a recipe on this process (or, under torchrun, on every rank). Writes into ``recipe.output_dir``:
     ``checkpoint.pt`` every epoch, ``metrics.jsonl``, ``student_dsd.safetensors`` + ``.plan.json``,
-    ``summary.json``. A fresh run refuses an output_dir that holds a run, unless ``force``."""
+    ``summary.json``. A fresh run refuses an output_dir that holds a run, unless ``force``. A teacher
+    source of the form ``package.module:factory`` runs your code: only with ``trust_code``."""
     env = init_distributed(recipe.device)
     try:
         checkpoint = load_checkpoint(Path(resume)) if resume else None
@@ -75,7 +76,7 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
             except OSError as error:
                 raise DsdError(f"output_dir: cannot create {run_dir}: {error.strerror}") from error
         loaders = build_loaders(recipe.data, recipe.seed, env.world_size, env.rank, env.device.type == "cuda")
-        teacher = load_teacher(recipe.teacher, env, progress and env.is_main)
+        teacher = load_teacher(recipe.teacher, env, progress and env.is_main, trust_code)
         example = next(iter(loaders.val))[0][:1]
         plan = ConversionPlan.from_dict(checkpoint["plan"]) if checkpoint and checkpoint.get("plan") else None
         student, plan = build_student(teacher, recipe, example, plan, calibration=loaders.train)
@@ -99,7 +100,7 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
             len(result.history), result.ranks_agree, env.world_size, result.history, str(run_dir))
         if env.is_main:
             source = ModelSource(recipe.teacher.source, recipe.teacher.arch_kwargs)
-            if not recipe.teacher.source.startswith(("timm:", "torchvision:", "dsd:")):
+            if parse_source(recipe.teacher.source).kind in ("file", "plan"):
                 source = ModelSource(recipe.teacher.arch, recipe.teacher.arch_kwargs, recipe.teacher.source)
             save_converted(student, plan, run_dir / "student_dsd.safetensors", source)
             atomic_write_text(run_dir / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")

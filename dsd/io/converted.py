@@ -15,11 +15,10 @@ from ..convert.pipeline import apply_plan
 from ..convert.plan import ConversionPlan
 from ..errors import DsdError
 from ..fileio import atomic_path
-from .sources import ModelSource, build_arch
+from .sources import PLAN_SUFFIX, ModelSource, build_arch
 
 __all__ = ["save_converted", "load_converted", "plan_path_for"]
 
-PLAN_SUFFIX = ".plan.json"
 PathLike = Union[str, os.PathLike]
 
 
@@ -43,25 +42,28 @@ def save_converted(model: nn.Module, plan: ConversionPlan, weights_path: PathLik
     return weights_path, plan_path
 
 
-def load_converted(plan_path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+def load_converted(plan_path: PathLike, model: Optional[nn.Module] = None, trust_code: bool = False) -> nn.Module:
     """Rebuild a converted model from its plan (or its ``.safetensors`` weights, the plan beside them).
-    ``model``: a fresh original, where the plan cannot build one (the original came from a pickled module)."""
+
+    ``model``: a fresh original, where the plan cannot build one (the original came from a pickled module).
+    A plan whose architecture is ``package.module:factory`` imports and runs that code: only with
+    ``trust_code=True``; ``timm:``, ``torchvision:`` and ``dsd:`` architectures are always safe to load."""
     from safetensors.torch import load_model
     plan_path = Path(plan_path)
     if plan_path.suffix == ".safetensors":
         plan_path = plan_path_for(plan_path)
     if not plan_path.is_file():
         raise DsdError(f"{plan_path}: no such plan file")
-    try:
-        plan = ConversionPlan.load(plan_path)
-    except (ValueError, KeyError, TypeError) as error:
-        raise DsdError(f"{plan_path} is not a readable dsd conversion plan: {error}") from error
-    source = plan.source or {}
+    plan = ConversionPlan.load(plan_path)
+    source = plan.source if isinstance(plan.source, dict) else {}
     if model is None:
         if not source.get("arch"):
             raise DsdError(f"{plan_path} does not say how to build the original model (it came from a pickled "
-                           "module); pass a fresh instance (model=...) or convert with --arch")
-        model = build_arch(source["arch"], False, **source.get("arch_kwargs", {}))
+                           "module or an in-memory model); pass a fresh instance (model=...) or convert with --arch")
+        kwargs = source.get("arch_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise DsdError(f"{plan_path}: source.arch_kwargs must be a mapping, got {kwargs!r}")
+        model = build_arch(source["arch"], False, trust_code, where=f"the plan {plan_path}", **kwargs)
     weights = plan_path.parent / source.get("converted_weights", plan_path.name[:-len(PLAN_SUFFIX)] + ".safetensors")
     if not weights.is_file():
         raise DsdError(f"{weights}: the converted weights named by {plan_path} are missing")

@@ -9,16 +9,18 @@ from typing import Iterable, List, Optional
 
 from ..errors import DsdError
 from .converted import plan_path_for
+from .sources import FACTORY, PLAN_SUFFIX, parse_source
 
 __all__ = ["OutputPaths", "default_stem", "output_paths", "check_outputs"]
 
 
 def default_stem(source: str) -> Path:
-    """``timm:resnet50`` -> ``./resnet50``; ``dir/model.pt`` -> ``dir/model``."""
-    if ":" in source and not Path(source).exists():
-        return Path(source.split(":", 1)[1].replace(".", "_").replace(":", "_"))
+    """``timm:resnet50`` -> ``./resnet50``; ``pkg.mod:net`` -> ``./pkg_mod_net``; ``dir/model.pt`` -> ``dir/model``."""
+    ref = parse_source(source)
+    if ref.is_registry or ref.kind == FACTORY:
+        return Path(ref.name.replace(".", "_").replace(":", "_"))
     path = Path(source)
-    name = path.name[:-len(".plan.json")] if path.name.endswith(".plan.json") else path.stem
+    name = path.name[:-len(PLAN_SUFFIX)] if path.name.endswith(PLAN_SUFFIX) else path.stem
     return path.with_name(name)
 
 

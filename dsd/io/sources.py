@@ -1,6 +1,9 @@
-"""Build or load the model to convert: ``timm:NAME``, ``torchvision:NAME``, ``package.module:factory``,
-a state dict (``.pt/.pth/.bin`` with ``weights_only=True``, or ``.safetensors``) with an architecture, or
-a whole pickled module (only with ``trust_pickle=True``: unpickling runs code from the file).
+"""Build or load a model from one source string: ``timm:NAME``, ``torchvision:NAME``, ``dsd:NAME``,
+``package.module:factory`` (imports and runs your code: only with ``trust_code=True``), a state dict
+(``.pt/.pth/.bin/.ckpt`` with ``weights_only=True``, or ``.safetensors``) with an architecture, a whole
+pickled module (only with ``trust_pickle=True``: unpickling runs code from the file), or a dsd plan.
+
+:func:`parse_source` is the one parser of these strings; the CLI, plans and recipes all go through it.
 """
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import contextlib
 import difflib
 import importlib
 import pickle
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,14 +22,54 @@ import torch.nn as nn
 
 from ..errors import DsdError
 
-__all__ = ["ModelSource", "build_arch", "load_source_model", "load_state_dict_file", "STATE_DICT_SUFFIXES",
-           "SUPPORTED_FORMATS"]
+__all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file",
+           "STATE_DICT_SUFFIXES", "SUPPORTED_FORMATS", "PLAN_SUFFIX", "REGISTRIES"]
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-SUPPORTED_FORMATS = ("timm:NAME, torchvision:NAME, dsd:NAME, package.module:factory, a state dict (.pt/.pth/.bin/.ckpt "
-                     "or .safetensors) with --arch, a pickled nn.Module with --trust-pickle, or a dsd plan "
-                     "(.plan.json)")
+SUPPORTED_FORMATS = ("timm:NAME, torchvision:NAME, dsd:NAME, package.module:factory with --trust-code, a state dict "
+                     "(.pt/.pth/.bin/.ckpt or .safetensors) with --arch, a pickled nn.Module with --trust-pickle, or "
+                     "a dsd plan (.plan.json)")
 _CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # common training-checkpoint layouts
+PLAN_SUFFIX = ".plan.json"
+REGISTRIES = ("timm", "torchvision", "dsd")  # model names that build known code only: safe from any file
+FACTORY, FILE, PLAN = "factory", "file", "plan"
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A parsed source string: ``kind`` is a registry (timm, torchvision, dsd), factory, file or plan."""
+    kind: str
+    name: str  # the model name, ``package.module:factory``, or the path
+
+    @property
+    def is_registry(self) -> bool:
+        return self.kind in REGISTRIES
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.is_registry else self.name
+
+
+def parse_source(text: str) -> SourceRef:
+    """What a source string names. Files that exist win over the ``package.module:factory`` reading."""
+    if not isinstance(text, str) or not text:
+        raise DsdError(f"model source {text!r} is empty; give {SUPPORTED_FORMATS}")
+    kind, sep, name = text.partition(":")
+    if sep and kind in REGISTRIES:
+        if not name:
+            raise DsdError(f"model source {text!r} names no model: give {kind}:NAME")
+        return SourceRef(kind, name)
+    if text.endswith(PLAN_SUFFIX):
+        return SourceRef(PLAN, text)
+    if _FACTORY.match(text) and not Path(text).exists():
+        return SourceRef(FACTORY, text)
+    return SourceRef(FILE, text)
+
+
+class UntrustedCode(DsdError):
+    def __init__(self, ref: str, where: str):
+        super().__init__(f"{where} names {ref!r}, which imports and runs Python code from your environment; dsd "
+                         "runs it only when asked: pass --trust-code (trust_code=True) if you trust where it came from")
 
 
 @dataclass
@@ -45,11 +89,14 @@ def _suggest(name: str, choices) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def build_arch(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """A model from ``timm:NAME``, ``torchvision:NAME``, ``dsd:NAME`` or ``package.module:factory``."""
-    kind, sep, name = arch.partition(":")
-    if not sep or not name:
-        raise DsdError(f"architecture {arch!r} is not of the form timm:NAME, torchvision:NAME or package.module:factory")
+def build_arch(arch: str, pretrained: bool = False, trust_code: bool = False, where: str = "the architecture",
+               **kwargs) -> nn.Module:
+    """A model from ``timm:NAME``, ``torchvision:NAME``, ``dsd:NAME`` or (with ``trust_code``) ``package.module:factory``."""
+    ref = parse_source(arch)
+    if ref.kind not in (*REGISTRIES, FACTORY):
+        raise DsdError(f"architecture {arch!r} is not of the form timm:NAME, torchvision:NAME, dsd:NAME or "
+                       "package.module:factory")
+    kind, name = (ref.kind, ref.name) if ref.is_registry else arch.split(":")
     if kind == "timm":
         import timm
         if name not in timm.list_models():
@@ -78,6 +125,8 @@ def build_arch(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if kind == "dsd":
         from .. import zoo
         return zoo.build(name, pretrained, **kwargs)
+    if not trust_code:
+        raise UntrustedCode(arch, where)
     try:
         factory = getattr(importlib.import_module(kind), name)
     except (ImportError, AttributeError) as error:
@@ -179,17 +228,18 @@ def _load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path
     model.load_state_dict(state_dict)
 
 
-def load_source_model(
-        source: str,
-        arch: Optional[str] = None,
-        arch_kwargs: Optional[Dict[str, Any]] = None,
-        pretrained: bool = False,
-        trust_pickle: bool = False,
-) -> Tuple[nn.Module, ModelSource]:
-    """The model named by ``source`` and a record of how to rebuild it (see the module docstring)."""
+def load_model(source: str, arch: Optional[str] = None, arch_kwargs: Optional[Dict[str, Any]] = None,
+               pretrained: bool = False, trust_pickle: bool = False, trust_code: bool = False
+               ) -> Tuple[nn.Module, ModelSource]:
+    """The model named by ``source`` (see the module docstring) and a record of how to rebuild it."""
     arch_kwargs = dict(arch_kwargs or {})
-    if source.startswith(("timm:", "torchvision:", "dsd:")):
-        return build_arch(source, pretrained, **arch_kwargs), ModelSource(source, arch_kwargs, None, pretrained)
+    ref = parse_source(source)
+    if ref.kind == PLAN:
+        from .converted import load_converted
+        return load_converted(source, trust_code=trust_code), ModelSource(weights=source)
+    if ref.kind != FILE:
+        model = build_arch(source, pretrained, trust_code, where="the model source", **arch_kwargs)
+        return model, ModelSource(source, arch_kwargs, None, pretrained)
     path = Path(source)
     _check_file(path)
     if path.suffix == ".safetensors":
@@ -203,7 +253,7 @@ def load_source_model(
     state_dict = _as_state_dict(loaded, path)
     if arch is None:
         raise DsdError(f"{path} holds a state dict (weights only); say which model it belongs to with --arch "
-                       "timm:NAME, torchvision:NAME or package.module:factory")
-    model = build_arch(arch, False, **arch_kwargs)
+                       "timm:NAME, torchvision:NAME, dsd:NAME or package.module:factory")
+    model = build_arch(arch, False, trust_code, where="--arch", **arch_kwargs)
     _load_into(model, state_dict, path, arch)
     return model, ModelSource(arch, arch_kwargs, str(path))

@@ -6,29 +6,19 @@ already-converted layers upstream, so approximation errors do not pile up (two p
 """
 from __future__ import annotations
 
-import itertools
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..errors import DsdError
+from ..layers.create import effective_weight
+from ..layers.decouple import load_factors
+from ..layers.spec import LayerSpec
 from ..modes import eval_mode
-from .adapters import get_conv_adapter
-from .calibrate import PatchStats, RefitStats, refit_pointwise, whitened_depthwise
-from .decouple import resample_taps
-from .plan import LayerSpec
-from .rewrite import swap_modules
+from ..module_tree import swap_modules
+from .statistics import PatchStats, RefitStats, refit_pointwise, whitened_depthwise
 
-__all__ = ["take_batches", "patch_statistics", "data_aware_layers"]
-
-
-def take_batches(data: Iterable[Any], limit: int) -> List[torch.Tensor]:
-    """Up to ``limit`` input batches from an iterable of tensors or (inputs, labels) pairs."""
-    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in itertools.islice(iter(data), limit)]
-    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
-        raise DsdError("calibration_data must yield input tensors (or (inputs, labels) pairs); it yielded none")
-    return batches
+__all__ = ["patch_statistics", "data_aware_layers"]
 
 
 def _run(model: nn.Module, batches: Sequence[torch.Tensor], hooks: Dict[str, Any]) -> None:
@@ -58,13 +48,9 @@ def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.M
     for spec in specs:
         conv = convs[spec.name]
         layer = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
-        weight = resample_taps(get_conv_adapter(conv).effective_weight(conv), spec.tap_step)
-        depthwise, pointwise, error = whitened_depthwise(weight, spec.groups, spec.rank, stats[spec.name].second_moment())
-        with torch.no_grad():
-            layer.depthwise.weight.copy_(depthwise)
-            layer.pointwise.weight.copy_(pointwise)
-            if layer.pointwise.bias is not None:
-                layer.pointwise.bias.copy_(conv.bias if conv.bias is not None else torch.zeros_like(layer.pointwise.bias))
+        depthwise, pointwise, error = whitened_depthwise(effective_weight(conv, spec), spec.groups, spec.rank,
+                                                         stats[spec.name].second_moment())
+        load_factors(layer, depthwise, pointwise, conv.bias)
         layers[spec.name] = (layer, error)
     refit = {name: RefitStats(layer) for name, (layer, _) in layers.items()}
     if sequential:  # inputs from the converted model, targets from the original: one batch at a time

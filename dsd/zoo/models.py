@@ -22,7 +22,7 @@ from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.efficientnet import EfficientNet
 from torchvision.models.resnet import BasicBlock
 
-from .errors import DsdError
+from ..errors import DsdError
 
 __all__ = ["DigitsCNN", "DigitsResNet", "digits_cnn", "digits_resnet", "digits_mobilenet", "MODELS", "cache_dir",
            "cached_weights", "build"]

@@ -1,16 +1,17 @@
 """``compare(original, converted)``: count and measure both models, line their layers up by name."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import eval_mode, record_shapes
-from ..convert.separable import DepthwiseSeparableConv2d
-from .flops import count_flops
 from ..timing import BenchmarkSettings, environment, layer_latency, model_latency
-from .savings import LayerSavings, SavingsReport
+from .flops import count_flops
+from .savings_report import LayerSavings, SavingsReport
 
 __all__ = ["compare", "converted_layer_names", "conv_input_shapes"]
 
@@ -31,21 +32,22 @@ def compare(
         original: nn.Module,
         converted: nn.Module,
         input_size: Sequence[int] = (3, 224, 224),
-        device: str = "cpu",
-        batch_size: int = 1,
-        dtype: str = "float32",
-        channels_last: bool = False,
-        compile: bool = False,
+        benchmark: Optional[BenchmarkSettings] = None,
+        *,
         latency: bool = True,
         per_layer: bool = True,
-        warmup: int = 10,
-        iters: int = 40,
+        **settings: Any,
 ) -> SavingsReport:
     """Parameters and FLOPs (fvcore, per image) and, with ``latency``, measured latency before vs after.
 
-    Per-layer rows are the converted layers, lined up by name with the original's layer; with
-    ``per_layer`` each pair is also timed in isolation on its real input shape.
+    ``benchmark`` says how latency is measured; its fields may also be given as keywords (``device="cuda"``,
+    ``batch_size=64``), which override it. Per-layer rows are the converted layers, lined up by name with
+    the original's layer; with ``per_layer`` each pair is also timed in isolation on its real input shape.
     """
+    if isinstance(benchmark, str):  # compare(a, b, size, "cuda", ...): the positional device of earlier releases
+        settings["device"] = benchmark
+        benchmark = None
+    settings = replace(benchmark or BenchmarkSettings(), **settings) if settings else benchmark or BenchmarkSettings()
     example = torch.randn(1, *input_size)
     names = converted_layer_names(converted)
     before, after = count_flops(original, example), count_flops(converted, example)
@@ -54,7 +56,6 @@ def compare(
     total = LayerSavings("total", before.params.get("", 0), after.params.get("", 0), before.total, after.total)
     env: Optional[dict] = None
     if latency:
-        settings = BenchmarkSettings(device, dtype, batch_size, channels_last, compile, warmup, iters)
         env = environment(settings)
         total.latency_before = model_latency(original, input_size, settings)
         total.latency_after = model_latency(converted, input_size, settings)

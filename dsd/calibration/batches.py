@@ -1,16 +1,26 @@
-"""Calibration batches for data-aware conversion: ``digits``, ``random``, or a folder of images."""
+"""Calibration batches for data-aware conversion: from the user's iterable, or ``digits``, ``random`` or a
+folder of images (the CLI's ``--calib``)."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, Iterable, List, Sequence
 
 import torch
 
 from ..errors import DsdError
 
-__all__ = ["calibration_batches", "CALIBRATION_SOURCES"]
+__all__ = ["calibration_batches", "take_batches", "CALIBRATION_SOURCES"]
 
 CALIBRATION_SOURCES = "digits, random, or a folder of images (class sub-folders allowed)"
+
+
+def take_batches(data: Iterable[Any], limit: int) -> List[torch.Tensor]:
+    """Up to ``limit`` input batches from an iterable of tensors or (inputs, labels) pairs."""
+    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in itertools.islice(iter(data), limit)]
+    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+        raise DsdError("calibration_data must yield input tensors (or (inputs, labels) pairs); it yielded none")
+    return batches
 
 
 def calibration_batches(source: str, input_size: Sequence[int], batches: int, batch_size: int = 32,
@@ -21,7 +31,7 @@ def calibration_batches(source: str, input_size: Sequence[int], batches: int, ba
     if source == "random":
         return [torch.randn(batch_size, *input_size, generator=generator) for _ in range(batches)]
     if source == "digits":
-        from ..finetune.data import digits_splits
+        from ..zoo.digits import digits_splits
         if height != width:
             raise DsdError(f"--calib digits makes square images; --input-size is {height}x{width}")
         images = digits_splits(height, 1 if channels == 1 else 3)[0].tensors[0]

@@ -20,7 +20,6 @@ __all__ = ["ConvAdapter", "register_conv_adapter", "get_conv_adapter"]
 class ConvAdapter:
     effective_weight: Callable[[nn.Conv2d], torch.Tensor]
     dynamic_same: Callable[[nn.Conv2d], bool] = lambda conv: False
-    note: str = ""  # what changes in function after conversion, shown in the report
 
 
 _ADAPTERS: Dict[Type[nn.Module], ConvAdapter] = {}
@@ -51,8 +50,6 @@ def _scaled_standardized_weight(conv: nn.Conv2d) -> torch.Tensor:
                         training=True, momentum=0., eps=conv.eps).reshape_as(conv.weight)
 
 
-_FROZEN_STANDARDISATION = "weight standardisation folded into the weights at conversion"
-
 register_conv_adapter(nn.Conv2d, ConvAdapter(_plain_weight))
 
 
@@ -60,12 +57,12 @@ def _register_timm() -> None:
     from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
     register_conv_adapter(Conv2dSame, ConvAdapter(_plain_weight, lambda conv: True))
-    register_conv_adapter(StdConv2d, ConvAdapter(_standardized_weight, note=_FROZEN_STANDARDISATION))
+    register_conv_adapter(StdConv2d, ConvAdapter(_standardized_weight))
     register_conv_adapter(StdConv2dSame, ConvAdapter(
-        _standardized_weight, lambda conv: conv.same_pad, note=_FROZEN_STANDARDISATION))
-    register_conv_adapter(ScaledStdConv2d, ConvAdapter(_scaled_standardized_weight, note=_FROZEN_STANDARDISATION))
+        _standardized_weight, lambda conv: conv.same_pad))
+    register_conv_adapter(ScaledStdConv2d, ConvAdapter(_scaled_standardized_weight))
     register_conv_adapter(ScaledStdConv2dSame, ConvAdapter(
-        _scaled_standardized_weight, lambda conv: conv.same_pad, note=_FROZEN_STANDARDISATION))
+        _scaled_standardized_weight, lambda conv: conv.same_pad))
 
 
 _register_timm()

@@ -15,8 +15,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .decouple import factorize
-from .separable import DepthwiseSeparableConv2d
+from ..layers.decouple import channel_slices, factorize, relative_error, separable_weights
+from ..layers.separable import DepthwiseSeparableConv2d
 
 __all__ = ["PatchStats", "RefitStats", "whitened_depthwise", "refit_pointwise", "whitening", "RIDGE"]
 
@@ -69,17 +69,20 @@ def whitened_depthwise(weight: torch.Tensor, groups: int, rank: int, second_mome
 
     Returns ``(depthwise, pointwise, relative weight-space error)``; exact at full rank.
     """
-    out_ch, cin_g, kh, kw = weight.shape
-    m_g = out_ch // groups
-    sigma = _regularise(second_moment).reshape(groups, cin_g, kh * kw, kh * kw)
+    w = channel_slices(weight, groups)
+    taps = w.shape[-1]
+    sigma = _regularise(second_moment).reshape(*w.shape[:2], taps, taps)
     root, inverse_root = _sym_power(sigma, 0.5), _sym_power(sigma, -0.5)
-    w = weight.detach().to(torch.float64).reshape(groups, m_g, cin_g, kh * kw).permute(0, 2, 1, 3)
     left, right, _ = factorize(w @ root, rank)
     right = right @ inverse_root  # un-whiten: the depthwise filters act on raw patches
-    error = ((w - left @ right).square().sum() / w.square().sum().clamp_min(1e-30)).sqrt().item()
-    depthwise = right.reshape(cin_g * groups * rank, 1, kh, kw)
-    pointwise = left.permute(0, 2, 1, 3).reshape(out_ch, cin_g * rank, 1, 1)
-    return depthwise.to(weight.dtype), pointwise.to(weight.dtype), error
+    depthwise, pointwise = separable_weights(left, right, weight.shape[2:])
+    return depthwise.to(weight.dtype), pointwise.to(weight.dtype), relative_error(w, left @ right)
+
+
+def _pointwise_blocks(layer: DepthwiseSeparableConv2d) -> Tuple[int, int, int, int, int]:
+    """(out channels M, depthwise channels C*r, groups g, M/g, C*r/g) of the grouped pointwise conv."""
+    m, width, g = layer.out_channels, layer.in_channels * layer.rank, layer.groups
+    return m, width, g, m // g, width // g
 
 
 class RefitStats:
@@ -113,9 +116,7 @@ class RefitStats:
 
     def _dense(self, pointwise: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The grouped pointwise weight as a dense (M, C*r + 1) matrix, bias in the last column."""
-        layer = self.layer
-        m, width = layer.out_channels, layer.in_channels * layer.rank
-        g, m_g, w_g = layer.groups, m // layer.groups, width // layer.groups
+        m, width, g, m_g, w_g = _pointwise_blocks(self.layer)
         dense = torch.zeros(m, width + 1, dtype=torch.float64)
         weight = pointwise.detach().to(torch.float64).cpu().reshape(m, w_g)
         for j in range(g):
@@ -128,8 +129,7 @@ class RefitStats:
 def refit_pointwise(stats: RefitStats) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Ridge least-squares pointwise weights (and bias, where the layer has one), group by group."""
     layer = stats.layer
-    m, width = layer.out_channels, layer.in_channels * layer.rank
-    g, m_g, w_g = layer.groups, m // layer.groups, width // layer.groups
+    m, width, g, m_g, w_g = _pointwise_blocks(layer)
     has_bias = layer.pointwise.bias is not None
     weight = torch.zeros(m, w_g, dtype=torch.float64)
     bias = torch.zeros(m, dtype=torch.float64)

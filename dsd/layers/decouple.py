@@ -14,7 +14,7 @@ from ..errors import DsdError
 from .separable import DepthwiseSeparableConv2d
 
 __all__ = [
-    "decouple", "factorize", "rank_errors", "energy_rank", "full_rank", "resample_taps", "register_initializer",
+    "decouple", "factorize", "channel_slices", "separable_weights", "relative_error", "load_factors", "rank_errors", "energy_rank", "full_rank", "resample_taps", "register_initializer",
     "get_initializer", "list_initializers",
 ]
 
@@ -70,6 +70,29 @@ def factorize(a: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, t
     return root[..., None, :] * basis, _safe_divide(basis.mT @ a, root[..., :, None]), energy
 
 
+def channel_slices(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A dense conv weight ``(M, C/g, kh, kw)`` as per-input-channel slices ``(g, C/g, M/g, kh*kw)``, float64."""
+    out_ch, cin_g, kh, kw = weight.shape
+    return weight.detach().to(torch.float64).reshape(groups, out_ch // groups, cin_g, kh * kw).permute(0, 2, 1, 3)
+
+
+def separable_weights(left: torch.Tensor, right: torch.Tensor, kernel_size: Sequence[int]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel factors ``left`` (g, C/g, M/g, r) and ``right`` (g, C/g, r, kh*kw) as the depthwise weight
+    ``(C*r, 1, kh, kw)`` and the grouped pointwise weight ``(M, C*r/g, 1, 1)``."""
+    groups, cin_g, m_g, rank = left.shape
+    depthwise = right.reshape(groups * cin_g * rank, 1, *kernel_size)
+    pointwise = left.permute(0, 2, 1, 3).reshape(groups * m_g, cin_g * rank, 1, 1)
+    return depthwise, pointwise
+
+
+def relative_error(w: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Relative Frobenius error; measured on the reconstruction, since the Gram route's small eigenvalues
+    are only accurate to ~1e-16 * the largest."""
+    total = w.square().sum()
+    return ((w - approximation).square().sum() / total).sqrt().item() if total > 0 else 0.0
+
+
 def decouple(weight: torch.Tensor, groups: int, rank: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """Network Decoupling (Guo et al., BMVC 2018): per input channel, a rank-``rank`` SVD of W[:, c].
 
@@ -77,19 +100,13 @@ def decouple(weight: torch.Tensor, groups: int, rank: int) -> Tuple[torch.Tensor
     ``(C*rank, 1, kh, kw)``, the pointwise weight ``(M, C*rank/g, 1, 1)`` and the relative Frobenius
     error of the approximation. Computed in float64, batched over all groups and channels.
     """
-    out_ch, cin_g, kh, kw = weight.shape
-    m_g = out_ch // groups
-    q = min(m_g, kh * kw)
+    q = full_rank(weight.shape[0], groups, weight.shape[2:])
     if not 1 <= rank <= q:
         raise ValueError(f"rank must be between 1 and the full rank {q} of this kernel, got {rank}")
-    w = weight.detach().to(torch.float64).reshape(groups, m_g, cin_g, kh * kw).permute(0, 2, 1, 3)
-    left, right, _ = factorize(w, rank)  # left: (g, C/g, M/g, r), right: (g, C/g, r, k*k)
-    depthwise = right.reshape(cin_g * groups * rank, 1, kh, kw)
-    pointwise = left.permute(0, 2, 1, 3).reshape(out_ch, cin_g * rank, 1, 1)
-    total = w.square().sum()
-    # Measured on the reconstruction: the Gram route's small eigenvalues are only accurate to ~1e-16 * largest.
-    error = ((w - left @ right).square().sum() / total).sqrt().item() if total > 0 else 0.0
-    return depthwise.to(weight.dtype), pointwise.to(weight.dtype), error
+    w = channel_slices(weight, groups)
+    left, right, _ = factorize(w, rank)
+    depthwise, pointwise = separable_weights(left, right, weight.shape[2:])
+    return depthwise.to(weight.dtype), pointwise.to(weight.dtype), relative_error(w, left @ right)
 
 
 def resample_taps(weight: torch.Tensor, step: Sequence[int]) -> torch.Tensor:
@@ -97,14 +114,20 @@ def resample_taps(weight: torch.Tensor, step: Sequence[int]) -> torch.Tensor:
     return weight[:, :, ::step[0], ::step[1]]
 
 
+@torch.no_grad()
+def load_factors(sep: DepthwiseSeparableConv2d, depthwise: torch.Tensor, pointwise: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> None:
+    """Copy decoupled weights into ``sep``; the dense conv's bias (or zeros) goes to the pointwise conv."""
+    sep.depthwise.weight.copy_(depthwise)
+    sep.pointwise.weight.copy_(pointwise)
+    if sep.pointwise.bias is not None:
+        sep.pointwise.bias.copy_(bias if bias is not None else torch.zeros_like(sep.pointwise.bias))
+
+
 @register_initializer("svd")
 def svd_init(sep: DepthwiseSeparableConv2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> float:
     depthwise, pointwise, error = decouple(weight, sep.groups, sep.rank)
-    with torch.no_grad():
-        sep.depthwise.weight.copy_(depthwise)
-        sep.pointwise.weight.copy_(pointwise)
-        if sep.pointwise.bias is not None:
-            sep.pointwise.bias.copy_(bias if bias is not None else torch.zeros_like(sep.pointwise.bias))
+    load_factors(sep, depthwise, pointwise, bias)
     return error
 
 
@@ -123,10 +146,9 @@ def rank_errors(weight: torch.Tensor, groups: int, whitening: Optional[torch.Ten
     as :func:`decouple`, so it costs one batched ``eigh``, not one decomposition per rank. With
     ``whitening`` (per-channel ``Sigma^(1/2)`` of the input patches) the errors are output errors.
     """
-    out_ch, cin_g, kh, kw = weight.shape
-    w = weight.detach().to(torch.float64).reshape(groups, out_ch // groups, cin_g, kh * kw).permute(0, 2, 1, 3)
+    w = channel_slices(weight, groups)
     if whitening is not None:
-        w = w @ whitening.reshape(groups, cin_g, kh * kw, kh * kw)
+        w = w @ whitening.reshape(*w.shape[:2], w.shape[-1], w.shape[-1])
     gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
     energy = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).reshape(-1, gram.shape[-1]).sum(0)
     total = energy.sum()

@@ -1,4 +1,4 @@
-"""Swap modules in a model's module tree: the rewriting half of the pass.
+"""Swap modules in a model's module tree (the conversion pass rewrites with it; sequential calibration too).
 
 The model keeps its own class and methods (timm's ``forward_features``, ``reset_classifier``...);
 only the chosen children are replaced, under every name they are registered as, so a shared module

@@ -5,16 +5,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .cost import dense_macs_per_pixel, separable_macs_per_pixel
-from .plan import ConversionPlan, LayerSpec
+from ..layers.cost import dense_macs_per_pixel, output_pixels
+from ..layers.spec import LayerSpec
+from .match import ConvSite
+from .plan import ConversionPlan
 
-__all__ = ["LayerRecord", "ConversionReport", "CONVERTED", "SKIPPED"]
+__all__ = ["LayerRecord", "ConversionReport", "CONVERTED", "SKIPPED", "PENDING"]
 
-CONVERTED, SKIPPED = "converted", "skipped"
-
-
-def _output_pixels(site) -> int:
-    return sum(out[-1] * out[-2] for _, out in site.call_shapes)
+CONVERTED, SKIPPED, PENDING = "converted", "skipped", "pending"
 
 
 @dataclass
@@ -45,31 +43,26 @@ class LayerRecord:
     macs_after: Optional[int] = None
 
     @classmethod
-    def converted(cls, site, spec: LayerSpec) -> "LayerRecord":
-        record = cls._from_site(site, CONVERTED)
-        record.rank, record.new_kernel_size, record.new_dilation = spec.rank, spec.new_kernel_size, spec.new_dilation
-        record.init_error = spec.init_error
-        if record.macs_before is not None:
-            record.macs_after = _output_pixels(site) * separable_macs_per_pixel(
-                spec.in_channels, spec.out_channels, spec.new_kernel_size, spec.rank, spec.groups)
-        return record
-
-    @classmethod
-    def skipped(cls, site, category: str, reason: str) -> "LayerRecord":
-        record = cls._from_site(site, SKIPPED)
-        record.category, record.reason = category, reason
-        return record
-
-    @classmethod
-    def _from_site(cls, site, status: str) -> "LayerRecord":
+    def describe(cls, site: ConvSite) -> "LayerRecord":
+        """The one record of a conv, before any decision (status ``pending``)."""
         conv = site.module
-        record = cls(site.name, type(conv).__name__, status, conv.in_channels, conv.out_channels,
+        record = cls(site.name, type(conv).__name__, PENDING, conv.in_channels, conv.out_channels,
                      tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), conv.groups,
                      site.found_by, site.calls, site.input_shape, site.output_shape)
         if site.calls is not None and len(site.call_shapes) == site.calls:
-            record.macs_before = _output_pixels(site) * dense_macs_per_pixel(
+            record.macs_before = output_pixels(site.call_shapes) * dense_macs_per_pixel(
                 conv.in_channels, conv.out_channels, conv.kernel_size, conv.groups)
         return record
+
+    def skip(self, category: str, reason: str) -> None:
+        self.status, self.category, self.reason = SKIPPED, category, reason
+
+    def convert(self, spec: LayerSpec) -> None:
+        self.status = CONVERTED
+        self.rank, self.new_kernel_size, self.new_dilation = spec.rank, spec.new_kernel_size, spec.new_dilation
+        self.init_error = spec.init_error
+        if self.macs_before is not None:
+            self.macs_after = self.macs_before // spec.dense_macs_per_pixel() * spec.macs_per_pixel()
 
     def geometry(self) -> str:
         kh, kw = self.kernel_size

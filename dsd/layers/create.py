@@ -8,12 +8,13 @@ import torch.nn as nn
 
 from ..errors import DsdError
 from .adapters import get_conv_adapter
-from .decouple import full_rank, get_initializer, resample_taps
-from .geometry import conv_padding, matched_padding
-from .plan import LayerSpec
+from .decouple import full_rank, get_initializer, list_initializers, resample_taps
+from .padding import conv_padding, matched_padding
 from .separable import DepthwiseSeparableConv2d
+from .spec import LayerSpec
 
-__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "from_conv", "shrink_kernel", "check_layer_args", "FULL_RANK"]
+__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "from_conv", "shrink_kernel", "check_layer_args", "effective_weight",
+           "FULL_RANK"]
 
 FULL_RANK = "full"
 DATA_INIT = "data"
@@ -39,8 +40,8 @@ def check_layer_args(rank: Rank, dilation: Optional[int], keep_receptive_field: 
         raise DsdError(f"keep_receptive_field must be True/False or a kernel size >= 2, got {keep_receptive_field!r}")
     if keep_receptive_field and dilation is not None:
         raise DsdError("dilation and keep_receptive_field both set the dilation: choose one")
-    if init != DATA_INIT:  # "data" needs calibration statistics: convert_model runs it, not one layer alone
-        get_initializer(init)
+    if init != DATA_INIT and init not in list_initializers():  # "data": convert_model runs it, with calibration data
+        raise DsdError(f"unknown init {init!r}: choose one of {', '.join([*list_initializers(), DATA_INIT])}")
 
 
 def shrink_kernel(kernel: int, target: Optional[int] = None) -> Optional[Tuple[int, int]]:
@@ -102,11 +103,15 @@ def layer_spec(
         tap_step=step, init=init)
 
 
+def effective_weight(conv: nn.Module, spec: LayerSpec) -> torch.Tensor:
+    """The weight the dense conv applies (its adapter's view), on the taps the spec's kernel keeps."""
+    return resample_taps(get_conv_adapter(conv).effective_weight(conv), spec.tap_step)
+
+
 @torch.no_grad()
 def build_layer(conv: nn.Module, spec: LayerSpec) -> Tuple[DepthwiseSeparableConv2d, LayerSpec]:
     """Build ``spec``'s layer on ``conv``'s device and dtype, initialised from ``conv``'s effective weight."""
-    adapter = get_conv_adapter(conv)
-    weight = resample_taps(adapter.effective_weight(conv), spec.tap_step)
+    weight = effective_weight(conv, spec)
     module = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
     error = get_initializer(spec.init)(module, weight, conv.bias)
     return module, spec.with_error(error)

@@ -8,8 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .cost import separable_macs_per_pixel
-from .geometry import TF_SAME, PaddingSpec, is_symmetric, tf_same_pad
+from .padding import TF_SAME, PaddingSpec, is_symmetric, tf_same_pad
 
 __all__ = ["DepthwiseSeparableConv2d"]
 
@@ -113,7 +112,3 @@ class DepthwiseSeparableConv2d(nn.Module):
         if self.pointwise.bias is None:
             parts.append("bias=False")
         return ", ".join(parts)
-
-    def macs_per_pixel(self) -> int:
-        """Multiply-adds per output pixel (depthwise plus pointwise)."""
-        return separable_macs_per_pixel(self.in_channels, self.out_channels, self.kernel_size, self.rank, self.groups)

@@ -1,0 +1,101 @@
+"""One source parser for the CLI, load_model, plans and recipes; code runs only with trust_code."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsd
+from dsd.io import default_stem, parse_source
+
+BIN = Path(sys.executable).parent
+NET = ("import torch.nn as nn\n"
+       "def small(width=8):\n"
+       "    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))\n")
+
+
+@pytest.mark.parametrize("text,kind,name", [
+    ("timm:resnet18", "timm", "resnet18"),
+    ("torchvision:resnet18", "torchvision", "resnet18"),
+    ("dsd:digits_cnn", "dsd", "digits_cnn"),
+    ("my_pkg.nets:small", "factory", "my_pkg.nets:small"),
+    ("model.pt", "file", "model.pt"),
+    ("dir/model_dsd.plan.json", "plan", "dir/model_dsd.plan.json"),
+])
+def test_parse_source(text, kind, name):
+    ref = parse_source(text)
+    assert (ref.kind, ref.name) == (kind, name)
+
+
+def test_existing_file_wins_over_factory_reading(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("a.b:c").write_text("x")
+    assert parse_source("a.b:c").kind == "file"
+
+
+def test_default_stem_for_every_kind():
+    assert default_stem("timm:resnet50") == Path("resnet50")
+    assert default_stem("my_pkg.nets:small") == Path("my_pkg_nets_small")
+    assert default_stem("dir/model.pt") == Path("dir/model")
+    assert default_stem("dir/m_dsd.plan.json") == Path("dir/m_dsd")
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "user_nets_for_dsd.py").write_text(NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "user_nets_for_dsd:small"
+    sys.modules.pop("user_nets_for_dsd", None)
+
+
+def test_package_module_factory_source_needs_trust_code(user_module):
+    with pytest.raises(dsd.DsdError, match="--trust-code"):
+        dsd.load_model(user_module)
+    model, source = dsd.load_model(user_module, arch_kwargs={"width": 4}, trust_code=True)
+    assert model[2].out_channels == 4 and source.arch == user_module
+
+
+def test_factory_source_converts_from_the_command_line(tmp_path, user_module):
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([str(BIN / "dsd-convert"), user_module, "--trust-code", "--input-size", "3", "16", "16",
+                             "--quiet"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "user_nets_for_dsd_small_dsd.plan.json").is_file()
+
+
+def _evil_plan(tmp_path: Path) -> Path:
+    """A plan whose architecture would create a file if it were ever called."""
+    marker = tmp_path / "code_ran"
+    plan = {"version": 1, "options": {}, "layers": [],
+            "source": {"arch": "os:system",
+                       "arch_kwargs": {"command": f"touch {marker}"}, "converted_weights": "evil.safetensors"}}
+    (tmp_path / "evil.safetensors").write_bytes(b"")
+    path = tmp_path / "evil.plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_a_plan_cannot_run_code_through_any_entry_point(tmp_path):
+    plan = _evil_plan(tmp_path)
+    with pytest.raises(dsd.DsdError, match="trust_code=True"):
+        dsd.load_converted(plan)
+    torch.save(torch.nn.Conv2d(3, 4, 3).state_dict(), tmp_path / "orig.pt")
+    commands = [["dsd-convert", str(plan)],
+                ["dsd", "report", "timm:resnet18", "--against", str(plan), "--input-size", "3", "32", "32"]]
+    for command in commands:
+        result = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert "--trust-code" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "code_ran").exists()
+
+
+def test_a_recipe_teacher_cannot_run_code(tmp_path, user_module):
+    from dsd.finetune import finetune, load_recipe
+    recipe = load_recipe("digits", [f"teacher.source={user_module}", "teacher.pretrained=false",
+                                    f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(dsd.DsdError, match="trust_code=True"):
+        finetune(recipe, progress=False)
