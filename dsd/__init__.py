@@ -6,6 +6,7 @@ from .convert import (
     DepthwiseSeparableConv2d,
     apply_plan,
     convert_model,
+    fold_batchnorm,
     from_conv,
 )
 from .errors import DsdError
@@ -15,6 +16,6 @@ from .timing import BenchmarkSettings
 
 __version__ = "0.1.0"
 
-__all__ = ["convert_model", "ConvertOptions", "apply_plan", "from_conv", "DepthwiseSeparableConv2d",
+__all__ = ["convert_model", "ConvertOptions", "fold_batchnorm", "apply_plan", "from_conv", "DepthwiseSeparableConv2d",
            "ConversionPlan", "ConversionReport", "compare", "SavingsReport", "BenchmarkSettings", "load_model",
            "load_converted", "save_converted", "export_onnx", "DsdError", "__version__"]

@@ -232,3 +232,27 @@ def test_shape_verification_catches_a_changed_output_shape():
     with pytest.raises(RuntimeError, match="changed output shape"):
         verify_shapes(model, x, analysis, {"0": model[0]})
     assert verify_shapes(model, torch.randn(5, 3, 10, 10), analysis, {"0": model[0]})  # unseen input: unchecked
+
+
+def test_frozen_layers_stay_frozen():
+    model, x = Net(), torch.randn(1, 3, 16, 16)
+    model.stem.requires_grad_(False)
+    converted, _ = dsd.convert_model(model, x, rank=1)
+    assert not any(p.requires_grad for p in converted.stem.parameters())
+    assert all(p.requires_grad for p in converted.wide.parameters())
+
+
+def test_weights_that_cannot_be_decoupled_are_refused():
+    model, x = Net(), torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        model.wide.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(dsd.DsdError, match="layer 'wide' has 1 NaN or inf weight values"):
+        dsd.convert_model(model, x)
+    with pytest.raises(dsd.DsdError, match="already depthwise"):
+        dsd.from_conv(nn.Conv2d(8, 8, 3, groups=8))
+    integer = nn.Conv2d(4, 8, 3)
+    integer.weight = nn.Parameter(integer.weight.data.round().to(torch.int32), requires_grad=False)
+    with pytest.raises(dsd.DsdError, match="torch.int32 weights"):
+        dsd.from_conv(integer)
+    with pytest.raises(dsd.DsdError, match="no such plan file"):
+        dsd.ConversionPlan.load("no_such.plan.json")

@@ -225,3 +225,41 @@ def test_demo_end_to_end(tmp_path, digits_cache):
     for row in ("original", "converted, rank 1 (before fine-tuning)", "fine-tuned (1 epochs"):
         assert row in result.stdout
     assert "latency ms" in result.stdout and (tmp_path / "demo" / "student_dsd.plan.json").exists()
+
+
+def test_diverging_weights_are_never_saved(tmp_path, digits_cache):
+    """lr 1e6: whether the loss or the weights go first, the run stops with an error and saves nothing non-finite."""
+    with pytest.raises(TrainingDiverged, match="diverge|became"):
+        finetune(recipe(tmp_path, "optim.lr=1e6", "schedule.epochs=3", "optim.weight_decay=0"), progress=False)
+    run = tmp_path / "run"
+    assert not (run / "student_dsd.safetensors").exists()
+    if (run / "checkpoint.pt").exists():
+        checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+        for state in (checkpoint["model"], checkpoint["ema"] or {}):
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_non_finite_buffers_stop_the_run_before_the_checkpoint(tmp_path, digits_cache):
+    from dsd.finetune import engine
+    original = engine._optimizer_step
+
+    def step(loss, student, recipe_, parts, global_step):
+        original(loss, student, recipe_, parts, global_step)
+        bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.running_var.fill_(float("inf"))  # a buffer, not the loss, goes bad
+    engine._optimizer_step, saved = step, original
+    try:
+        with pytest.raises(TrainingDiverged, match=r"epoch 1: .*running_var became NaN or inf"):
+            finetune(recipe(tmp_path, "schedule.epochs=2"), progress=False)
+    finally:
+        engine._optimizer_step = saved
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_resume_with_a_changed_recipe_says_what_changed(tmp_path, digits_cache):
+    finetune(recipe(tmp_path, "schedule.epochs=2"), progress=False, stop_after_epoch=1)
+    with pytest.raises(DsdError, match=r"optim.lr: 0.002 -> 0.01.*--allow-recipe-change"):
+        finetune(recipe(tmp_path, "schedule.epochs=2", "optim.lr=0.01"), resume=str(tmp_path / "run"), progress=False)
+    result = finetune(recipe(tmp_path, "schedule.epochs=2", "optim.lr=0.01"), resume=str(tmp_path / "run"),
+                      progress=False, allow_recipe_change=True)
+    assert result.epochs == 2

@@ -15,6 +15,13 @@ from ..errors import DsdError
 EXIT_BAD_INPUT = 2
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with dsd's error contract: one line naming the problem, then exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

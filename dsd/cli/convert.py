@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..calibration import CALIBRATION_SOURCES, calibration_batches
-from ..convert import ConvertOptions, convert_model
+from ..convert import ConvertOptions, apply_folding, convert_model, find_foldable
 from ..errors import DsdError
-from ..fileio import atomic_path
-from ..io import SUPPORTED_FORMATS, check_outputs, export_onnx, load_model, output_paths, save_converted
+from ..fileio import OutputSet
+from ..io import SUPPORTED_FORMATS, check_outputs, export_onnx, load_model, output_paths, write_converted
 from ..savings import compare
 from .common import (add_common_flags, add_measure_args, add_model_args, arch_kwargs, benchmark_settings, console,
                      input_size, positive_int)
@@ -32,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "(default: <stem>_dsd.safetensors beside the input)")
     out.add_argument("--save-module", action="store_true", help="also torch.save the whole converted module (.pt)")
     out.add_argument("--export", choices=["onnx"], help="also export ONNX, checked against PyTorch with onnxruntime")
+    out.add_argument("--fold-bn", action="store_true",
+                     help="fold inference BatchNorm into the convs before writing (the plan records it)")
     out.add_argument("--report", action="store_true", help="print the savings table with measured latency")
     add_measure_args(parser)
     add_common_flags(parser)
@@ -41,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     out = console(args)
     settings = benchmark_settings(args)
     options = dataclass_from_args(ConvertOptions, args, benchmark=settings)
-    outputs = output_paths(args.source, args.output, args.save_module, args.export == "onnx")
-    check_outputs([*outputs.all(), *report_files(args)], [args.source], args.force)
+    if (options.init == "data" or options.recalibrate_bn) and not args.calib:
+        raise DsdError("--init data and --recalibrate-bn need calibration data: add --calib digits|random|FOLDER")
+    paths = output_paths(args.source, args.output, args.save_module, args.export == "onnx")
+    files = [*paths.all(), *report_files(args)]
+    check_outputs(files, [args.source], args.force)
 
     model, source = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
                                args.trust_code)
@@ -52,25 +56,25 @@ def run(args: argparse.Namespace) -> int:
     calib = calibration_batches(args.calib, size, options.calibration_batches, args.calib_batch_size) if args.calib else None
     converted, report = convert_model(model, torch.randn(1, *size), options, calibration_data=calib,
                                       progress=not args.quiet)
+    if args.fold_bn:
+        folding = find_foldable(converted.eval())
+        apply_folding(converted, folding.pairs)
+        report.plan.folded_batchnorm = folding.pairs
+        out.print(f"folded {len(folding.pairs)} BatchNorm layers into their convs"
+                  + (f"; not traced, left as they are: {', '.join(folding.untraced)}" if folding.untraced else ""))
     out.print(report.summary())
     if not report.converted:
         out.print("[yellow]warning:[/] no layer was converted (reasons: dsd report, or the plan); the outputs equal the input")
-    written = []
-    try:
-        written += save_converted(converted, report.plan, outputs.weights, source)
-        if outputs.module:
-            with atomic_path(outputs.module) as tmp:
-                torch.save(converted, tmp)
-            written.append(outputs.module)
-        if outputs.onnx:
-            export_onnx(converted, torch.randn(1, *size), outputs.onnx)
-            written.append(outputs.onnx)
+    # Reports first, the weights+plan pair last: the plan, which names its weights, is the final rename.
+    with OutputSet([*report_files(args), *paths.extras(), paths.weights, paths.plan], args.force) as outputs:
+        write_converted(converted, report.plan, outputs, paths.weights, source)
+        if paths.module:
+            torch.save(converted, outputs.path(paths.module))
+        if paths.onnx:
+            export_onnx(converted, torch.randn(1, *size), outputs.path(paths.onnx))
         savings = compare(model, converted, size, settings, latency=wants_latency(args))
-        emit(savings, args, out, show_table=args.report)
-    except BaseException:
-        for path in written:  # all or nothing: no converted weights without their plan and reports
-            Path(path).unlink(missing_ok=True)
-        raise
-    for path in [*written, *report_files(args)]:
+        emit(savings, args, out, outputs, show_table=args.report)
+        written = outputs.commit()
+    for path in written:
         out.print(f"wrote {path}")
     return 0

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a recipe key, e.g. --set optim.lr=0.01 (repeatable)")
     parser.add_argument("--resume", metavar="RUN", help="continue from a checkpoint (file or run folder)")
+    parser.add_argument("--allow-recipe-change", action="store_true",
+                        help="with --resume: continue although the recipe differs from the run's")
     parser.add_argument("--stop-after-epoch", type=positive_int, metavar="N",
                         help="stop after epoch N (resume later with --resume), e.g. for time-limited jobs")
     parser.add_argument("--force", action="store_true", help="start over in an output_dir that holds a run")
@@ -45,7 +47,8 @@ def summary_table(result):
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     result = finetune(recipe, resume=args.resume, stop_after_epoch=args.stop_after_epoch,
-                      progress=not args.quiet, force=args.force, trust_code=args.trust_code)
+                      progress=not args.quiet, force=args.force, trust_code=args.trust_code,
+                      allow_recipe_change=args.allow_recipe_change)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         console(args).print(summary_table(result))
     return 0

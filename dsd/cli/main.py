@@ -7,13 +7,13 @@ from typing import List, Optional
 
 from .. import __version__
 from . import convert, demo, finetune, report
-from .common import run_command
+from .common import ArgumentParser, run_command
 
 COMMANDS = {"convert": convert, "report": report, "finetune": finetune, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsd", description="Depthwise-separable decoupling for trained CNNs.")
+    parser = ArgumentParser(prog="dsd", description="Depthwise-separable decoupling for trained CNNs.")
     parser.add_argument("--version", action="version", version=f"dsd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
@@ -29,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def convert_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsd-convert", description=convert.DESCRIPTION)
+    parser = ArgumentParser(prog="dsd-convert", description=convert.DESCRIPTION)
     convert.add_arguments(parser)
     return run_command("dsd-convert", convert.run, parser.parse_args(argv))
 

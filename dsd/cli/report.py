@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from ..convert import convert_model
+from ..fileio import OutputSet
 from ..io import SUPPORTED_FORMATS, check_outputs, load_model
 from ..savings import compare
 from .common import (add_common_flags, add_measure_args, add_model_args, arch_kwargs, benchmark_settings, console,
@@ -36,5 +37,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         converted, _ = convert_model(original, torch.randn(1, *size))
     savings = compare(original, converted, size, settings, per_layer=args.per_layer)
-    emit(savings, args, console(args), show_table=True)
+    with OutputSet(report_files(args), args.force) as outputs:
+        emit(savings, args, console(args), outputs, show_table=True)
+        outputs.commit()
     return 0

@@ -7,7 +7,7 @@ from typing import List
 
 from rich.console import Console
 
-from ..fileio import atomic_write_text
+from ..fileio import OutputSet
 from ..savings import SavingsReport
 
 
@@ -19,13 +19,15 @@ def wants_latency(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "report", True) or args.json or args.md or args.plot)
 
 
-def emit(savings: SavingsReport, args: argparse.Namespace, console: Console, show_table: bool) -> None:
+def emit(savings: SavingsReport, args: argparse.Namespace, console: Console, outputs: OutputSet,
+         show_table: bool) -> None:
+    """Stage the report files asked for in ``outputs`` (committed by the caller) and print the report."""
     if args.json:
-        savings.to_json(args.json)
+        savings.to_json(outputs.path(args.json))
     if args.md:
-        atomic_write_text(args.md, savings.to_markdown())
+        outputs.path(args.md).write_text(savings.to_markdown())
     if args.plot:
-        savings.plot(args.plot)
+        savings.plot(outputs.path(args.plot))
     if args.quiet:
         return
     if show_table:

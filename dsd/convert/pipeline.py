@@ -27,6 +27,7 @@ from ..module_tree import swap_modules
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, is_faster
 from .conversion_report import ConversionReport, LayerRecord
+from .fold_bn import apply_folding
 from .match import ConvSite, ModelAnalysis, analyze, as_args
 from .options import ConvertOptions
 from .plan import ConversionPlan
@@ -166,7 +167,17 @@ def initialise_layers(eligible: Eligible, records: Dict[str, LayerRecord], optio
             specs.append(spec)
     for (site, _), spec in zip(eligible, specs):
         records[site.name].convert(spec)
+        _keep_trainability(site.module, layers[site.name])
     return layers, specs
+
+
+def _keep_trainability(conv: nn.Module, layer: nn.Module) -> None:
+    """A frozen conv (``requires_grad=False``) gives a frozen separable layer; likewise its bias."""
+    for weight in (layer.depthwise.weight, layer.pointwise.weight):
+        weight.requires_grad_(conv.weight.requires_grad)
+    if layer.pointwise.bias is not None:
+        layer.pointwise.bias.requires_grad_(conv.bias.requires_grad if conv.bias is not None
+                                            else conv.weight.requires_grad)
 
 
 def rewrite(model: nn.Module, layers: Dict[str, nn.Module], options: ConvertOptions,
@@ -202,7 +213,8 @@ def verify_shapes(model: nn.Module, example_inputs: Any, analysis: ModelAnalysis
 
 
 def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
-    """Swap in (uninitialised) separable layers as ``plan`` says, in place; then load the converted weights."""
+    """Swap in (uninitialised) separable layers as ``plan`` says, in place, and reshape the BatchNorm layers it
+    folded; then load the converted weights."""
     replacements = {}
     for spec in plan.layers:
         try:
@@ -213,4 +225,8 @@ def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
         if problem:
             raise PlanMismatch(f"layer {spec.name!r} {problem}: the plan was made for another model")
         replacements[spec.name] = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
-    return swap_modules(model, replacements)
+    swap_modules(model, replacements)
+    try:
+        return apply_folding(model, plan.folded_batchnorm, with_statistics=False)
+    except AttributeError as error:
+        raise PlanMismatch(f"the plan folds BatchNorm layers this model does not have ({error})") from None

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..errors import DsdError
 from ..fileio import atomic_write_text
@@ -26,10 +26,14 @@ class ConversionPlan:
     options: Dict[str, Any] = field(default_factory=dict)  # ConvertOptions.to_dict() of the conversion
     source: Optional[Dict[str, Any]] = None  # how to rebuild the original model (set by save_converted)
     version: int = PLAN_VERSION
+    folded_batchnorm: List[Tuple[str, str]] = field(default_factory=list)  # (conv, norm) folded for inference
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"version": self.version, "source": self.source, "options": self.options,
+        data = {"version": self.version, "source": self.source, "options": self.options,
                 "layers": [layer.to_dict() for layer in self.layers]}
+        if self.folded_batchnorm:
+            data["folded_batchnorm"] = [list(pair) for pair in self.folded_batchnorm]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -39,8 +43,9 @@ class ConversionPlan:
         version = data.get("version")
         if version != PLAN_VERSION:
             raise DsdError(f"conversion plan version {version!r} is not supported (this dsd reads {PLAN_VERSION})")
+        folded = [(str(conv), str(norm)) for conv, norm in data.get("folded_batchnorm", [])]
         return cls([LayerSpec.from_dict(layer) for layer in data["layers"]], data.get("options", {}),
-                   data.get("source"), version)
+                   data.get("source"), version, folded)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         atomic_write_text(path, self.to_json() + "\n")

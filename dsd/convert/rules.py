@@ -6,7 +6,7 @@ import re
 
 import torch.nn as nn
 
-from ..layers.create import SkipLayer, layer_spec
+from ..layers.create import SkipLayer, check_weight, layer_spec
 from ..layers.spec import LayerSpec
 from .options import SKIP_PREDICATES, ConvertOptions, NamePattern
 
@@ -41,4 +41,5 @@ def select(name: str, conv: nn.Module, options: ConvertOptions) -> LayerSpec:
     if options.only_if_cheaper and spec.macs_per_pixel() >= spec.dense_macs_per_pixel():
         raise SkipLayer("not cheaper", f"rank {spec.rank} costs {spec.macs_per_pixel()} MACs/pixel "
                                        f"vs {spec.dense_macs_per_pixel()} dense")
+    check_weight(conv, name)
     return spec

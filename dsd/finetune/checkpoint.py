@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ import torch
 from ..errors import DsdError
 from ..fileio import atomic_path
 
-__all__ = ["capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
+__all__ = ["capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint", "first_non_finite", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -37,7 +37,24 @@ def restore_rng(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def first_non_finite(tensors: Dict[str, Any], prefix: str = "") -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or inf (nested dicts searched), or None."""
+    for name, value in tensors.items():
+        if isinstance(value, dict):
+            found = first_non_finite(value, f"{prefix}{name}.")
+            if found:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{prefix}{name}"
+    return None
+
+
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    """Write atomically; a model or EMA state holding NaN/inf is never saved."""
+    for key in ("model", "ema"):
+        bad = first_non_finite(state.get(key) or {})
+        if bad:
+            raise DsdError(f"not saving a checkpoint whose {key} tensor {bad} is NaN or inf")
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

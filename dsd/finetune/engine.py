@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..convert import ConversionPlan
 from ..errors import DsdError
-from .checkpoint import CHECKPOINT_NAME, capture_rng, restore_rng, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, capture_rng, first_non_finite, restore_rng, save_checkpoint
 from .data import Loaders
 from .distributed import DistEnv, all_equal, all_reduce_sum
 from .losses import FeatureTaps, distillation_loss
@@ -209,6 +209,13 @@ def _end_epoch(epoch: int, seconds: float, totals: torch.Tensor, student: nn.Mod
                recipe: Recipe, env: DistEnv, parts: _Parts, state: TrainState, plan: Optional[ConversionPlan],
                run_dir: Path, writer, progress: bool) -> None:
     """Validate, record the epoch, write the checkpoint and the metrics (on the main process)."""
+    bad = first_non_finite(student.state_dict()) or (
+        first_non_finite(parts.ema.state_dict()) if parts.ema is not None else None)
+    if bad:
+        checkpoint = run_dir / CHECKPOINT_NAME
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
+        raise TrainingDiverged(f"training diverged in epoch {epoch + 1}: {bad} became NaN or inf; nothing of this "
+                               f"epoch was saved and {where}. Lower optim.lr or set optim.clip_grad")
     record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(),
               "val_acc": evaluate(student, loaders.val, env, recipe),
               "lr": parts.optimizer.param_groups[0]["lr"], "seconds": seconds,

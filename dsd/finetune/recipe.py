@@ -6,6 +6,7 @@ error naming the key (``optim.lr: expected a number, got 'fast'``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -102,6 +103,17 @@ class Recipe:
         return data
 
 
+_RANGES = {  # key: (allowed, what the error says is allowed)
+    "data.image_size": (lambda v: v >= 1, ">= 1"), "data.batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.workers": (lambda v: v >= 0, ">= 0"), "data.channels": (lambda v: v in (1, 3), "1 or 3"),
+    "loss.alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "loss.temperature": (lambda v: v > 0, "> 0"),
+    "loss.feature_weight": (lambda v: v >= 0, ">= 0"), "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"), "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.clip_grad": (lambda v: v is None or v > 0, "> 0"), "schedule.epochs": (lambda v: v >= 1, ">= 1"),
+    "schedule.warmup_epochs": (lambda v: v >= 0, ">= 0"), "schedule.min_lr": (lambda v: v >= 0, ">= 0"),
+    "ema.decay": (lambda v: 0 <= v < 1, "in [0, 1)"), "bn_recalibration_batches": (lambda v: v >= 0, ">= 0"),
+}
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _CHOICES = {"data.name": ("digits", "mnist", "cifar10", "imagefolder"), "optim.name": ("adamw", "sgd"),
             "precision.amp": ("none", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda")}
 
@@ -169,7 +181,13 @@ def _build(cls, data: Any, prefix: str = ""):
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise DsdError(f"unknown recipe key {where}{unknown[0]}; valid keys here: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()})
+    values = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        values[k] = _coerce(v, hints[k], key)
+        if key in _RANGES and values[k] is not None and not _RANGES[key][0](values[k]):
+            raise DsdError(f"{key}: expected a value {_RANGES[key][1]}, got {values[k]!r}")
+    return cls(**values)
 
 
 def recipe_from_dict(data: Dict[str, Any]) -> Recipe:
@@ -188,7 +206,12 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise DsdError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise DsdError(f"--set {item!r}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
+        # YAML 1.1 reads 1e-3 (no dot) as a string; a number is meant
+        node[parts[-1]] = float(value) if isinstance(value, str) and _NUMBER.match(value) else value
     return data
 
 

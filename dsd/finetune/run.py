@@ -15,6 +15,7 @@ from ..errors import DsdError
 from ..fileio import atomic_write_text
 from ..calibration import recalibrate_batchnorm
 from ..io import ModelSource, parse_source, save_converted
+from ..io.sources import check_trusted
 from ..savings import compare
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import build_loaders
@@ -53,15 +54,41 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def recipe_changes(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = "") -> List[str]:
+    """``key: old -> new`` for every recipe value that differs (nested sections by dotted keys)."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += recipe_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
+
+
+def _resume_checkpoint(resume: str, recipe: Recipe, allow_recipe_change: bool) -> Dict[str, Any]:
+    checkpoint = load_checkpoint(Path(resume))
+    changes = recipe_changes(checkpoint.get("recipe") or {}, recipe.to_dict())
+    if changes and not allow_recipe_change:
+        raise DsdError(f"--resume {resume}: the recipe differs from the one the run started with ({'; '.join(changes)}); "
+                       "resume with the same recipe, or pass --allow-recipe-change to continue with the new values")
+    return checkpoint
+
+
 def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Optional[int] = None,
-             progress: bool = True, force: bool = False, trust_code: bool = False, **train_kwargs) -> FinetuneResult:
+             progress: bool = True, force: bool = False, trust_code: bool = False, allow_recipe_change: bool = False,
+             **train_kwargs) -> FinetuneResult:
     """Run a recipe on this process (or, under torchrun, on every rank). Writes into ``recipe.output_dir``:
     ``checkpoint.pt`` every epoch, ``metrics.jsonl``, ``student_dsd.safetensors`` + ``.plan.json``,
-    ``summary.json``. A fresh run refuses an output_dir that holds a run, unless ``force``. A teacher
-    source of the form ``package.module:factory`` runs your code: only with ``trust_code``."""
+    ``summary.json``. A fresh run refuses an output_dir that holds a run, unless ``force``; ``resume``
+    refuses a recipe that differs from the run's, unless ``allow_recipe_change``. A teacher source of the
+    form ``package.module:factory`` runs your code: only with ``trust_code``."""
+    for text, where in ((recipe.teacher.source, "teacher.source"), (recipe.teacher.arch, "teacher.arch")):
+        if text:
+            check_trusted(text, trust_code, f"the recipe's {where}")
     env = init_distributed(recipe.device)
     try:
-        checkpoint = load_checkpoint(Path(resume)) if resume else None
+        checkpoint = _resume_checkpoint(resume, recipe, allow_recipe_change) if resume else None
         _seed_everything(recipe.seed + env.rank)
         run_dir = Path(recipe.output_dir)
         if checkpoint is None and (run_dir / CHECKPOINT_NAME).exists():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 from ..errors import DsdError
+from ..fileio import remove_stale_temporaries
 from .converted import plan_path_for
 from .sources import FACTORY, PLAN_SUFFIX, parse_source
 
@@ -32,7 +33,11 @@ class OutputPaths:
     onnx: Optional[Path] = None
 
     def all(self) -> List[Path]:
-        return [p for p in (self.weights, self.plan, self.module, self.onnx) if p is not None]
+        return [self.weights, self.plan, *self.extras()]
+
+    def extras(self) -> List[Path]:
+        """The optional outputs asked for (a pickled module, ONNX)."""
+        return [p for p in (self.module, self.onnx) if p is not None]
 
 
 def output_paths(source: str, output: Optional[str] = None, save_module: bool = False,
@@ -58,17 +63,24 @@ def _writable_dir(directory: Path) -> bool:
 
 
 def check_outputs(outputs: Iterable[Path], inputs: Iterable[str], force: bool) -> None:
-    """Refuse before any work: missing or read-only directory, an input as output, or an existing file without force."""
-    input_paths = {Path(i).resolve() for i in inputs if Path(i).exists()}
+    """Refuse before any work: missing or read-only directory, an input as output, two outputs that are one
+    file, or an existing file without force. Temporaries left by dead runs in those directories are removed."""
+    input_paths = {Path(i).resolve() for i in inputs if i and Path(i).exists()}
+    outputs, seen = list(outputs), set()
+    for path in outputs:
+        if path.resolve() in seen:
+            raise DsdError(f"{path} is named for two outputs: choose distinct files")
+        seen.add(path.resolve())
     for path in outputs:
         directory = path.parent
         if not directory.is_dir():
             raise DsdError(f"cannot write {path}: directory {directory} does not exist; create it or choose another -o")
         if path.resolve() in input_paths:
-            raise DsdError(f"{path} is also an input; writing it would destroy the input: choose another -o")
+            raise DsdError(f"{path} is also an input; writing it would destroy the input: choose another output")
         if path.is_dir():
             raise DsdError(f"cannot write {path}: it is a directory")
         if path.exists() and not force:
             raise DsdError(f"{path} exists; pass --force to overwrite it")
         if not _writable_dir(directory):
             raise DsdError(f"cannot write {path}: directory {directory} is not writable; choose another -o")
+        remove_stale_temporaries(directory)

@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..errors import DsdError
 
 __all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file",
-           "STATE_DICT_SUFFIXES", "SUPPORTED_FORMATS", "PLAN_SUFFIX", "REGISTRIES"]
+           "STATE_DICT_SUFFIXES", "SUPPORTED_FORMATS", "PLAN_SUFFIX", "REGISTRIES", "check_trusted"]
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SUPPORTED_FORMATS = ("timm:NAME, torchvision:NAME, dsd:NAME, package.module:factory with --trust-code, a state dict "
@@ -64,6 +64,12 @@ def parse_source(text: str) -> SourceRef:
     if _FACTORY.match(text) and not Path(text).exists():
         return SourceRef(FACTORY, text)
     return SourceRef(FILE, text)
+
+
+def check_trusted(text: str, trust_code: bool, where: str) -> None:
+    """Refuse a source or architecture that would import and run user code, unless trusted."""
+    if not trust_code and parse_source(text).kind == FACTORY:
+        raise UntrustedCode(text, where)
 
 
 class UntrustedCode(DsdError):
@@ -125,8 +131,7 @@ def build_arch(arch: str, pretrained: bool = False, trust_code: bool = False, wh
     if kind == "dsd":
         from .. import zoo
         return zoo.build(name, pretrained, **kwargs)
-    if not trust_code:
-        raise UntrustedCode(arch, where)
+    check_trusted(arch, trust_code, where)
     try:
         factory = getattr(importlib.import_module(kind), name)
     except (ImportError, AttributeError) as error:
@@ -218,6 +223,10 @@ def _load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    cast = [k for k in own if k in state_dict and own[k].is_floating_point() and not state_dict[k].is_floating_point()]
+    if cast:
+        raise DsdError(f"{path}: {cast[0]} holds {state_dict[cast[0]].dtype} values where {arch} has floating-point "
+                       f"weights ({len(cast)} such tensors); save the trained float weights")
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):

@@ -13,7 +13,7 @@ from .padding import conv_padding, matched_padding
 from .separable import DepthwiseSeparableConv2d
 from .spec import LayerSpec
 
-__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "from_conv", "shrink_kernel", "check_layer_args", "effective_weight",
+__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "from_conv", "shrink_kernel", "check_layer_args", "check_weight", "effective_weight",
            "FULL_RANK"]
 
 FULL_RANK = "full"
@@ -21,8 +21,8 @@ DATA_INIT = "data"
 Rank = Union[int, str]
 
 
-class SkipLayer(Exception):
-    """This conv is left as it is; ``category`` groups the reasons in the report."""
+class SkipLayer(DsdError):
+    """This conv is left as it is; ``category`` groups the reasons in the report (from :func:`from_conv`: an error)."""
 
     def __init__(self, category: str, detail: str):
         super().__init__(f"{category}: {detail}")
@@ -55,6 +55,17 @@ def shrink_kernel(kernel: int, target: Optional[int] = None) -> Optional[Tuple[i
         if 2 <= new < kernel and (kernel - 1) % (new - 1) == 0:
             return new, (kernel - 1) // (new - 1)
     return None
+
+
+def check_weight(conv: nn.Module, name: str = "") -> None:
+    """Refuse weights the decoupling cannot use: not floating point, or holding NaN/inf."""
+    weight, where = conv.weight, f"layer {name!r}" if name else "the conv"
+    if not weight.is_floating_point():
+        raise DsdError(f"{where} has {weight.dtype} weights; dsd decouples floating-point weights: "
+                       "convert the model with .float() first")
+    if weight.device.type != "meta" and not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise DsdError(f"{where} has {bad} NaN or inf weight values; the model is broken: fix or retrain it first")
 
 
 def layer_spec(
@@ -132,5 +143,6 @@ def from_conv(
     """
     check_layer_args(rank, dilation, keep_receptive_field, init)
     spec = layer_spec(conv, rank, dilation, keep_receptive_field, init)
+    check_weight(conv)
     module, _ = build_layer(conv, spec)
     return module

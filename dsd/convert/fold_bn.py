@@ -1,0 +1,109 @@
+"""Fold inference BatchNorm into the conv before it: ``fold_batchnorm(model)``.
+
+Matching and rewriting are kept apart, as in torch.ao's FX passes: :func:`find_foldable` traces the model
+with the pass's tracer and finds every eval-mode BatchNorm whose only input is a conv whose only user it
+is; :func:`apply_folding` rewrites those pairs (into the pointwise conv of a separable layer). Parts that
+do not trace are searched child by child; what still does not trace is left as it is and listed.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from ..layers.separable import DepthwiseSeparableConv2d
+from ..module_tree import swap_modules
+from .trace import trace
+
+__all__ = ["FoldPlan", "find_foldable", "apply_folding", "fold_batchnorm"]
+
+Pair = Tuple[str, str]  # (conv name, norm name)
+
+
+def _foldable_conv(module: nn.Module) -> bool:
+    from timm.layers import Conv2dSame  # same weights and bias as nn.Conv2d, dynamic padding only
+    return type(module) in (nn.Conv2d, Conv2dSame, DepthwiseSeparableConv2d)
+
+
+def _foldable_norm(module: nn.Module) -> bool:
+    from timm.layers import BatchNormAct2d
+    return (type(module) in (nn.BatchNorm2d, BatchNormAct2d) and module.track_running_stats
+            and module.running_mean is not None)
+
+
+@dataclass
+class FoldPlan:
+    pairs: List[Pair] = field(default_factory=list)
+    untraced: List[str] = field(default_factory=list)  # modules left as they are (name, '' for the model)
+
+
+def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
+    """Every (conv, BatchNorm) pair where the norm's only input is the conv and the conv's only user the norm."""
+    plan = FoldPlan()
+    try:
+        gm = trace(model)
+    except Exception:  # data-dependent control flow: look inside each child instead
+        children = list(model.named_children())
+        if not children:
+            plan.untraced.append(prefix.rstrip("."))
+        for name, child in children:
+            found = find_foldable(child, f"{prefix}{name}.")
+            plan.pairs += found.pairs
+            plan.untraced += found.untraced
+        return plan
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        source = node.args[0] if node.args else None
+        if _foldable_norm(module) and not module.training and calls[node.target] == 1 \
+                and getattr(source, "op", None) == "call_module" and calls[source.target] == 1 \
+                and len(source.users) == 1 and _foldable_conv(gm.get_submodule(source.target)):
+            plan.pairs.append((prefix + source.target, prefix + node.target))
+        elif next(module.children(), None) is not None and not _foldable_conv(module):
+            found = find_foldable(module, f"{prefix}{node.target}.")  # a leaf module of the tracer
+            plan.pairs += found.pairs
+            plan.untraced += found.untraced
+    return plan
+
+
+def _norm_replacement(norm: nn.Module) -> nn.Module:
+    """What stays of a folded norm: nothing, or timm BatchNormAct2d's dropout and activation."""
+    if isinstance(norm, nn.BatchNorm2d) and type(norm) is not nn.BatchNorm2d:
+        return nn.Sequential(norm.drop, norm.act)
+    return nn.Identity()
+
+
+@torch.no_grad()
+def apply_folding(model: nn.Module, pairs: Sequence[Pair], with_statistics: bool = True) -> nn.Module:
+    """Fold each pair in place. ``with_statistics=False`` only reshapes the model as folding would (a bias
+    where the conv had none, the norm removed), for loading weights saved after folding."""
+    replacements: Dict[str, nn.Module] = {}
+    for conv_name, norm_name in pairs:
+        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        target = conv.pointwise if isinstance(conv, DepthwiseSeparableConv2d) else conv
+        if with_statistics:
+            weight, bias = fuse_conv_bn_weights(target.weight, target.bias, norm.running_mean, norm.running_var,
+                                                norm.eps, norm.weight, norm.bias)
+            target.weight, target.bias = weight, bias
+        elif target.bias is None:
+            target.bias = nn.Parameter(torch.zeros(target.out_channels, dtype=target.weight.dtype,
+                                                   device=target.weight.device))
+        replacements[norm_name] = _norm_replacement(norm)
+    return swap_modules(model, replacements)
+
+
+def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold every eval-mode BatchNorm that directly follows a conv (dense or separable) into that conv.
+
+    The outputs stay those of the unfolded model in eval mode (within float rounding); the model is copied
+    unless ``inplace``. ``find_foldable(model)`` tells which pairs this folds and what could not be traced.
+    """
+    model = model if inplace else copy.deepcopy(model)
+    return apply_folding(model, find_foldable(model).pairs)
