@@ -28,6 +28,8 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "recovery": "Accuracy vs cost on real digits",
     "latency": "Latency on this CPU",
     "latency_gpu": "Latency on a GPU",
+    "kernels": "Separable layers vs dense convs: rank-r layout, fused kernel, end to end",
+    "kernels_default_malloc": "Separable layers vs dense convs, glibc's default malloc settings",
     "finetune_digits": "Fine-tune recovery on digits (15-epoch recipe)",
     "budgets_digits": "FLOP budgets on digits: svd vs data-aware initialisation",
     "budgets_latency": "Latency budgets (only-if-faster, target latency) on this CPU",
@@ -46,6 +48,8 @@ def environment() -> Dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
+        # the C allocator decides whether every large intermediate page-faults on a CPU (see README)
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
     }
 
 
@@ -73,7 +77,8 @@ def render_results() -> str:
         lines += [f"## {SECTIONS.get(name, name)}", "",
                   f"`{env.get('command', '?')}` · {env.get('date', '?')} · {env.get('processor', '?')}, "
                   f"{env.get('cpu_threads', '?')} CPU threads" + (f", {env['cuda']}" if env.get("cuda") else "")
-                  + f" · torch {env.get('torch', '?')} · results/{name}.json", ""]
+                  + f" · torch {env.get('torch', '?')} · results/{name}.json"
+                  + (f" · environment {env['allocator_env']}" if env.get("allocator_env") else ""), ""]
         lines.append(data["markdown"] if "markdown" in data else _table(data.get("rows", [])))
     return "\n".join(lines).rstrip() + "\n"
 

@@ -7,7 +7,8 @@ import dsd
 ROOT = Path(dsd.__file__).parent
 # Lowest first; a package may import its own modules and any package on a lower level.
 LEVELS = [
-    {"errors", "fileio", "modes", "module_tree"},
+    {"errors"},
+    {"fileio", "modes", "module_tree", "kernels"},
     {"layers", "timing", "zoo"},
     {"calibration"},
     {"convert"},

@@ -69,3 +69,25 @@ def test_matched_padding_rule(size, kernel, dilation, stride, before, after, new
     assume(output_size(size, kernel, stride, before, after, dilation) >= 1)
     assert (output_size(size, new_kernel, stride, new_before, new_after, new_dilation)
             == output_size(size, kernel, stride, before, after, dilation))
+
+
+def _multiplier_forward(sep, x):
+    """The textbook computation: one depthwise conv with depth multiplier ``rank``, then the pointwise conv."""
+    return sep.pointwise(sep.depthwise(sep._pad(x)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_and_input(), rank=st.integers(1, 5), new_dilation=st.one_of(st.none(), st.integers(1, 3)),
+       channels_last=st.booleans())
+def test_fast_rank_r_forward_is_the_same_function(case, rank, new_dilation, channels_last):
+    """Whatever formulation the module computes rank r with, it is the depth-multiplier conv's function."""
+    conv, x = case
+    assume(conv.kernel_size != (1, 1) and conv.groups != conv.in_channels)
+    _original_output(conv, x)
+    sep = from_conv(conv.double(), rank=rank, dilation=new_dilation, init="random").double()
+    x = x.double()
+    if conv.padding_mode in ("reflect", "circular"):
+        assume(max(abs(p) for axis in sep.padding for p in axis) < min(x.shape[-2:]))
+    if channels_last:
+        sep, x = sep.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(sep(x), _multiplier_forward(sep, x), rtol=1e-12, atol=1e-12)

@@ -1,0 +1,128 @@
+"""``separable_conv2d``: depthwise then pointwise convolution as one op (``torch.ops.dsd.separable_conv2d``).
+
+On CUDA, for float32/float16/bfloat16 with an ungrouped pointwise conv, it runs the fused Triton kernel;
+everywhere else it computes the same function as two ``conv2d`` calls. It is a registered custom op (with
+a fake implementation for shapes), so ``torch.compile`` and ``torch.export`` treat it as one opaque node.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+__all__ = ["separable_conv2d", "fused_supported", "reference_separable_conv2d", "interpreted_separable_conv2d",
+           "FUSED_DTYPES", "use_fused_kernel", "fused_kernel_enabled"]
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Off until benchmarks/kernels.py measures it faster on a GPU: a kernel of this design measured 0.67-0.88x of
+# the dense conv on an H100, slower than cuDNN's two kernels (../shared/notes/speed-facts.md, section 2).
+_FUSED = {"enabled": os.environ.get("DSD_FUSED_KERNEL", "0") == "1"}
+
+
+def use_fused_kernel(enabled: bool = True) -> None:
+    """Let ``DepthwiseSeparableConv2d`` run the fused kernel on CUDA at inference (also ``DSD_FUSED_KERNEL=1``)."""
+    _FUSED["enabled"] = bool(enabled)
+
+
+def fused_kernel_enabled() -> bool:
+    return _FUSED["enabled"]
+IntPair = Union[int, Sequence[int]]
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def reference_separable_conv2d(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                               bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                               dilation: Sequence[int]) -> torch.Tensor:
+    """The definition: ``conv2d(conv2d(x, dw, stride, padding, dilation, groups=C), pw, bias)``."""
+    depthwise = F.conv2d(x, depthwise_weight, None, stride, padding, dilation, groups=x.shape[1])
+    groups = depthwise.shape[1] // pointwise_weight.shape[1]
+    return F.conv2d(depthwise, pointwise_weight, bias, groups=groups)
+
+
+def fused_supported(x: torch.Tensor, pointwise_weight: torch.Tensor, depthwise_weight: torch.Tensor) -> bool:
+    """Whether the fused kernel runs for these tensors (else the two-conv definition does)."""
+    return (x.is_cuda and x.dtype in FUSED_DTYPES and x.dim() == 4
+            and pointwise_weight.shape[1] == depthwise_weight.shape[0])  # ungrouped pointwise
+
+
+@torch.library.custom_op("dsd::separable_conv2d", mutates_args=())
+def _separable_conv2d_op(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                         dilation: List[int]) -> torch.Tensor:
+    if fused_supported(x, pointwise_weight, depthwise_weight):
+        from .separable_triton import launch_separable_conv2d
+        return launch_separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation)
+    out = reference_separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation)
+    return out.contiguous(memory_format=torch.channels_last)  # the fused kernel's layout, whichever path ran
+
+
+@_separable_conv2d_op.register_fake
+def _(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation):
+    n, _, h, w = x.shape
+    kh, kw = depthwise_weight.shape[2:]
+    size = (n, pointwise_weight.shape[0], _output_size(h, kh, stride[0], padding[0], dilation[0]),
+            _output_size(w, kw, stride[1], padding[1], dilation[1]))
+    return x.new_empty(size).contiguous(memory_format=torch.channels_last)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, depthwise_weight, pointwise_weight, bias)
+    ctx.geometry = (stride, padding, dilation)
+
+
+def _backward(ctx, grad):
+    """Gradients of the two-conv definition (training runs the two convs; this keeps the op differentiable)."""
+    tensors = [t.detach().requires_grad_(needs) if t is not None else None
+               for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[:4])]
+    with torch.enable_grad():
+        out = reference_separable_conv2d(*tensors, *ctx.geometry)
+        wanted = [t for t in tensors if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad.to(out.dtype)) if wanted else [])
+    return (*[next(grads) if t is not None and t.requires_grad else None for t in tensors], None, None, None)
+
+
+_separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor) -> None:
+    c = x.shape[1]
+    if depthwise_weight.dim() != 4 or depthwise_weight.shape[1] != 1 or depthwise_weight.shape[0] % c:
+        raise ValueError(f"depthwise_weight must be (C*rank, 1, kh, kw) for C={c}, got {tuple(depthwise_weight.shape)}")
+    if pointwise_weight.dim() != 4 or pointwise_weight.shape[2:] != (1, 1) \
+            or depthwise_weight.shape[0] % pointwise_weight.shape[1]:
+        raise ValueError(f"pointwise_weight must be (M, C*rank/groups, 1, 1), got {tuple(pointwise_weight.shape)}")
+
+
+def separable_conv2d(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+                     dilation: IntPair = 1) -> torch.Tensor:
+    """``conv2d(conv2d(x, depthwise_weight, None, stride, padding, dilation, groups=C), pointwise_weight, bias)``,
+    fused on CUDA. The rank is ``depthwise_weight.shape[0] // C``; padding is symmetric (zeros)."""
+    _check(x, depthwise_weight, pointwise_weight)
+    return torch.ops.dsd.separable_conv2d(x, depthwise_weight, pointwise_weight, bias, list(_pair(stride)),
+                                          list(_pair(padding)), list(_pair(dilation)))
+
+
+def interpreted_separable_conv2d(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                                 bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+                                 dilation: IntPair = 1) -> torch.Tensor:
+    """The fused Triton kernel itself on CPU tensors, run by Triton's interpreter: slow, for exactness tests.
+
+    Needs ``TRITON_INTERPRET=1`` in the environment before Triton is first imported."""
+    import triton
+
+    from .separable_triton import launch_separable_conv2d
+    if not triton.knobs.runtime.interpret:
+        raise RuntimeError("set TRITON_INTERPRET=1 before importing triton to run the kernel on the CPU")
+    _check(x, depthwise_weight, pointwise_weight)
+    if pointwise_weight.shape[1] != depthwise_weight.shape[0]:
+        raise ValueError("the fused kernel takes an ungrouped pointwise conv")
+    return launch_separable_conv2d(x, depthwise_weight, pointwise_weight, bias, _pair(stride), _pair(padding),
+                                   _pair(dilation))

@@ -1,0 +1,109 @@
+"""The fused depthwise+pointwise kernel: exact against the two-conv definition (Triton's interpreter on the
+CPU), registered as a custom op that torch.export and torch.compile keep whole."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsd.kernels import separable_conv2d
+from dsd.kernels.separable_op import reference_separable_conv2d
+from dsd.layers import DepthwiseSeparableConv2d
+
+CASES = [  # channels, out, rank, kernel, stride, padding, dilation, bias, dtype
+    (4, 5, 1, 3, 1, 1, 1, True, "float32"),
+    (6, 3, 2, 3, 2, 1, 1, False, "float32"),
+    (3, 7, 3, 5, 1, 4, 2, True, "float32"),
+    (40, 20, 1, 3, 1, 1, 1, True, "float32"),  # more than one block of input channels
+    (5, 70, 2, 3, 1, 0, 1, True, "float32"),  # more than one block of output channels
+    (8, 8, 2, 3, 1, 1, 1, True, "float16"),
+    (5, 4, 1, 3, 2, 0, 1, True, "bfloat16"),
+    (4, 4, 4, 7, 3, 3, 1, False, "float16"),
+]
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}  # relative, against float64
+
+SCRIPT = """
+import json, sys, torch
+from dsd.kernels import interpreted_separable_conv2d
+from dsd.kernels.separable_op import reference_separable_conv2d
+torch.manual_seed(0)
+errors = []
+for c, m, r, k, s, p, d, bias, dtype in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    x, dw, pw = torch.randn(2, c, 11, 9), torch.randn(c * r, 1, k, k), torch.randn(m, c * r, 1, 1)
+    b = torch.randn(m) if bias else None
+    x, dw, pw, b = (t.to(dtype) if t is not None else None for t in (x, dw, pw, b))
+    got = interpreted_separable_conv2d(x, dw, pw, b, s, p, d)
+    ref = reference_separable_conv2d(*(t.double() if t is not None else None for t in (x, dw, pw, b)),
+                                     (s, s), (p, p), (d, d))
+    assert got.shape == ref.shape and got.dtype == dtype
+    errors.append(((got.double() - ref).norm() / ref.norm()).item())
+print(json.dumps(errors))
+"""
+
+
+def test_fused_kernel_matches_the_definition_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    for case, error in zip(CASES, errors):
+        assert error < TOLERANCE[case[-1]], (case, error)
+
+
+def test_the_op_computes_the_definition_off_cuda():
+    x, dw, pw, b = torch.randn(2, 4, 9, 9), torch.randn(8, 1, 3, 3), torch.randn(6, 8, 1, 1), torch.randn(6)
+    torch.testing.assert_close(separable_conv2d(x, dw, pw, b, 2, 1, 1),
+                               reference_separable_conv2d(x, dw, pw, b, (2, 2), (1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="depthwise_weight must be"):
+        separable_conv2d(x, torch.randn(6, 1, 3, 3), pw)
+
+
+class _Fused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dw, self.pw = torch.nn.Parameter(torch.randn(8, 1, 3, 3)), torch.nn.Parameter(torch.randn(6, 8, 1, 1))
+
+    def forward(self, x):
+        return separable_conv2d(x, self.dw, self.pw, None, 1, 1, 1).relu()
+
+
+def test_export_keeps_the_custom_op_whole():
+    model, x = _Fused(), torch.randn(1, 4, 8, 8)
+    exported = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "dsd.separable_conv2d.default" in targets
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_the_op_is_differentiable():
+    model, x = _Fused(), torch.randn(1, 4, 8, 8, requires_grad=True)
+    model(x).sum().backward()
+    expected = [t.grad.clone() for t in (x, model.dw, model.pw)]
+    for t in (x, model.dw, model.pw):
+        t.grad = None
+    reference_separable_conv2d(x, model.dw, model.pw, None, (1, 1), (1, 1), (1, 1)).relu().sum().backward()
+    for got, want in zip(expected, [x.grad, model.dw.grad, model.pw.grad]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.slow
+def test_compile_keeps_working_with_the_custom_op():
+    model, x = _Fused(), torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(torch.compile(model)(x), model(x))
+
+
+@pytest.mark.parametrize("kwargs,fusable", [
+    (dict(padding=((1, 1), (1, 1))), True),
+    (dict(padding=((0, 1), (0, 1))), False),  # asymmetric: padded explicitly first
+    (dict(padding="tf_same"), False),
+    (dict(padding=((1, 1), (1, 1)), groups=2), False),  # grouped pointwise
+    (dict(padding=((1, 1), (1, 1)), padding_mode="reflect"), False),
+    (dict(padding=((0, 0), (0, 0)), padding_mode="reflect"), True),
+])
+def test_which_layers_the_kernel_takes(kwargs, fusable):
+    assert DepthwiseSeparableConv2d(4, 6, 3, rank=2, **kwargs)._fusable is fusable
