@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 
 from ..calibration import CALIBRATION_SOURCES, calibration_batches
-from ..convert import ConvertOptions, apply_folding, convert_model, find_foldable
+from ..convert import ConvertOptions, apply_folding, convert_model, find_foldable, fold_batchnorm
 from ..errors import DsdError
 from ..fileio import OutputSet
 from ..io import SUPPORTED_FORMATS, check_outputs, export_onnx, load_model, output_paths, write_converted
+from ..layers.create import DATA_INIT
 from ..savings import compare
 from .common import (add_common_flags, add_measure_args, add_model_args, arch_kwargs, benchmark_settings, console,
                      input_size, positive_int)
@@ -42,11 +43,10 @@ def run(args: argparse.Namespace) -> int:
     out = console(args)
     settings = benchmark_settings(args)
     options = dataclass_from_args(ConvertOptions, args, benchmark=settings)
-    if (options.init == "data" or options.recalibrate_bn) and not args.calib:
+    if (options.init == DATA_INIT or options.recalibrate_bn) and not args.calib:
         raise DsdError("--init data and --recalibrate-bn need calibration data: add --calib digits|random|FOLDER")
     paths = output_paths(args.source, args.output, args.save_module, args.export == "onnx")
-    files = [*paths.all(), *report_files(args)]
-    check_outputs(files, [args.source], args.force)
+    check_outputs([*paths.all(), *report_files(args)], [args.source], args.force)
 
     model, source = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
                                args.trust_code)
@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
             torch.save(converted, outputs.path(paths.module))
         if paths.onnx:
             export_onnx(converted, torch.randn(1, *size), outputs.path(paths.onnx))
-        savings = compare(model, converted, size, settings, latency=wants_latency(args))
+        baseline = fold_batchnorm(model.eval()) if args.fold_bn else model  # like against like
+        savings = compare(baseline, converted, size, settings, latency=wants_latency(args))
         emit(savings, args, out, outputs, show_table=args.report)
         written = outputs.commit()
     for path in written:

@@ -13,6 +13,7 @@ from .padding import TF_SAME, PaddingSpec, is_symmetric, tf_same_pad
 
 __all__ = ["DepthwiseSeparableConv2d"]
 
+
 def _is_nhwc(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
