@@ -30,6 +30,7 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "latency_gpu": "Latency on a GPU",
     "kernels": "Separable layers vs dense convs: rank-r layout, fused kernel, end to end",
     "kernels_default_malloc": "Separable layers vs dense convs, glibc's default malloc settings",
+    "vs_pruning": "dsd vs Torch-Pruning channel pruning at the same conv FLOPs",
     "finetune_digits": "Fine-tune recovery on digits (15-epoch recipe)",
     "budgets_digits": "FLOP budgets on digits: svd vs data-aware initialisation",
     "budgets_latency": "Latency budgets (only-if-faster, target latency) on this CPU",

@@ -18,6 +18,7 @@ CASES = {
     "coverage": ["--timm", "resnet18", "--torchvision", "resnet18", "--workers", "1"],
     "recovery": ["--models", "digits_cnn", "--configs", "r1", "--inits", "svd", "--seeds", "0", "--epochs", "1"],
     "latency": ["--models", "timm:resnet18", "--batch-sizes", "1", "--variants", "rank1"],
+    "vs_pruning": ["--iters", "1", "--rounds", "1", "--batch-size", "1"],
     "kernels": ["--batch-sizes", "1", "--models", "resnet18", "--model-batch", "1", "--iters", "1", "--rounds", "1"],
 }
 
