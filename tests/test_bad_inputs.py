@@ -59,6 +59,7 @@ CONVERT = [  # dsd-convert arguments, a fragment of the one-line error
     (["timm:resnet18", "--target-flops", "2"], "must be a fraction in (0, 1]"),
     (["timm:resnet18", "--target-flops", "abc"], "invalid float value"),
     (["timm:resnet18", "--target-flops", "0.5", "--energy", "0.9"], "choose one of"),
+    (["timm:resnet50", "--target-flops", "0.5"], "cannot be met: what no conversion changes"),
     (["timm:resnet18", "--target-flops", "0.5", "--rank", "2"], "rank and a budget"),
     (["timm:resnet18", "--exclude", "re:(["], "not a valid regular expression"),
     (["timm:resnet18", "--skip", "head"], "unknown skip rule 'head'"),

@@ -123,6 +123,15 @@ def test_budget_errors():
         dsd.convert_model(model, x, init="data")
 
 
+def test_a_target_below_what_stays_dense_says_what_is_reachable():
+    """resnet50-like: a 1x1 conv nobody converts holds most of the conv FLOPs."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 256, 1), nn.Conv2d(256, 256, 1))
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(DsdError, match=r"target_flops=0.5 cannot be met: .* already 0.99\d of the original's conv "
+                                       r"FLOPs; choose a target above 0.99\d"):
+        dsd.convert_model(model, x, target_flops=0.5)
+
+
 def test_energy_rule_sets_per_layer_ranks():
     _, report = dsd.convert_model(Net(), torch.randn(1, 3, 16, 16), energy=0.95, only_if_cheaper=False)
     for record in report.converted:

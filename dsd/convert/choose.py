@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import DsdError
 from ..layers.cost import dense_macs_per_pixel, output_pixels
 from ..layers.create import effective_weight
 from ..layers.decouple import energy_rank, rank_errors
@@ -18,6 +19,8 @@ from .match import ConvSite
 from .options import ConvertOptions
 
 __all__ = ["Candidate", "BudgetOutcome", "candidate_errors", "choose_ranks", "is_faster", "site_latency"]
+
+_UNITS = {"flops": "conv FLOPs", "params": "parameters", "latency": "summed conv latency"}
 
 
 @dataclass
@@ -94,6 +97,10 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
     names = {c.spec.name for c in candidates}
     others = [s for s in all_sites if s.name not in names]
     fixed, total = _fixed_cost(kind, others, model, sum(o[0].cost for o in layers), options.benchmark)
+    if fixed > target * total:
+        raise DsdError(f"{name}={target:g} cannot be met: what no conversion changes (1x1, depthwise and skipped "
+                       f"convs{', other layers' if kind == 'params' else ''}) is already {fixed / total:.3f} of the "
+                       f"original's {_UNITS[kind]}; choose a target above {fixed / total:.3f}")
     chosen = solve_budget(layers, target * total - fixed)
     reached = (fixed + sum(o.cost for o in chosen)) / total
     return {c.spec.name: o.rank for c, o in zip(candidates, chosen)}, BudgetOutcome(kind, target, reached)
