@@ -62,11 +62,11 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, someone else's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -85,8 +85,6 @@ def _claim(tmp: Path, final: Path) -> None:
     """Move ``tmp`` to ``final`` only if ``final`` does not exist, atomically (a hard link refuses a taken name)."""
     try:
         os.link(tmp, final)
-    except FileExistsError:
-        raise
     except OSError as error:  # a file system without hard links: exclusive create, then replace
         if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise

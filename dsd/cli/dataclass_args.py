@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Dict, List, Sequence, Type, TypeVar, Union
+from typing import Any, Dict, Sequence, Type, TypeVar, Union
 
 from .common import rank_value
 
@@ -49,17 +49,13 @@ def _argparse_kwargs(f: dataclasses.Field, tp: Any) -> Dict[str, Any]:
     return kwargs
 
 
-def add_dataclass_arguments(group, cls: type, skip: Sequence[str] = ()) -> List[str]:
-    """Add one flag per field of ``cls`` (except ``skip``) to an argparse parser or group; returns the dests."""
+def add_dataclass_arguments(group, cls: type, skip: Sequence[str] = ()) -> None:
+    """Add one flag per field of ``cls`` (except ``skip``) to an argparse parser or group."""
     hints = typing.get_type_hints(cls)
-    dests = []
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = f.metadata.get("cli", {}).get("flag", "--" + f.name.replace("_", "-"))
-        group.add_argument(flag, **_argparse_kwargs(f, hints[f.name]))
-        dests.append(f.name)
-    return dests
+        if f.name not in skip:
+            flag = f.metadata.get("cli", {}).get("flag", "--" + f.name.replace("_", "-"))
+            group.add_argument(flag, **_argparse_kwargs(f, hints[f.name]))
 
 
 def dataclass_from_args(cls: Type[T], args: argparse.Namespace, **extra: Any) -> T:

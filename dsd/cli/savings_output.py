@@ -23,7 +23,7 @@ def emit(savings: SavingsReport, args: argparse.Namespace, console: Console, out
          show_table: bool) -> None:
     """Stage the report files asked for in ``outputs`` (committed by the caller) and print the report."""
     if args.json:
-        savings.to_json(outputs.path(args.json))
+        outputs.path(args.json).write_text(savings.to_json())
     if args.md:
         outputs.path(args.md).write_text(savings.to_markdown())
     if args.plot:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DsdError
-from ..layers.cost import dense_macs_per_pixel, output_pixels
+from ..layers.cost import dense_conv_macs, output_pixels
 from ..layers.create import effective_weight
 from ..layers.decouple import energy_rank, rank_errors
 from ..layers.spec import LayerSpec
@@ -70,8 +70,7 @@ def _fixed_cost(kind: str, others: Sequence[ConvSite], model: nn.Module, candida
                 settings: BenchmarkSettings) -> Tuple[float, float]:
     """(cost that no conversion changes, the original's total) in the budget's unit."""
     if kind == "flops":
-        fixed = sum(output_pixels(s.call_shapes) * dense_macs_per_pixel(
-            s.module.in_channels, s.module.out_channels, s.module.kernel_size, s.module.groups) for s in others)
+        fixed = sum(dense_conv_macs(s.module, s.call_shapes) for s in others)
     elif kind == "params":
         total = float(sum(p.numel() for p in model.parameters()))
         return total - candidate_total, total

@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..layers.cost import dense_macs_per_pixel, output_pixels
+from ..layers.cost import dense_conv_macs
 from ..layers.spec import LayerSpec
 from .match import ConvSite
 from .plan import ConversionPlan
@@ -50,8 +50,7 @@ class LayerRecord:
                      tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), conv.groups,
                      site.found_by, site.calls, site.input_shape, site.output_shape)
         if site.calls is not None and len(site.call_shapes) == site.calls:
-            record.macs_before = output_pixels(site.call_shapes) * dense_macs_per_pixel(
-                conv.in_channels, conv.out_channels, conv.kernel_size, conv.groups)
+            record.macs_before = dense_conv_macs(conv, site.call_shapes)
         return record
 
     def skip(self, category: str, reason: str) -> None:

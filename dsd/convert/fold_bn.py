@@ -41,6 +41,10 @@ class FoldPlan:
     pairs: List[Pair] = field(default_factory=list)
     untraced: List[str] = field(default_factory=list)  # modules left as they are (name, '' for the model)
 
+    def add(self, other: "FoldPlan") -> None:
+        self.pairs += other.pairs
+        self.untraced += other.untraced
+
 
 def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
     """Every (conv, BatchNorm) pair where the norm's only input is the conv and the conv's only user the norm."""
@@ -52,9 +56,7 @@ def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
         if not children:
             plan.untraced.append(prefix.rstrip("."))
         for name, child in children:
-            found = find_foldable(child, f"{prefix}{name}.")
-            plan.pairs += found.pairs
-            plan.untraced += found.untraced
+            plan.add(find_foldable(child, f"{prefix}{name}."))
         return plan
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     for node in gm.graph.nodes:
@@ -67,9 +69,7 @@ def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
                 and len(source.users) == 1 and _foldable_conv(gm.get_submodule(source.target)):
             plan.pairs.append((prefix + source.target, prefix + node.target))
         elif next(module.children(), None) is not None and not _foldable_conv(module):
-            found = find_foldable(module, f"{prefix}{node.target}.")  # a leaf module of the tracer
-            plan.pairs += found.pairs
-            plan.untraced += found.untraced
+            plan.add(find_foldable(module, f"{prefix}{node.target}."))  # a leaf module of the tracer
     return plan
 
 

@@ -37,24 +37,13 @@ def restore_rng(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def first_non_finite(tensors: Dict[str, Any], prefix: str = "") -> Optional[str]:
-    """The name of the first floating-point tensor holding NaN or inf (nested dicts searched), or None."""
-    for name, value in tensors.items():
-        if isinstance(value, dict):
-            found = first_non_finite(value, f"{prefix}{name}.")
-            if found:
-                return found
-        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            return f"{prefix}{name}"
-    return None
+def first_non_finite(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    return next((name for name, value in state_dict.items()
+                 if value.is_floating_point() and not torch.isfinite(value).all()), None)
 
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """Write atomically; a model or EMA state holding NaN/inf is never saved."""
-    for key in ("model", "ema"):
-        bad = first_non_finite(state.get(key) or {})
-        if bad:
-            raise DsdError(f"not saving a checkpoint whose {key} tensor {bad} is NaN or inf")
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -183,13 +183,17 @@ def _train_epoch(epoch: int, student: nn.Module, teacher: Optional[nn.Module], l
     return all_reduce_sum(totals, env)
 
 
+def _diverged(what: str, checkpoint_path: Path) -> TrainingDiverged:
+    where = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists()
+             else "no checkpoint was written yet")
+    return TrainingDiverged(f"{what}; {where}. Lower optim.lr or set optim.clip_grad")
+
+
 def _stop_if_diverged(loss: torch.Tensor, epoch: int, step: int, checkpoint_path: Path, env: DistEnv) -> None:
     finite = torch.isfinite(loss.detach()).to(torch.float64).reshape(1)
     if all_reduce_sum(finite, env).item() < env.world_size:
-        where = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists()
-                 else "no checkpoint was written yet")
-        raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                               f"training stopped and {where}. Lower optim.lr or set optim.clip_grad")
+        raise _diverged(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped",
+                        checkpoint_path)
 
 
 def _optimizer_step(loss: torch.Tensor, student: nn.Module, recipe: Recipe, parts: _Parts, global_step: int) -> None:
@@ -208,14 +212,14 @@ def _optimizer_step(loss: torch.Tensor, student: nn.Module, recipe: Recipe, part
 def _end_epoch(epoch: int, seconds: float, totals: torch.Tensor, student: nn.Module, loaders: Loaders,
                recipe: Recipe, env: DistEnv, parts: _Parts, state: TrainState, plan: Optional[ConversionPlan],
                run_dir: Path, writer, progress: bool) -> None:
-    """Validate, record the epoch, write the checkpoint and the metrics (on the main process)."""
+    """Validate, record the epoch, write the checkpoint and the metrics (on the main process).
+
+    Parameters and buffers are checked first: a non-finite tensor is never saved."""
     bad = first_non_finite(student.state_dict()) or (
         first_non_finite(parts.ema.state_dict()) if parts.ema is not None else None)
     if bad:
-        checkpoint = run_dir / CHECKPOINT_NAME
-        where = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
-        raise TrainingDiverged(f"training diverged in epoch {epoch + 1}: {bad} became NaN or inf; nothing of this "
-                               f"epoch was saved and {where}. Lower optim.lr or set optim.clip_grad")
+        raise _diverged(f"training diverged in epoch {epoch + 1}: {bad} became NaN or inf; nothing of this epoch "
+                        "was saved", run_dir / CHECKPOINT_NAME)
     record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(),
               "val_acc": evaluate(student, loaders.val, env, recipe),
               "lr": parts.optimizer.param_groups[0]["lr"], "seconds": seconds,

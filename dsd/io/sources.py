@@ -46,9 +46,6 @@ class SourceRef:
     def is_registry(self) -> bool:
         return self.kind in REGISTRIES
 
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.name}" if self.is_registry else self.name
-
 
 def parse_source(text: str) -> SourceRef:
     """What a source string names. Files that exist win over the ``package.module:factory`` reading."""
@@ -131,7 +128,8 @@ def build_arch(arch: str, pretrained: bool = False, trust_code: bool = False, wh
     if kind == "dsd":
         from .. import zoo
         return zoo.build(name, pretrained, **kwargs)
-    check_trusted(arch, trust_code, where)
+    if not trust_code:  # only a package.module:factory is left here
+        raise UntrustedCode(arch, where)
     try:
         factory = getattr(importlib.import_module(kind), name)
     except (ImportError, AttributeError) as error:

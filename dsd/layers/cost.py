@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence, Tuple
 
-__all__ = ["dense_macs_per_pixel", "separable_macs_per_pixel", "dense_params", "separable_params", "output_pixels"]
+__all__ = ["dense_macs_per_pixel", "separable_macs_per_pixel", "dense_params", "separable_params", "dense_conv_macs",
+           "output_pixels"]
 
 Shape = Tuple[int, ...]
 
@@ -32,6 +33,12 @@ def dense_params(in_channels: int, out_channels: int, kernel_size: Sequence[int]
 def separable_params(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank: int, groups: int,
                      bias: bool) -> int:
     return separable_macs_per_pixel(in_channels, out_channels, kernel_size, rank, groups) + (out_channels if bias else 0)
+
+
+def dense_conv_macs(conv, call_shapes: Iterable[Tuple[Shape, Shape]]) -> int:
+    """Per-image multiply-adds of a dense conv over its recorded calls."""
+    return output_pixels(call_shapes) * dense_macs_per_pixel(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                                             conv.groups)
 
 
 def output_pixels(call_shapes: Iterable[Tuple[Shape, Shape]]) -> int:
