@@ -26,7 +26,8 @@ RESULTS_MD = RESULTS / "RESULTS.md" if _REDIRECT else Path(__file__).parent / "R
 SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "coverage": "Zoo coverage: every timm and torchvision model",
     "recovery": "Accuracy vs cost on real digits",
-    "latency": "Latency on this CPU",
+    "latency": "Latency in every runtime on this CPU",
+    "runtime_decisions": "Decided in onnxruntime: compare, only-if-faster and target latency, checked independently",
     "latency_gpu": "Latency on a GPU",
     "kernels": "Separable layers vs dense convs: rank-r layout, fused kernel, end to end",
     "kernels_default_malloc": "Separable layers vs dense convs, glibc's default malloc settings",

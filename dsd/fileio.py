@@ -5,6 +5,7 @@
   when the run has succeeded; without ``force`` no existing file is replaced, not even one that another
   run created meanwhile (the final name is claimed exclusively, so of two concurrent runs exactly one wins).
 - :func:`remove_stale_temporaries`: temporaries whose run died (``kill -9``) are cleaned up by the next run.
+- :func:`dsd_cache_dir`: where dsd keeps what it can make again (trained built-in weights, layer timings).
 """
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ from typing import Dict, Iterable, Iterator, List, Union
 
 from .errors import DsdError
 
-__all__ = ["atomic_path", "atomic_write_text", "OutputSet", "remove_stale_temporaries", "TEMP_SUFFIX"]
+__all__ = ["atomic_path", "atomic_write_text", "OutputSet", "remove_stale_temporaries", "TEMP_SUFFIX", "dsd_cache_dir"]
 
 PathLike = Union[str, os.PathLike]
 TEMP_SUFFIX = ".dsd-tmp"
+
+
+def dsd_cache_dir() -> Path:
+    """``$DSD_CACHE``, else ``~/.cache/dsd``."""
+    return Path(os.environ.get("DSD_CACHE", Path.home() / ".cache" / "dsd"))
 
 
 def _temporary(path: Path) -> Path:

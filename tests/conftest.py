@@ -7,6 +7,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_timings(monkeypatch):
+    """Every test measures afresh: the user's layer-timing cache is neither read nor written."""
+    monkeypatch.setenv("DSD_LATENCY_CACHE", "off")
+
+
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory):
     """A DSD_CACHE holding the trained dsd:digits_cnn teacher, trained once per test session."""

@@ -3,6 +3,7 @@
 Run in-process through the CLI's own entry points (the same code the console scripts run), so the
 table stays cheap as it grows: add a row for every error found later.
 """
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -69,6 +70,13 @@ CONVERT = [  # dsd-convert arguments, a fragment of the one-line error
     (["timm:resnet18", "--device", "bogus"], "is not a torch device"),
     pytest.param(["timm:resnet18", "--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(GPU, reason="GPU")),
     (["timm:resnet18", "--dtype", "float64"], "invalid choice"),
+    (["timm:resnet18", "--runtime", "tensorrt"], "invalid choice: 'tensorrt'"),
+    (["timm:resnet18", "--runtime", "cudagraph"], "needs a CUDA device"),
+    pytest.param(["timm:resnet18", "--runtime", "cudagraph", "--device", "cuda"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(GPU, reason="GPU")),
+    (["timm:resnet18", "--runtime", "onnxruntime", "--dtype", "bfloat16"], "times the float32 ONNX export"),
+    (["timm:resnet18", "--runtime", "onnxruntime", "--channels-last"], "channels_last does not apply"),
+    (["timm:resnet18", "--threads", "0"], "threads must be an integer >= 1"),
     (["timm:resnet18", "--iters", "0"], "iters must be an integer >= 1"),
     (["timm:resnet18", "--warmup", "-1"], "warmup must be an integer >= 0"),
     (["timm:resnet18", "--batch-size", "0"], "batch_size must be an integer >= 1"),
@@ -111,6 +119,8 @@ DSD = [  # dsd arguments
     (["report"], "the following arguments are required"),
     (["report", "timm:resnet18", "--against", "missing.plan.json", *SMALL], "no such plan file"),
     (["report", "timm:resnet18", "--against", "evil.plan.json", *SMALL], "--trust-code"),
+    (["report", "timm:resnet18", "--runtime", "cudagraph", *SMALL], "needs a CUDA device"),
+    (["report", "timm:resnet18", "--runtime", "bogus", *SMALL], "invalid choice: 'bogus'"),
     (["finetune", "no_such_recipe"], "no such recipe file"),
     (["finetune", "list.yaml"], "expected a mapping"),
     (["finetune", "broken.yaml"], "is not valid YAML"),
@@ -166,3 +176,13 @@ def test_dsd_refuses(workdir, monkeypatch, capsys, argv, fragment):
 
 def test_the_table_is_large_enough():
     assert len(CONVERT) + len(DSD) >= 40
+
+
+def test_a_runtime_that_is_not_installed_is_refused_before_any_work(workdir, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    monkeypatch.setattr("dsd.cli.convert.load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    code, err, before, after = _run(convert_main, [*SMALL, "timm:resnet18", "--runtime", "onnxruntime"], workdir,
+                                    monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "pip install 'dsd[onnx]'" in err[0], err
+    assert after == before

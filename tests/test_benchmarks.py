@@ -17,7 +17,9 @@ CASES = {
     "budgets_latency": ["--budgets", "--latency-models", "resnet18", "--target-latency", "0.8"],
     "coverage": ["--timm", "resnet18", "--torchvision", "resnet18", "--workers", "1"],
     "recovery": ["--models", "digits_cnn", "--configs", "r1", "--inits", "svd", "--seeds", "0", "--epochs", "1"],
-    "latency": ["--models", "timm:resnet18", "--batch-sizes", "1", "--variants", "rank1"],
+    "latency": ["--models", "timm:resnet18", "--batch-size", "1", "--variants", "rank1", "--runtimes", "eager",
+                "onnxruntime", "--warmup", "0", "--iters", "2"],
+    "runtime_decisions": ["--batch-size", "1", "--iters", "3", "--checks", "compare"],
     "vs_pruning": ["--iters", "1", "--rounds", "1", "--batch-size", "1"],
     "kernels": ["--batch-sizes", "1", "--models", "resnet18", "--model-batch", "1", "--iters", "1", "--rounds", "1"],
 }

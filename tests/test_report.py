@@ -86,12 +86,26 @@ def test_json_schema_round_trip(report, tmp_path):
     path = tmp_path / "r.json"
     report.to_json(str(path))
     data = json.loads(path.read_text())
-    assert data["schema"] == "dsd.savings" and data["version"] == 1
+    assert data["schema"] == "dsd.savings" and data["version"] == 2
     assert set(data["total"]) == {"params_before", "params_after", "flops_before", "flops_after",
-                                  "latency_before", "latency_after"}
+                                  "latency_before", "latency_after", "speedup_p10", "speedup_p90"}
+    assert data["total"]["speedup_p10"] <= data["total"]["speedup_p90"]
     assert SavingsReport.from_dict(data).to_dict() == data
-    with pytest.raises(ValueError, match="not a dsd.savings v1 report"):
+    with pytest.raises(ValueError, match="not a dsd.savings v2 report"):
         SavingsReport.from_dict({**data, "version": 99})
+
+
+def test_version_1_reports_still_load(report):
+    """Written before the intervals and the samples existed."""
+    data = report.to_dict()
+    data["version"] = 1
+    for row in [data["total"], *data["layers"]]:
+        del row["speedup_p10"], row["speedup_p90"]
+        for key in ("latency_before", "latency_after"):
+            del row[key]["samples_ms"]
+    loaded = SavingsReport.from_dict(data)
+    assert loaded.total.speedup == pytest.approx(report.total.speedup) and loaded.total.speedup_p10 is None
+    assert "speedup" in loaded.summary()
 
 
 def test_plot_is_a_real_png(report, tmp_path):

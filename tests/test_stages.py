@@ -6,6 +6,7 @@ from dsd.convert import ConvertOptions
 from dsd.convert.match import analyze
 from dsd.convert.pipeline import choose_layer_ranks, describe_layers, initialise_layers, keep_faster_layers, rewrite
 from dsd.layers import DepthwiseSeparableConv2d
+from dsd.timing import LatencyStats
 
 
 def _model():
@@ -43,11 +44,12 @@ def test_choose_ranks_marks_what_the_budget_keeps_dense():
 def test_keep_faster_drops_the_layers_measured_slower(monkeypatch):
     times = {"0": (1.0, 2.0), "1": (3.0, 1.0), "6": (5.0, 4.0)}  # (dense, separable) ms
 
-    def injected(site, module, settings):
-        return times[site.name][isinstance(module, DepthwiseSeparableConv2d)]
-    monkeypatch.setattr("dsd.convert.choose.site_latency", injected)
+    def injected(site, variants, settings):
+        return [LatencyStats.of([times[site.name][isinstance(m, DepthwiseSeparableConv2d)]] * 5, 1) for m in variants]
+    monkeypatch.setattr("dsd.convert.choose.site_timings", injected)
     _, _, _, records, eligible = _described()
-    kept = keep_faster_layers(eligible, records, ConvertOptions(only_if_faster=True))
+    kept, end_to_end = keep_faster_layers(eligible, records, ConvertOptions(only_if_faster=True))
+    assert end_to_end is None  # no whole-model timer given: per layer only
     assert [site.name for site, _ in kept] == ["1", "6"]
     assert records["0"].category == "not faster" and records["1"].latency_before_ms == 3.0
 

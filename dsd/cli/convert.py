@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if paths.onnx:
             export_onnx(converted, torch.randn(1, *size), outputs.path(paths.onnx))
         baseline = fold_batchnorm(model.eval()) if args.fold_bn else model  # like against like
-        savings = compare(baseline, converted, size, settings, latency=wants_latency(args))
+        savings = compare(baseline, converted, size, settings, latency=wants_latency(args), progress=not args.quiet)
         emit(savings, args, out, outputs, show_table=args.report)
         written = outputs.commit()
     for path in written:

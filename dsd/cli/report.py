@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         converted, _ = load_model(args.against, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     else:
         converted, _ = convert_model(original, torch.randn(1, *size))
-    savings = compare(original, converted, size, settings, per_layer=args.per_layer)
+    savings = compare(original, converted, size, settings, per_layer=args.per_layer, progress=not args.quiet)
     with OutputSet(report_files(args), args.force) as outputs:
         emit(savings, args, console(args), outputs, show_table=True)
         outputs.commit()

@@ -7,20 +7,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..errors import DsdError
 from ..layers.cost import dense_conv_macs, output_pixels
 from ..layers.create import effective_weight
 from ..layers.decouple import energy_rank, rank_errors
 from ..layers.spec import LayerSpec
-from ..timing import BenchmarkSettings, layer_latency
+from ..timing import BenchmarkSettings, LatencyStats, Speedup, measure_layer
 from .budget import DENSE, Option, solve_budget
+from .end_to_end import EndToEnd, WholeModel
 from .match import ConvSite
 from .options import ConvertOptions
 
-__all__ = ["Candidate", "BudgetOutcome", "candidate_errors", "choose_ranks", "is_faster", "site_latency"]
+__all__ = ["Candidate", "BudgetOutcome", "candidate_errors", "choose_ranks", "layer_speedup", "site_timings"]
 
-_UNITS = {"flops": "conv FLOPs", "params": "parameters", "latency": "summed conv latency"}
+_UNITS = {"flops": "conv FLOPs", "params": "parameters", "latency": "latency"}
+LATENCY_ROUNDS = 3  # whole-model measurements a latency budget may take to settle
 
 
 @dataclass
@@ -35,15 +38,28 @@ class BudgetOutcome:
     kind: str  # energy | flops | params | latency
     target: float
     reached: Optional[float]  # the converted model's share of the original's total (None for energy)
+    end_to_end: Optional[EndToEnd] = None  # latency: the whole-model measurement ``reached`` comes from
+
+    def describe(self) -> str:
+        text = f"budget: {self.kind} {self.target:g}"
+        if self.reached is not None:
+            text += f", reached {self.reached:.3f} of the original"
+            if self.end_to_end is not None:
+                text += " measured end to end"
+            if self.end_to_end is not None and self.reached > self.target:
+                text += f" (target {self.target:g} not met: the closest of {self.end_to_end.rounds} measured choices)"
+        return text
 
 
 def candidate_errors(site: ConvSite, spec: LayerSpec, whitening: Optional[torch.Tensor] = None) -> torch.Tensor:
     return rank_errors(effective_weight(site.module, spec), spec.groups, whitening)
 
 
-def site_latency(site: ConvSite, module: nn.Module, settings: BenchmarkSettings) -> float:
-    """Milliseconds ``module`` takes for all of the site's calls, each timed alone on its real input shape."""
-    return sum(layer_latency(module, shape_in, settings).median_ms for shape_in, _ in site.call_shapes)
+def site_timings(site: ConvSite, variants: Sequence[nn.Module], settings: BenchmarkSettings) -> List[LatencyStats]:
+    """Each variant's time for all of the site's calls, each call timed on its real input shape in the
+    settings' runtime (interleaved, and kept in the on-disk cache)."""
+    per_call = [measure_layer(variants, shape_in, settings) for shape_in, _ in site.call_shapes]
+    return [LatencyStats.summed([call[i] for call in per_call], settings.batch_size) for i in range(len(variants))]
 
 
 def _latency_ranks(full: int) -> List[int]:
@@ -62,50 +78,99 @@ def _costs(c: Candidate, kind: str, ranks: Sequence[int], settings: BenchmarkSet
                 **{r: float(pixels * c.spec.macs_per_pixel(r)) for r in ranks}}
     if kind == "params":
         return {DENSE: float(c.spec.dense_params()), **{r: float(c.spec.params(r)) for r in ranks}}
-    return {DENSE: site_latency(c.site, c.site.module, settings),
-            **{r: site_latency(c.site, replace(c.spec, rank=r).build(), settings) for r in ranks}}
+    timings = site_timings(c.site, [c.site.module, *(replace(c.spec, rank=r).build() for r in ranks)], settings)
+    return {rank: stats.median_ms for rank, stats in zip([DENSE, *ranks], timings)}
+
+
+def _ranks_to_try(c: Candidate, kind: str, only_if_cheaper: bool) -> List[int]:
+    full = c.errors.numel() - 1
+    if kind != "latency":
+        return list(range(1, full + 1))
+    ranks = _latency_ranks(full)
+    if only_if_cheaper:  # a latency budget never buys a layer with more multiply-adds than the dense conv
+        ranks = [r for r in ranks if c.spec.macs_per_pixel(r) < c.spec.dense_macs_per_pixel()] or ranks[:1]
+    return ranks
 
 
 def _fixed_cost(kind: str, others: Sequence[ConvSite], model: nn.Module, candidate_total: float,
-                settings: BenchmarkSettings) -> Tuple[float, float]:
+                whole: Optional[WholeModel], settings: BenchmarkSettings) -> Tuple[float, float]:
     """(cost that no conversion changes, the original's total) in the budget's unit."""
     if kind == "flops":
         fixed = sum(dense_conv_macs(s.module, s.call_shapes) for s in others)
     elif kind == "params":
         total = float(sum(p.numel() for p in model.parameters()))
         return total - candidate_total, total
-    else:
-        fixed = sum(site_latency(s, s.module, settings) for s in others if s.calls)
+    elif whole is None:  # a model of several inputs: the convs' summed latency, each timed alone
+        fixed = sum(site_timings(s, [s.module], settings)[0].median_ms for s in others if s.calls)
+    else:  # the whole model's measured latency; the candidates' share of it from their own timings
+        total = whole.original_ms()
+        return max(0.0, total - candidate_total), total
     return fixed, fixed + candidate_total
 
 
 def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite], options: ConvertOptions,
-                 model: nn.Module) -> Tuple[Dict[str, int], BudgetOutcome]:
-    """``name -> rank`` (0 = keep dense) for each candidate under the options' budget, and what it reached."""
+                 model: nn.Module, whole: Optional[WholeModel] = None, progress: bool = False
+                 ) -> Tuple[Dict[str, int], BudgetOutcome]:
+    """``name -> rank`` (0 = keep dense) for each candidate under the options' budget, and what it reached.
+
+    A latency budget (``whole`` given) is a share of the whole model's latency in the settings' runtime;
+    the choice is measured end to end and, where it misses the target, chosen again on a budget
+    tightened by the miss (at most ``LATENCY_ROUNDS`` measurements)."""
     (name, target), = options.budget.items()
     if name == "energy":
         return {c.spec.name: max(1, energy_rank(c.errors, target)) for c in candidates}, BudgetOutcome(name, target, None)
     kind = name.removeprefix("target_")
     layers: List[List[Option]] = []
-    for c in candidates:
-        full = c.errors.numel() - 1
-        ranks = _latency_ranks(full) if kind == "latency" else list(range(1, full + 1))
-        cost = _costs(c, kind, ranks, options.benchmark)
+    for c in tqdm(candidates, desc="timing layers", unit="conv", disable=not (progress and kind == "latency")):
+        cost = _costs(c, kind, _ranks_to_try(c, kind, options.only_if_cheaper), options.benchmark)
         layers.append([Option(DENSE, cost[DENSE], 0.0)]
-                      + [Option(r, cost[r], float(c.errors[r])) for r in ranks if cost[r] < cost[DENSE]])
+                      + [Option(r, v, float(c.errors[r])) for r, v in cost.items() if r != DENSE and v < cost[DENSE]])
     names = {c.spec.name for c in candidates}
     others = [s for s in all_sites if s.name not in names]
-    fixed, total = _fixed_cost(kind, others, model, sum(o[0].cost for o in layers), options.benchmark)
+    fixed, total = _fixed_cost(kind, others, model, sum(o[0].cost for o in layers), whole,
+                               options.benchmark)
     if fixed > target * total:
         raise DsdError(f"{name}={target:g} cannot be met: what no conversion changes (1x1, depthwise and skipped "
-                       f"convs{', other layers' if kind == 'params' else ''}) is already {fixed / total:.3f} of the "
-                       f"original's {_UNITS[kind]}; choose a target above {fixed / total:.3f}")
+                       f"convs{', other layers' if kind in ('params', 'latency') else ''}) is already "
+                       f"{fixed / total:.3f} of the original's {_UNITS[kind]}; choose a target above {fixed / total:.3f}")
     chosen = solve_budget(layers, target * total - fixed)
+    if kind == "latency" and whole is not None:
+        return _settle_latency(candidates, layers, chosen, target, fixed, whole)
     reached = (fixed + sum(o.cost for o in chosen)) / total
     return {c.spec.name: o.rank for c, o in zip(candidates, chosen)}, BudgetOutcome(kind, target, reached)
 
 
-def is_faster(site: ConvSite, spec: LayerSpec, settings: BenchmarkSettings) -> Tuple[bool, float, float]:
-    """(separable faster?, dense ms, separable ms), measured with ``settings`` on the layer's real inputs."""
-    dense, separable = site_latency(site, site.module, settings), site_latency(site, spec.build(), settings)
-    return separable < dense, dense, separable
+def _settle_latency(candidates: Sequence[Candidate], layers: List[List[Option]], chosen: List[Option],
+                    target: float, fixed: float, whole: WholeModel) -> Tuple[Dict[str, int], BudgetOutcome]:
+    budget = target * whole.original_ms() - fixed
+    tried = []  # (meets the target, summed error, share, ranks, end to end)
+    for _ in range(LATENCY_ROUNDS):
+        ranks = {c.spec.name: o.rank for c, o in zip(candidates, chosen)}
+        before, after = whole.compare([replace(c.spec, rank=o.rank) for c, o in zip(candidates, chosen)
+                                       if o.rank != DENSE])
+        share = after.median_ms / before.median_ms
+        tried.append((share <= target, sum(o.error for o in chosen), share, ranks, whole.outcome(before, after)))
+        if share <= target:
+            break
+        # The miss, in the whole model's milliseconds, taken off the budget; or, where the chosen layers cost
+        # more in the model than alone, the budget scaled down by that ratio: whichever is tighter.
+        predicted, measured = sum(o.cost for o in chosen), after.median_ms - fixed
+        budget = budget - (share - target) * before.median_ms
+        if predicted > 0 and measured > predicted:
+            budget = min(budget, (target * before.median_ms - fixed) * predicted / measured)
+        try:
+            chosen = solve_budget(layers, budget)
+        except DsdError:
+            break  # nothing cheaper is left to try
+    met = [t for t in tried if t[0]]
+    _, _, share, ranks, end_to_end = min(met, key=lambda t: t[1]) if met else min(tried, key=lambda t: t[2])
+    end_to_end.rounds = whole.rounds
+    return ranks, BudgetOutcome("latency", target, share, end_to_end)
+
+
+def layer_speedup(site: ConvSite, spec: LayerSpec, settings: BenchmarkSettings
+                  ) -> Tuple[Speedup, LatencyStats, LatencyStats]:
+    """(separable's speedup over dense with its interval, dense timing, separable timing) on the layer's
+    real inputs in the settings' runtime."""
+    dense, separable = site_timings(site, [site.module, spec.build()], settings)
+    return Speedup.of(dense, separable), dense, separable

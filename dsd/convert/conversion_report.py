@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..layers.cost import dense_conv_macs
 from ..layers.spec import LayerSpec
+from .end_to_end import EndToEnd
 from .match import ConvSite
 from .plan import ConversionPlan
 
@@ -84,6 +85,7 @@ class ConversionReport:
     shapes_verified: Optional[bool] = None  # None: no example input to check with
     other_convs: List[Tuple[str, str]] = field(default_factory=list)
     budget: Optional[Any] = None  # choose.BudgetOutcome when ranks came from a budget
+    end_to_end: Optional[EndToEnd] = None  # the whole-model measurement a latency decision ended on
 
     @property
     def converted(self) -> List[LayerRecord]:
@@ -110,9 +112,9 @@ class ConversionReport:
         if self.skipped:
             lines.append("skipped: " + ", ".join(f"{n} {c}" for c, n in self.skip_counts().items()))
         if self.budget is not None:
-            b = self.budget
-            lines.append(f"budget: {b.kind} {b.target:g}" + (f", reached {b.reached:.3f} of the original"
-                                                            if b.reached is not None else ""))
+            lines.append(self.budget.describe())
+        if self.end_to_end is not None:
+            lines.append(self.end_to_end.describe())
         before, after = self.conv_macs()
         if before:
             lines.append(f"conv MACs per image: {before / 1e6:.1f}M -> {after / 1e6:.1f}M ({after / before:.1%})")
@@ -140,6 +142,7 @@ class ConversionReport:
     def to_dict(self) -> Dict[str, Any]:
         return {"traced": self.traced, "trace_error": self.trace_error, "shapes_verified": self.shapes_verified,
                 "budget": asdict(self.budget) if self.budget is not None else None,
+                "end_to_end": self.end_to_end.to_dict() if self.end_to_end is not None else None,
                 "other_convs": self.other_convs, "layers": [asdict(r) for r in self.layers],
                 "plan": self.plan.to_dict()}
 

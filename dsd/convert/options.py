@@ -75,9 +75,10 @@ class ConvertOptions:
     target_params: Optional[float] = field(default=None, metadata=_meta(
         "budget: the model's parameters at most this share of the original's"))
     target_latency: Optional[float] = field(default=None, metadata=_meta(
-        "budget: the convs' summed latency, measured with the benchmark settings, at most this share"))
+        "budget: the whole model's latency, measured in the benchmark settings' runtime, at most this share"))
     only_if_faster: bool = field(default=False, metadata=_meta(
-        "keep layers dense that measure slower separable (with the benchmark settings)"))
+        "keep layers dense that measure slower separable, and never let the model be slower end to end "
+        "(measured in the benchmark settings' runtime)"))
     benchmark: BenchmarkSettings = field(default=DECISION_TIMING, metadata=_meta(
         "how only_if_faster and target_latency measure (the CLI's measurement flags)"))
     calibration_batches: int = field(default=8, metadata=_meta(

@@ -2,7 +2,8 @@
 
 1. :func:`analyze` (trace and match): every Conv2d, how it was found, its call shapes;
 2. :func:`describe_layers`: one :class:`LayerRecord` per conv, and the convertible ones with their spec;
-3. :func:`choose_layer_ranks` (a budget) and :func:`keep_faster_layers` (``only_if_faster``);
+3. :func:`choose_layer_ranks` (a budget) and :func:`keep_faster_layers` (``only_if_faster``), both settled
+   by timing the whole model in the benchmark settings' runtime (:mod:`dsd.convert.end_to_end`);
 4. :func:`initialise_layers`: build each separable layer from the trained (or calibrated) weights;
 5. :func:`rewrite`: swap the layers into the model, re-estimate BatchNorm if asked;
 6. :func:`verify_shapes`: every converted layer keeps its output shape on the example input.
@@ -25,8 +26,9 @@ from ..layers.spec import LayerSpec
 from ..modes import eval_mode, record_shapes
 from ..module_tree import swap_modules
 from .budget import DENSE
-from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, is_faster
+from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
 from .conversion_report import ConversionReport, LayerRecord
+from .end_to_end import EndToEnd, WholeModel, revert_until_not_slower, whole_model_input
 from .fold_bn import apply_folding
 from .match import ConvSite, ModelAnalysis, analyze, as_args
 from .options import ConvertOptions
@@ -76,17 +78,19 @@ def convert_model(
     stats = None
     if options.init == DATA_INIT and options.budget:
         stats = patch_statistics(working, [spec for _, spec in eligible], batches)
-    outcome = None
+    whole = _whole_model(working, example_inputs, options, progress)
+    outcome = end_to_end = None
     if options.budget:
-        eligible, outcome = choose_layer_ranks(eligible, records, analysis, options, working, stats)
+        eligible, outcome = choose_layer_ranks(eligible, records, analysis, options, working, stats, whole, progress)
+        end_to_end = outcome.end_to_end
     if options.only_if_faster:
-        eligible = keep_faster_layers(eligible, records, options)
+        eligible, end_to_end = keep_faster_layers(eligible, records, options, whole, progress)
     layers, specs = initialise_layers(eligible, records, options, reference, working, batches, stats, progress)
     rewrite(working, layers, options, batches)
 
     plan = ConversionPlan(specs, options.to_dict())
     report = ConversionReport(list(records.values()), plan, analysis.traced, analysis.trace_error,
-                              other_convs=analysis.other_convs, budget=outcome)
+                              other_convs=analysis.other_convs, budget=outcome, end_to_end=end_to_end)
     if analysis.ran:
         report.shapes_verified = verify_shapes(working, example_inputs, analysis, layers)
     return working, report
@@ -97,6 +101,15 @@ def _check_inputs(options: ConvertOptions, example_inputs: Any, calibration_data
         raise DsdError("target_flops and target_latency need example_inputs (the layer shapes)")
     if (options.init == DATA_INIT or options.recalibrate_bn) and calibration_data is None:
         raise DsdError("init='data' and recalibrate_bn need calibration_data (an iterable of input batches)")
+
+
+def _whole_model(model: nn.Module, example_inputs: Any, options: ConvertOptions, progress: bool
+                 ) -> Optional[WholeModel]:
+    """The whole-model timer, where a decision is made on latency and the model takes one tensor."""
+    sample = whole_model_input(example_inputs)
+    if sample is None or not (options.only_if_faster or "target_latency" in options.budget):
+        return None
+    return WholeModel(model, sample, options.benchmark, progress)
 
 
 def describe_layers(analysis: ModelAnalysis, options: ConvertOptions) -> Tuple[Dict[str, LayerRecord], Eligible]:
@@ -116,13 +129,13 @@ def describe_layers(analysis: ModelAnalysis, options: ConvertOptions) -> Tuple[D
 
 
 def choose_layer_ranks(eligible: Eligible, records: Dict[str, LayerRecord], analysis: ModelAnalysis,
-                       options: ConvertOptions, model: nn.Module, stats: Optional[Dict[str, PatchStats]] = None
-                       ) -> Tuple[Eligible, BudgetOutcome]:
+                       options: ConvertOptions, model: nn.Module, stats: Optional[Dict[str, PatchStats]] = None,
+                       whole: Optional[WholeModel] = None, progress: bool = False) -> Tuple[Eligible, BudgetOutcome]:
     """The options' budget decides each layer's rank; layers it keeps dense are marked so."""
     whitenings = {name: whitening(s.second_moment()) for name, s in (stats or {}).items()}
     candidates = [Candidate(site, spec, candidate_errors(site, spec, whitenings.get(spec.name)))
                   for site, spec in eligible]
-    ranks, outcome = choose_ranks(candidates, analysis.sites, options, model)
+    ranks, outcome = choose_ranks(candidates, analysis.sites, options, model, whole, progress)
     chosen = []
     for site, spec in eligible:
         if ranks[spec.name] == DENSE:
@@ -132,19 +145,32 @@ def choose_layer_ranks(eligible: Eligible, records: Dict[str, LayerRecord], anal
     return chosen, outcome
 
 
-def keep_faster_layers(eligible: Eligible, records: Dict[str, LayerRecord], options: ConvertOptions) -> Eligible:
-    """Only the layers that measure faster separable than dense (with the options' benchmark settings)."""
-    kept = []
-    for site, spec in eligible:
-        faster, dense_ms, separable_ms = is_faster(site, spec, options.benchmark)
+def keep_faster_layers(eligible: Eligible, records: Dict[str, LayerRecord], options: ConvertOptions,
+                       whole: Optional[WholeModel] = None, progress: bool = False
+                       ) -> Tuple[Eligible, Optional[EndToEnd]]:
+    """The layers whose separable form is not clearly slower than dense (the bootstrap interval of the
+    speedup lies below 1.0) in the options' benchmark settings; then, with ``whole``, the model end to
+    end: while it measures slower than the original, the layer with the smallest gain goes back to dense."""
+    settings, kept = options.benchmark, []
+    for site, spec in tqdm(eligible, desc="timing layers", unit="conv", disable=not progress):
+        speedup, dense, separable = layer_speedup(site, spec, settings)
         record = records[site.name]
-        record.latency_before_ms, record.latency_after_ms = dense_ms, separable_ms
-        if faster:
-            kept.append((site, spec))
+        record.latency_before_ms, record.latency_after_ms = dense.median_ms, separable.median_ms
+        if speedup.clearly_slower:
+            record.skip("not faster", f"{separable.median_ms:.3f} ms separable vs {dense.median_ms:.3f} ms dense, "
+                                      f"speedup {speedup} ({settings.runtime} on {settings.device})")
         else:
-            record.skip("not faster", f"{separable_ms:.3f} ms separable vs {dense_ms:.3f} ms dense "
-                                      f"on {options.benchmark.device}")
-    return kept
+            kept.append((site, spec))
+    if whole is None or not kept:
+        return kept, None
+    gains = {spec.name: records[site.name].latency_before_ms - records[site.name].latency_after_ms
+             for site, spec in kept}
+    specs, end_to_end = revert_until_not_slower(whole, [spec for _, spec in kept], gains)
+    for name in end_to_end.reverted:
+        records[name].skip("not faster", f"made dense again: the converted model measured slower end to end "
+                                         f"({settings.runtime}) and this layer gained least")
+    still = {spec.name for spec in specs}
+    return [(site, spec) for site, spec in kept if spec.name in still], end_to_end
 
 
 def initialise_layers(eligible: Eligible, records: Dict[str, LayerRecord], options: ConvertOptions,

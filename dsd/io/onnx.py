@@ -12,6 +12,7 @@ from ..convert.fold_bn import fold_batchnorm
 from ..errors import DsdError
 from ..fileio import atomic_path
 from ..modes import eval_mode
+from ..timing.runtimes import export_onnx_model
 
 __all__ = ["export_onnx"]
 
@@ -32,7 +33,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
         model = fold_batchnorm(copy.deepcopy(model).eval(), inplace=True)
     with eval_mode(model):
         with atomic_path(path) as tmp:
-            torch.onnx.export(model, (example,), str(tmp), dynamo=True, external_data=False)
+            export_onnx_model(model, example, tmp)
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})[:1]
             got = torch.from_numpy(got)

@@ -1,15 +1,15 @@
 """``compare(original, converted)``: count and measure both models, line their layers up by name."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import eval_mode, record_shapes
-from ..timing import BenchmarkSettings, environment, layer_latency, model_latency
+from ..timing import BenchmarkSettings, environment, measure, measure_layer
 from .flops import count_flops
 from .savings_report import LayerSavings, SavingsReport
 
@@ -36,18 +36,21 @@ def compare(
         *,
         latency: bool = True,
         per_layer: bool = True,
+        progress: bool = False,
         **settings: Any,
 ) -> SavingsReport:
     """Parameters and FLOPs (fvcore, per image) and, with ``latency``, measured latency before vs after.
 
-    ``benchmark`` says how latency is measured; its fields may also be given as keywords (``device="cuda"``,
-    ``batch_size=64``), which override it. Per-layer rows are the converted layers, lined up by name with
-    the original's layer; with ``per_layer`` each pair is also timed in isolation on its real input shape.
+    ``benchmark`` says how latency is measured (runtime, device, dtype, batch, memory format, threads);
+    its fields may also be given as keywords (``device="cuda"``, ``runtime="onnxruntime"``), which override
+    it. The two models are timed interleaved and the speedup carries a bootstrap interval. Per-layer rows
+    are the converted layers, lined up by name with the original's layer; with ``per_layer`` each pair is
+    also timed in isolation on its real input shape, in the same runtime (cached on disk).
     """
     if isinstance(benchmark, str):  # compare(a, b, size, "cuda", ...): the positional device of earlier releases
         settings["device"] = benchmark
         benchmark = None
-    settings = replace(benchmark or BenchmarkSettings(), **settings) if settings else benchmark or BenchmarkSettings()
+    settings = (benchmark or BenchmarkSettings()).updated(**settings)
     example = torch.randn(1, *input_size)
     names = converted_layer_names(converted)
     before, after = count_flops(original, example), count_flops(converted, example)
@@ -57,13 +60,13 @@ def compare(
     env: Optional[dict] = None
     if latency:
         env = environment(settings)
-        total.latency_before = model_latency(original, input_size, settings)
-        total.latency_after = model_latency(converted, input_size, settings)
+        total.timed(*measure([original, converted], (settings.batch_size, *input_size), settings, progress,
+                             desc="timing both models"))
         if per_layer:
             shapes = conv_input_shapes(original, names, example)
-            for layer in layers:
+            for layer in tqdm(layers, desc="timing layers", unit="conv", disable=not progress):
                 if layer.name in shapes:
-                    layer.latency_before = layer_latency(original.get_submodule(layer.name), shapes[layer.name], settings)
-                    layer.latency_after = layer_latency(converted.get_submodule(layer.name), shapes[layer.name], settings)
+                    pair = [original.get_submodule(layer.name), converted.get_submodule(layer.name)]
+                    layer.timed(*measure_layer(pair, shapes[layer.name], settings))
     unsupported = dict(before.unsupported_ops + after.unsupported_ops)
     return SavingsReport(total, layers, list(input_size), env, unsupported)

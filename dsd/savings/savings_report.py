@@ -1,18 +1,21 @@
 """The savings report: parameters, FLOPs and latency before vs after, per converted layer and in total.
 
-JSON schema (``schema: "dsd.savings"``, ``version: 1``)::
+JSON schema (``schema: "dsd.savings"``, ``version: 2``; version 1 files, without the intervals, still load)::
 
-    {"schema": "dsd.savings", "version": 1,
+    {"schema": "dsd.savings", "version": 2,
      "flop_convention": str,                      # fvcore: FLOPs are multiply-adds
      "input_size": [C, H, W],                     # FLOPs are per image of this size
-     "environment": {device, device_name, dtype, batch_size, channels_last, compile, threads, torch,
-                     warmup, iters} | null,       # null when latency was not measured
+     "environment": {device, dtype, batch_size, channels_last, runtime, threads, warmup, iters, device_name,
+                     processor, torch, dsd, onnxruntime?} | null,   # null when latency was not measured
      "total": {"params_before", "params_after", "flops_before", "flops_after",
-               "latency_before": Latency | null, "latency_after": Latency | null},
-     "layers": [{"name", "params_before", "params_after", "flops_before", "flops_after",
-                 "latency_before": Latency | null, "latency_after": Latency | null}],
+               "latency_before": Latency | null, "latency_after": Latency | null,
+               "speedup_p10": float | null, "speedup_p90": float | null},
+     "layers": [{"name", ... as in total}],
      "unsupported_ops": {op: count}}              # ops fvcore did not count (element-wise, mostly)
-    Latency = {"median_ms", "p10_ms", "p90_ms", "images_per_s", "iters"}
+    Latency = {"median_ms", "p10_ms", "p90_ms", "images_per_s", "iters", "samples_ms": [float]}
+
+The speedup is the ratio of the median latencies, the two timed interleaved; ``speedup_p10``/``p90`` are
+the bounds of its bootstrap interval.
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ from typing import Any, Dict, List, Optional
 from ..errors import DsdError
 from ..fileio import atomic_path, atomic_write_text
 from .flops import FLOP_CONVENTION
-from ..timing import LatencyStats
+from ..timing import LatencyStats, Speedup
 
 __all__ = ["LayerSavings", "SavingsReport", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA, SCHEMA_VERSION = "dsd.savings", 1
+SCHEMA, SCHEMA_VERSION = "dsd.savings", 2
+READABLE_VERSIONS = (1, 2)
 
 
 def _ratio(after: float, before: float) -> Optional[float]:
@@ -47,6 +51,25 @@ class LayerSavings:
     flops_after: int
     latency_before: Optional[LatencyStats] = None
     latency_after: Optional[LatencyStats] = None
+    speedup_p10: Optional[float] = None
+    speedup_p90: Optional[float] = None
+
+    def timed(self, before: LatencyStats, after: LatencyStats) -> None:
+        self.latency_before, self.latency_after = before, after
+        interval = Speedup.of(before, after)
+        self.speedup_p10, self.speedup_p90 = interval.p10, interval.p90
+
+    @property
+    def uncertain(self) -> bool:
+        """The speedup's interval includes 1.0: this measurement cannot tell faster from slower."""
+        return self.speedup_p10 is not None and self.speedup_p10 <= 1.0 <= self.speedup_p90
+
+    def speedup_text(self) -> str:
+        if self.speedup is None:
+            return "-"
+        if self.speedup_p10 is None:
+            return f"{self.speedup:.2f}x"
+        return f"{self.speedup:.2f}x ({self.speedup_p10:.2f}-{self.speedup_p90:.2f})"
 
     @property
     def flop_ratio(self) -> Optional[float]:
@@ -101,7 +124,7 @@ class SavingsReport:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "SavingsReport":
-        if data.get("schema") != SCHEMA or data.get("version") != SCHEMA_VERSION:
+        if data.get("schema") != SCHEMA or data.get("version") not in READABLE_VERSIONS:
             raise DsdError(f"not a {SCHEMA} v{SCHEMA_VERSION} report "
                              f"(schema={data.get('schema')!r}, version={data.get('version')!r})")
         return cls(LayerSavings.from_dict({"name": "total", **data["total"]}),
@@ -121,17 +144,25 @@ class SavingsReport:
                  f"per {'x'.join(map(str, self.input_size))} image"]
         if t.speedup is not None:
             lines.append(f"latency {t.latency_before.median_ms:.2f} -> {t.latency_after.median_ms:.2f} ms "
-                         f"(median of {t.latency_after.iters}): speedup {t.speedup:.2f}x, "
-                         f"efficiency {t.efficiency:.2f} (speedup / FLOP reduction)")
+                         f"(median of {t.latency_after.iters}, interleaved): speedup {t.speedup_text()} "
+                         f"[p10-p90], efficiency {t.efficiency:.2f} (speedup / FLOP reduction)")
+            if t.uncertain:
+                lines.append("warning: the speedup's interval includes 1.0: this measurement cannot tell whether "
+                             "the converted model is faster; raise --iters or measure on a quieter machine")
         if self.environment:
             e = self.environment
-            lines.append(f"measured on {e['device']} ({e['device_name']}), {e['dtype']}, batch {e['batch_size']}, "
-                         f"{e['threads']} threads, channels_last={e['channels_last']}, compile={e['compile']}, "
-                         f"torch {e['torch']}")
-        slower = [layer.name for layer in self.layers if layer.speedup is not None and layer.speedup < 1]
+            lines.append(f"measured in {e.get('runtime', 'eager')} on {e['device']} ({e['device_name']}), "
+                         f"{e['dtype']}, batch {e['batch_size']}, {e['threads']} threads, "
+                         f"channels_last={e['channels_last']}, torch {e['torch']}")
+        slower = [layer.name for layer in self.layers if layer.speedup is not None and layer.speedup < 1
+                  and not layer.uncertain]
         if slower:
             lines.append(f"{len(slower)} of {len(self.layers)} converted layers measured SLOWER than the original: "
                          + ", ".join(slower[:5]) + (" ..." if len(slower) > 5 else ""))
+        uncertain = sum(layer.uncertain for layer in self.layers)
+        if uncertain:
+            lines.append(f"{uncertain} of {len(self.layers)} converted layers measured too close to the original "
+                         "to tell (interval includes 1.0)")
         lines.append(FLOP_CONVENTION + ("; not counted: " + ", ".join(
             f"{op} x{n}" for op, n in sorted(self.unsupported_ops.items())) if self.unsupported_ops else ""))
         return "\n".join(lines)
@@ -142,11 +173,11 @@ class SavingsReport:
             rows.append([layer.name, _count(layer.params_before), _count(layer.params_after),
                          _count(layer.flops_before), _count(layer.flops_after), _pct(layer.flop_ratio),
                          _ms(layer.latency_before), _ms(layer.latency_after),
-                         f"{layer.speedup:.2f}x" if layer.speedup is not None else "-"])
+                         layer.speedup_text()])
         return rows
 
     HEADERS = ["layer", "params before", "params after", "FLOPs before", "FLOPs after", "FLOPs ratio",
-               "ms before", "ms after", "speedup"]
+               "ms before", "ms after", "speedup (p10-p90)"]
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self.HEADERS) + " |", "|" + "---|" * len(self.HEADERS)]
@@ -160,7 +191,7 @@ class SavingsReport:
             table.add_column(header, justify="left" if i == 0 else "right")
         rows = self._rows()
         for i, row in enumerate(rows):
-            slow = row[-1] != "-" and float(row[-1][:-1]) < 1
+            slow = row[-1] != "-" and float(row[-1].split("x")[0]) < 1
             table.add_row(*row, style="bold" if i == len(rows) - 1 else ("red" if slow else None))
         return table
 

@@ -13,7 +13,6 @@ or the first fine-tune that needs them.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -23,13 +22,14 @@ from timm.models.efficientnet import EfficientNet
 from torchvision.models.resnet import BasicBlock
 
 from ..errors import DsdError
+from ..fileio import dsd_cache_dir
 
 __all__ = ["DigitsCNN", "DigitsResNet", "digits_cnn", "digits_resnet", "digits_mobilenet", "MODELS", "cache_dir",
            "cached_weights", "build"]
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DSD_CACHE", Path.home() / ".cache" / "dsd"))
+    return dsd_cache_dir()
 
 
 def cached_weights(name: str) -> Path:

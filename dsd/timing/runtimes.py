@@ -1,0 +1,105 @@
+"""The runtimes a model is timed in: a registry of handlers, each turning a module and an input into one step.
+
+A handler gets the caller's module (never changed: it works on a copy), an input tensor already on the
+device and in the memory format of the settings, and returns a callable that runs one inference.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .settings import BenchmarkSettings
+
+__all__ = ["Step", "RUNTIME_HANDLERS", "prepare_step", "export_onnx_model", "onnxruntime_session"]
+
+Step = Callable[[], Any]
+Handler = Callable[[nn.Module, torch.Tensor, BenchmarkSettings], Step]
+RUNTIME_HANDLERS: Dict[str, Handler] = {}
+
+
+def _runtime(name: str):
+    def register(handler: Handler) -> Handler:
+        RUNTIME_HANDLERS[name] = handler
+        return handler
+    return register
+
+
+def prepare_step(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
+    return RUNTIME_HANDLERS[settings.runtime](module, x, settings)
+
+
+def _on_device(module: nn.Module, settings: BenchmarkSettings) -> nn.Module:
+    module = copy.deepcopy(module).eval().to(settings.device)
+    return module.to(memory_format=torch.channels_last) if settings.channels_last else module
+
+
+@_runtime("eager")
+def _eager(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
+    module = _on_device(module, settings)
+    return lambda: module(x)
+
+
+@_runtime("compile")
+def _compiled(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
+    module = torch.compile(_on_device(module, settings))
+    return lambda: module(x)
+
+
+@_runtime("cudagraph")
+def _cuda_graph(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
+    """Capture one forward on a static input (after warm-up on a side stream, as PyTorch's docs do) and
+    return its replay: no Python and no kernel-launch overhead, as in a reduce-overhead or TensorRT engine."""
+    module = _on_device(module, settings)
+    current = torch.cuda.current_stream(settings.device)
+    side = torch.cuda.Stream(settings.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            module(x)
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        module(x)
+    return graph.replay
+
+
+def export_onnx_model(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``torch.onnx.export`` (the dynamo exporter, weights inside the file), quietly."""
+    with torch.inference_mode(False), torch.no_grad():  # works when called under inference_mode too
+        torch.onnx.export(module, (example.clone(),), str(path), dynamo=True, external_data=False, verbose=False)
+
+
+def onnxruntime_session(module: nn.Module, example: torch.Tensor, settings: BenchmarkSettings):
+    """An ``InferenceSession`` over the float32 export of a CPU copy of ``module``, all graph optimisations on."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = settings.thread_count
+    providers = ["CUDAExecutionProvider"] if settings.is_cuda else ["CPUExecutionProvider"]
+    cpu_copy = copy.deepcopy(module).eval().float().cpu()
+    with tempfile.TemporaryDirectory(prefix="dsd-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx_model(cpu_copy, example.detach().float().cpu(), path)
+        return onnxruntime.InferenceSession(str(path), options, providers=providers)
+
+
+@_runtime("onnxruntime")
+def _onnxruntime(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
+    session = onnxruntime_session(module, x, settings)
+    name = session.get_inputs()[0].name
+    if not settings.is_cuda:
+        feed = {name: x.detach().cpu().numpy()}
+        return lambda: session.run(None, feed)
+    binding = session.io_binding()  # inputs and outputs stay on the GPU: no host copies in the timing
+    x = x.contiguous()
+    binding.bind_input(name, "cuda", x.device.index or 0, np.float32, list(x.shape), x.data_ptr())
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda", x.device.index or 0)
+    return lambda: session.run_with_iobinding(binding)

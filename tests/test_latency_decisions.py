@@ -1,0 +1,261 @@
+"""Latency decided in the user's runtime: the decision logic with injected timings (real timings belong in
+benchmarks/), the interval, the on-disk cache, the settings' validation and one real onnxruntime run."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dsd
+from dsd.errors import DsdError
+from dsd.layers import DepthwiseSeparableConv2d
+from dsd.layers.cost import dense_macs_per_pixel, output_pixels, separable_macs_per_pixel
+from dsd.timing import BenchmarkSettings, LatencyStats, Speedup, cache, measure_layer
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(32, 32, 5, padding=2, groups=2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def _stats(ms: float) -> LatencyStats:
+    """Five iterations 1% apart: a tight but honest interval."""
+    return LatencyStats.of([ms * (1 + 0.01 * (i - 2)) for i in range(5)], 1)
+
+
+def _macs_ms(site, module) -> float:
+    pixels = output_pixels(site.call_shapes)
+    if isinstance(module, DepthwiseSeparableConv2d):
+        per_pixel = separable_macs_per_pixel(module.in_channels, module.out_channels, module.kernel_size,
+                                             module.rank, module.groups)
+    else:
+        per_pixel = dense_macs_per_pixel(module.in_channels, module.out_channels, module.kernel_size, module.groups)
+    return pixels * per_pixel / 1e6
+
+
+class Injected:
+    """Layer timings proportional to multiply-adds (``isolated``: a per-layer factor on the separable form);
+    the whole model is ``overhead_ms`` plus its layers, a separable layer costing ``in_context`` times more
+    inside the model than alone (what a per-layer timing cannot see)."""
+
+    def __init__(self, monkeypatch, overhead_ms=0.0, in_context=None, isolated=None, time_of=_macs_ms):
+        self.sites, self.overhead_ms, self.time_of = {}, overhead_ms, time_of
+        self.in_context, self.isolated = in_context or {}, isolated or {}
+        self.whole_model_calls = 0
+        monkeypatch.setattr("dsd.convert.choose.site_timings", self.site_timings)
+        monkeypatch.setattr("dsd.convert.end_to_end.model_timings", self.model_timings)
+
+    def _layer_ms(self, site, module, factors):
+        separable = isinstance(module, DepthwiseSeparableConv2d)
+        return self.time_of(site, module) * (factors.get(site.name, 1.0) if separable else 1.0)
+
+    def site_timings(self, site, variants, settings):
+        self.sites[site.name] = site
+        return [_stats(self._layer_ms(site, m, self.isolated)) for m in variants]
+
+    def model_ms(self, model):
+        return self.overhead_ms + sum(self._layer_ms(site, model.get_submodule(name), self.in_context)
+                                      for name, site in self.sites.items())
+
+    def model_timings(self, original, candidate, input_shape, settings, progress=False):
+        self.whole_model_calls += 1
+        return _stats(self.model_ms(original)), _stats(self.model_ms(candidate))
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+def test_target_latency_is_a_share_of_the_whole_models_latency(monkeypatch):
+    injected = Injected(monkeypatch, overhead_ms=2.0)
+    converted, report = dsd.convert_model(Net().eval(), X, target_latency=0.6)
+    outcome = report.budget
+    assert outcome.end_to_end is not None and outcome.end_to_end.rounds == 1
+    measured = injected.model_ms(converted) / injected.model_ms(Net())
+    assert outcome.reached == pytest.approx(measured) and outcome.reached <= 0.6
+    assert "measured end to end" in report.summary() and "end to end (eager, batch 1)" in report.summary()
+
+
+def test_target_latency_tightens_when_the_whole_model_disagrees(monkeypatch):
+    """Alone the separable layers look 2x cheaper than they are inside the model: the first choice misses the
+    target end to end, and dsd chooses again on a budget tightened by the miss."""
+    injected = Injected(monkeypatch, overhead_ms=0.5, in_context={"a": 2.0, "b": 2.0, "c": 2.0})
+    converted, report = dsd.convert_model(Net().eval(), X, target_latency=0.5)
+    assert report.budget.end_to_end.rounds >= 2
+    assert report.budget.reached <= 0.5
+    assert report.budget.reached == pytest.approx(injected.model_ms(converted) / injected.model_ms(Net()))
+
+
+def test_an_unmet_latency_target_is_reported_not_hidden(monkeypatch):
+    Injected(monkeypatch, overhead_ms=0.5, in_context={"a": 6.0, "b": 6.0, "c": 6.0})
+    _, report = dsd.convert_model(Net().eval(), X, target_latency=0.5)
+    assert report.budget.reached > 0.5
+    assert "not met" in report.summary()
+
+
+def test_a_latency_budget_never_buys_more_multiply_adds(monkeypatch):
+    """Timings that make every rank equally fast: without only_if_cheaper the least-error rank (the highest)
+    would win, though it costs more multiply-adds than the dense conv."""
+    flat = Injected(monkeypatch, time_of=lambda site, module: 1.0 if isinstance(module, DepthwiseSeparableConv2d)
+                    else 10.0)
+    _, report = dsd.convert_model(Net().eval(), X, target_latency=0.5)
+    assert flat.whole_model_calls >= 1 and report.converted
+    assert all(r.macs_after < r.macs_before for r in report.converted)
+    _, costlier = dsd.convert_model(Net().eval(), X, target_latency=0.5, only_if_cheaper=False)
+    assert any(r.macs_after >= r.macs_before for r in costlier.converted)
+
+
+def test_only_if_faster_reverts_until_the_model_is_not_slower(monkeypatch):
+    """Every layer is faster alone, but inside the model layer a's separable form costs 500x: dsd makes dense
+    again the layers with the smallest gain until the whole model is not slower."""
+    injected = Injected(monkeypatch, in_context={"a": 500.0})
+    converted, report = dsd.convert_model(Net().eval(), X, only_if_faster=True)
+    gains = {r.name: r.latency_before_ms - r.latency_after_ms for r in report.layers}
+    assert min(gains, key=gains.get) == "a"
+    assert report.end_to_end.reverted == ["a"] and report.end_to_end.speedup.median >= 1.0
+    assert {r.name for r in report.converted} == {"b", "c"}
+    assert {r.name: r.category for r in report.skipped} == {"a": "not faster"}
+    assert "made dense again" in next(r.reason for r in report.skipped)
+    assert injected.model_ms(converted) <= injected.model_ms(Net())
+
+
+def test_only_if_faster_keeps_a_layer_whose_interval_includes_one(monkeypatch):
+    times = {"a": ([1.0, 1.2, 0.8, 1.1, 0.9], [1.05, 1.25, 0.85, 1.0, 0.95]),  # too close to tell: kept
+             "b": ([1.0, 1.01, 0.99, 1.0, 1.0], [2.0, 2.02, 1.98, 2.0, 2.0]),  # clearly slower: dense
+             "c": ([3.0, 3.0, 3.1, 2.9, 3.0], [1.0, 1.0, 1.1, 0.9, 1.0])}
+
+    def site_timings(site, variants, settings):
+        return [LatencyStats.of(times[site.name][isinstance(m, DepthwiseSeparableConv2d)], 1) for m in variants]
+    monkeypatch.setattr("dsd.convert.choose.site_timings", site_timings)
+    monkeypatch.setattr("dsd.convert.end_to_end.model_timings", lambda *a, **k: (_stats(2.0), _stats(1.0)))
+    _, report = dsd.convert_model(Net().eval(), X, only_if_faster=True)
+    assert {r.name for r in report.converted} == {"a", "c"}
+    b = next(r for r in report.skipped if r.name == "b")
+    assert b.category == "not faster" and "p10-p90" in b.reason
+
+
+def test_a_model_of_several_inputs_decides_per_layer(monkeypatch):
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, x, y):
+            return self.net(x + y)
+    Injected(monkeypatch)
+    _, report = dsd.convert_model(TwoInputs().eval(), (X, X), only_if_faster=True)
+    assert report.end_to_end is None and len(report.converted) == 3
+
+
+# -- the interval ---------------------------------------------------------------------------------
+
+def test_speedup_interval():
+    fast = LatencyStats.of([1.0, 1.01, 0.99, 1.02, 0.98, 1.0], 1)
+    slow = LatencyStats.of([2.0, 2.02, 1.98, 2.01, 1.99, 2.0], 1)
+    noisy = LatencyStats.of([0.5, 1.5, 1.0, 2.0, 0.7, 1.2], 1)
+    assert Speedup.of(slow, fast).clearly_faster and Speedup.of(fast, slow).clearly_slower
+    interval = Speedup.of(fast, noisy)
+    assert interval.uncertain and interval.p10 < interval.median < interval.p90
+    assert Speedup.of(slow, fast) == Speedup.of(slow, fast)  # seeded: the same figures every time
+    single = Speedup.of(LatencyStats.of([2.0], 1), LatencyStats.of([1.0], 1))
+    assert (single.p10, single.median, single.p90) == (2.0, 2.0, 2.0)
+
+
+def test_summed_calls_add_iteration_by_iteration():
+    total = LatencyStats.summed([LatencyStats.of([1.0, 2.0, 3.0], 4), LatencyStats.of([10.0, 20.0, 30.0], 4)], 4)
+    assert total.samples_ms == [11.0, 22.0, 33.0] and total.median_ms == 22.0
+
+
+# -- the cache ------------------------------------------------------------------------------------
+
+def test_a_second_measurement_of_the_same_layer_comes_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSD_LATENCY_CACHE", str(tmp_path))
+    measured = []
+    real = dsd.timing.latency.measure
+
+    def counting(modules, *args, **kwargs):
+        measured.append(len(modules))
+        return real(modules, *args, **kwargs)
+    monkeypatch.setattr("dsd.timing.latency.measure", counting)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    separable = dsd.layers.DepthwiseSeparableConv2d(8, 8, 3, padding=((1, 1), (1, 1)))
+    settings = BenchmarkSettings(warmup=0, iters=3)
+    first = measure_layer([conv, separable], (1, 8, 12, 12), settings)
+    again = measure_layer([nn.Conv2d(8, 8, 3, padding=1), separable], (1, 8, 12, 12), settings)
+    assert measured == [2] and [s.samples_ms for s in first] == [s.samples_ms for s in again]
+    measure_layer([conv], (1, 8, 12, 12), settings.updated(batch_size=2))  # another batch: measured
+    measure_layer([nn.Conv2d(8, 8, 3, padding=2, dilation=2)], (1, 8, 12, 12), settings)  # another geometry
+    assert measured == [2, 1, 1] and len(list(tmp_path.glob("*.json"))) == 4
+
+
+def test_the_cache_can_be_switched_off_and_survives_a_broken_entry(monkeypatch, tmp_path):
+    settings = BenchmarkSettings(warmup=0, iters=2)
+    conv = nn.Conv2d(4, 4, 3)
+    monkeypatch.setenv("DSD_LATENCY_CACHE", "off")
+    assert cache.cache_dir() is None
+    measure_layer([conv], (1, 4, 8, 8), settings)
+    monkeypatch.setenv("DSD_LATENCY_CACHE", str(tmp_path))
+    key = cache.layer_key(conv, (1, 4, 8, 8), settings)
+    (tmp_path / f"{key}.json").write_text("{not json")
+    (stats,) = measure_layer([conv], (1, 4, 8, 8), settings)
+    assert stats.iters == 2 and cache.load(key) is not None
+
+
+# -- the settings ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(runtime="tensorrt"), "runtime must be one of eager, compile, cudagraph, onnxruntime"),
+    (dict(runtime="cudagraph"), "needs a CUDA device"),
+    (dict(runtime="onnxruntime", dtype="float16"), "float32"),
+    (dict(runtime="onnxruntime", channels_last=True), "channels_last does not apply"),
+    (dict(threads=0), "threads must be an integer >= 1"),
+    (dict(device="mps"), "cpu or cuda"),
+    (dict(compile=True, runtime="onnxruntime"), "disagree"),
+    (dict(speed="fast"), "unknown benchmark setting 'speed'"),
+])
+def test_bad_settings_are_refused_in_words(changes, message):
+    with pytest.raises(DsdError, match=message):
+        BenchmarkSettings.from_dict(changes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_runtimes_without_a_gpu_are_refused():
+    with pytest.raises(DsdError, match="no CUDA GPU"):
+        BenchmarkSettings(device="cuda", runtime="cudagraph")
+
+
+def test_onnxruntime_missing_is_refused(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(DsdError, match=r"pip install 'dsd\[onnx\]'"):
+        BenchmarkSettings(runtime="onnxruntime")
+
+
+def test_the_compile_flag_of_earlier_releases_still_reads():
+    assert BenchmarkSettings.from_dict({"compile": True}).runtime == "compile"
+    assert BenchmarkSettings.from_dict({"compile": False, "device": "cpu"}).runtime == "eager"
+    plan_record = {**BenchmarkSettings().to_dict(), "compile": False}
+    plan_record.pop("runtime"), plan_record.pop("threads")
+    assert BenchmarkSettings.from_dict(plan_record) == BenchmarkSettings()
+
+
+# -- one real run in onnxruntime --------------------------------------------------------------------
+
+def test_compare_and_only_if_faster_in_onnxruntime():
+    settings = BenchmarkSettings(runtime="onnxruntime", batch_size=2, warmup=1, iters=3, threads=1)
+    model = Net().eval()
+    converted, report = dsd.convert_model(model, X, only_if_faster=True, benchmark=settings)
+    assert report.end_to_end is not None and report.end_to_end.runtime == "onnxruntime"
+    assert report.end_to_end.speedup.median >= 1.0 or not report.converted  # never slower: reverted if so
+    savings = dsd.compare(model, converted, (3, 16, 16), settings)
+    assert savings.environment["runtime"] == "onnxruntime" and savings.environment["onnxruntime"]
+    assert savings.environment["threads"] == 1 and savings.total.latency_before.iters == 3
+    assert savings.total.speedup_p10 <= savings.total.speedup <= savings.total.speedup_p90
+    assert "measured in onnxruntime" in savings.summary()
