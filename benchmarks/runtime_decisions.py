@@ -11,8 +11,8 @@
   independently timed share of the original's latency.
 
 The independent timing exports both models with ``torch.onnx.export``, opens one ``InferenceSession`` each
-(CPU provider, all graph optimisations, as many threads as torch uses) and times ``session.run``
-alternately with ``time.perf_counter``. Conversion wall time is printed too (layer timings come from
+(CPU provider, onnxruntime's default options, as many threads as torch uses) and times ``session.run``
+with ``time.perf_counter`` in blocks, the models taking turns. Conversion wall time is printed too (layer timings come from
 dsd's on-disk cache on a second run).
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ INPUT_SIZE = (3, 224, 224)
 TARGET = 0.5
 
 
-def independent_ort_ms(models: List[torch.nn.Module], batch_size: int, iters: int) -> List[float]:
-    """Median ``session.run`` milliseconds of each model, timed alternately, without dsd's timing code."""
+def independent_ort_ms(models: List[torch.nn.Module], batch_size: int, iters: int, rounds: int = 3) -> List[float]:
+    """Median ``session.run`` milliseconds of each model, without dsd's timing code: each session with
+    onnxruntime's defaults, timed for ``iters`` runs in a block, the models taking turns over ``rounds``."""
     x = torch.randn(batch_size, *INPUT_SIZE)
     sessions = []
     with tempfile.TemporaryDirectory() as folder:
@@ -49,12 +50,14 @@ def independent_ort_ms(models: List[torch.nn.Module], batch_size: int, iters: in
             sessions.append(onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
     feed = x.numpy()
     times: List[List[float]] = [[] for _ in sessions]
-    for round_ in range(iters + 3):
+    for _ in range(rounds):
         for session, taken in zip(sessions, times):
-            start = time.perf_counter()
-            session.run(None, {session.get_inputs()[0].name: feed})
-            if round_ >= 3:
-                taken.append((time.perf_counter() - start) * 1e3)
+            inputs = {session.get_inputs()[0].name: feed}
+            for i in range(iters // rounds + 2):
+                start = time.perf_counter()
+                session.run(None, inputs)
+                if i >= 2:  # warm-up
+                    taken.append((time.perf_counter() - start) * 1e3)
     return [statistics.median(t) for t in times]
 
 
@@ -109,7 +112,7 @@ def main() -> None:
 def markdown(rows: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [f"{args.model}, batch {args.batch_size}, decided with `BenchmarkSettings(runtime=\"onnxruntime\", "
              f"batch_size={args.batch_size})`; the independent timing exports with `torch.onnx.export` and times "
-             "`InferenceSession.run` alternately, outside dsd.", "",
+             "`InferenceSession.run` (onnxruntime's default options) in blocks, the models taking turns, outside dsd.", "",
              "| check | dsd says | independent ORT timing | converted | conversion time |", "|---|---|---|---|---|"]
     for r in rows:
         if r["check"] == "compare rank 1":

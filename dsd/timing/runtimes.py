@@ -82,6 +82,8 @@ def onnxruntime_session(module: nn.Module, example: torch.Tensor, settings: Benc
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = settings.thread_count
+    # Idle workers would spin on the cores the next interleaved session needs (on 2 cores: 2.3x slower).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider"] if settings.is_cuda else ["CPUExecutionProvider"]
     cpu_copy = copy.deepcopy(module).eval().float().cpu()
     with tempfile.TemporaryDirectory(prefix="dsd-onnx-") as folder:
