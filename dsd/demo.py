@@ -60,5 +60,5 @@ def run_demo(epochs: Optional[int] = None, output_dir: Optional[str] = None, pro
     teacher, _ = load_model(recipe.teacher.source, pretrained=True)
     student = load_converted(Path(run_dir) / "student_dsd.plan.json")
     size = [recipe.data.channels, recipe.data.image_size, recipe.data.image_size]
-    savings = compare(teacher, student, size, per_layer=False, warmup=5, iters=latency_iters)
+    savings = compare(teacher, student, size, per_layer=False, warmup=5, iters=latency_iters, progress=progress)
     return DemoResult(result, savings)

@@ -111,14 +111,22 @@ class OutputSet:
         self.finals = [Path(p) for p in paths]
         self.force = force
         self._temps: Dict[Path, Path] = {}
+        self._made: List[Path] = []  # directories this run created (removed again if it fails)
 
     def path(self, final: PathLike) -> Path:
         final = Path(final)
         if final not in self.finals:
             raise ValueError(f"{final} is not one of this run's outputs")
         if final not in self._temps:
+            self._make_parents(final.parent)
             self._temps[final] = _temporary(final)
         return self._temps[final]
+
+    def _make_parents(self, directory: Path) -> None:
+        missing = [d for d in [directory, *directory.parents] if not d.exists()]
+        for d in reversed(missing):
+            d.mkdir()
+            self._made.append(d)
 
     def commit(self) -> List[Path]:
         """Move every written file into place; without ``force``, refuse (and undo) if any name was taken."""
@@ -147,6 +155,10 @@ class OutputSet:
         for tmp in self._temps.values():
             tmp.unlink(missing_ok=True)
         self._temps.clear()
+        for directory in reversed(self._made):
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                directory.rmdir()
+        self._made.clear()
 
     def __enter__(self) -> "OutputSet":
         return self

@@ -15,6 +15,7 @@ LEVELS = [
     {"savings"},
     {"io"},
     {"finetune"},
+    {"validation"},
     {"demo"},
     {"cli"},
 ]

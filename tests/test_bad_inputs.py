@@ -106,7 +106,7 @@ CONVERT = [  # dsd-convert arguments, a fragment of the one-line error
     (["escape.plan.json"], "must be a file name beside the plan"),
     (["noweights.plan.json"], "are missing"),
     (["timm:resnet18", "-o", "x.pt"], "give a *.safetensors path"),
-    (["timm:resnet18", "-o", "no_dir/x.safetensors"], "does not exist"),
+    (["timm:resnet18", "-o", "r18.pt/x.safetensors"], "is not a writable directory"),
     (["timm:resnet18", "-o", "existing.safetensors"], "exists; pass --force"),
     (["timm:resnet18", "--json", "r.json", "--md", "r.json", "--force"], "named for two outputs"),
     (["timm:resnet18", "--json", "resnet18_dsd.plan.json", "--force"], "named for two outputs"),

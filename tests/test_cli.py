@@ -224,8 +224,8 @@ def test_wrong_input_size(tmp_path):
 
 
 def test_output_paths_refused(tmp_path, resnet_state_dict):
-    assert_refused(run("timm:resnet18", "-o", tmp_path / "missing" / "x.safetensors", *SMALL, cwd=tmp_path),
-                   "does not exist")
+    assert_refused(run("timm:resnet18", "-o", tmp_path / "weights.pt" / "x.safetensors", *SMALL, cwd=tmp_path),
+                   "is not a writable directory")
     assert_refused(run("timm:resnet18", "-o", "/proc/x.safetensors", *SMALL, cwd=tmp_path), "not writable")
     assert_refused(run("timm:resnet18", "-o", tmp_path / "x.pt", *SMALL, cwd=tmp_path), "*.safetensors")
     copy = tmp_path / "same.safetensors"
@@ -238,6 +238,13 @@ def test_output_paths_refused(tmp_path, resnet_state_dict):
     assert (tmp_path / "resnet18_dsd.safetensors").stat().st_mtime_ns == before
     assert run("timm:resnet18", "--force", *SMALL, cwd=tmp_path).returncode == 0
     assert files(tmp_path) == ["resnet18_dsd.plan.json", "resnet18_dsd.safetensors", "same.safetensors", "weights.pt"]
+
+
+def test_output_into_a_new_folder_creates_it(tmp_path):
+    """As ``mkdir -p``: the folders of -o are made when the outputs are written."""
+    result = run("timm:resnet18", "-o", tmp_path / "new" / "deeper" / "x.safetensors", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["x.plan.json", "x.safetensors"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")

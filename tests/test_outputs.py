@@ -62,6 +62,19 @@ def test_a_refused_commit_undoes_what_it_placed(tmp_path):
     assert not a.exists() and b.read_text() == "someone else's"
 
 
+def test_folders_made_for_the_outputs_go_again_when_the_run_fails(tmp_path):
+    final = tmp_path / "new" / "deeper" / "report.json"
+    with pytest.raises(RuntimeError):
+        with OutputSet([final]) as outputs:
+            outputs.path(final).write_text("{}")
+            raise RuntimeError("the run failed")
+    assert list(tmp_path.iterdir()) == []
+    with OutputSet([final]) as outputs:
+        outputs.path(final).write_text("{}")
+        assert outputs.commit() == [final]
+    assert final.read_text() == "{}"
+
+
 def test_concurrent_command_line_runs(tmp_path):
     command = [str(BIN / "dsd-convert"), *SMALL, "-o", "same.safetensors"]
     runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

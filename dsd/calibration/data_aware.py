@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..layers.create import effective_weight
 from ..layers.decouple import load_factors
@@ -77,7 +78,8 @@ def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.M
 
 def data_aware_layers(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.Module],
                       specs: List[LayerSpec], batches, sequential: bool,
-                      patch_stats: Optional[Dict[str, PatchStats]] = None) -> Dict[str, tuple]:
+                      patch_stats: Optional[Dict[str, PatchStats]] = None, progress: bool = False
+                      ) -> Dict[str, tuple]:
     """``name -> (layer, weight error, output error)``; sequential mode swaps each layer into ``working``.
 
     ``patch_stats`` already streamed from ``working`` (they do not depend on the rank) are reused in
@@ -86,7 +88,7 @@ def data_aware_layers(reference: nn.Module, working: nn.Module, convs: Dict[str,
     if not sequential:
         return _build_group(reference, working, convs, specs, batches, False, patch_stats)
     built = {}
-    for spec in specs:  # specs come in execution order
+    for spec in tqdm(specs, desc="calibrating", unit="conv", disable=not progress):  # in execution order
         built.update(_build_group(reference, working, convs, [spec], batches, True))
         swap_modules(working, {spec.name: built[spec.name][0]})
     return built

@@ -15,8 +15,25 @@ from ..errors import DsdError
 EXIT_BAD_INPUT = 2
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, where it has one worth showing (not off, empty or unset)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default in (None, False, [], ()) or default is argparse.SUPPRESS
+                or not action.option_strings or "(default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with dsd's error contract: one line naming the problem, then exit code 2 (no usage block)."""
+    """argparse with dsd's error contract: one line naming the problem, then exit code 2 (no usage block);
+    help shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -89,10 +106,18 @@ def benchmark_settings(args: argparse.Namespace):
     return dataclass_from_args(BenchmarkSettings, args)
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+def add_common_flags(parser: argparse.ArgumentParser, force_help: str = "overwrite existing output files") -> None:
+    parser.add_argument("--force", action="store_true", help=force_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def warn_if_random_weights(args: argparse.Namespace, source: Any) -> None:
+    """On stderr: a timm/torchvision model built without weights makes every error and accuracy meaningless."""
+    if source.random_weights and not args.quiet:
+        print(f"{getattr(args, 'prog', 'dsd-convert')}: warning: {args.source} has random weights (no --pretrained, no weights file): its "
+              "decoupling errors and accuracy mean nothing; pass --pretrained or a weights file with --arch",
+              file=sys.stderr)
 
 
 def arch_kwargs(args: argparse.Namespace) -> Dict[str, Any]:

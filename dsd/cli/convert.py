@@ -14,7 +14,7 @@ from ..io import SUPPORTED_FORMATS, check_outputs, export_onnx, load_model, outp
 from ..layers.create import DATA_INIT
 from ..savings import compare
 from .common import (add_common_flags, add_measure_args, add_model_args, arch_kwargs, benchmark_settings, console,
-                     input_size, positive_int)
+                     input_size, positive_int, warn_if_random_weights)
 from .dataclass_args import add_dataclass_arguments, dataclass_from_args
 from .savings_output import emit, report_files, wants_latency
 
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--fold-bn", action="store_true",
                      help="fold inference BatchNorm into the convs before writing (the plan records it)")
     out.add_argument("--report", action="store_true", help="print the savings table with measured latency")
+    out.add_argument("--dry-run", action="store_true",
+                     help="print what would happen to every conv (action, MACs, params, weight error) and write nothing")
     add_measure_args(parser)
     add_common_flags(parser)
 
@@ -46,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
     if (options.init == DATA_INIT or options.recalibrate_bn) and not args.calib:
         raise DsdError("--init data and --recalibrate-bn need calibration data: add --calib digits|random|FOLDER")
     paths = output_paths(args.source, args.output, args.save_module, args.export == "onnx")
-    check_outputs([*paths.all(), *report_files(args)], [args.source], args.force)
+    if not args.dry_run:
+        check_outputs([*paths.all(), *report_files(args)], [args.source], args.force)
 
     model, source = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
                                args.trust_code)
+    warn_if_random_weights(args, source)
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise DsdError(f"{args.source} has no nn.Conv2d layers: nothing to convert")
     size = input_size(args, model)
@@ -62,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         report.plan.folded_batchnorm = folding.pairs
         out.print(f"folded {len(folding.pairs)} BatchNorm layers into their convs"
                   + (f"; not traced, left as they are: {', '.join(folding.untraced)}" if folding.untraced else ""))
+    if args.dry_run:
+        out.print(report.to_rich())
+        out.print("dry run: nothing written")
+        return 0
     out.print(report.summary())
     if not report.converted:
         out.print("[yellow]warning:[/] no layer was converted (reasons: dsd report, or the plan); the outputs equal the input")
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             export_onnx(converted, torch.randn(1, *size), outputs.path(paths.onnx))
         baseline = fold_batchnorm(model.eval()) if args.fold_bn else model  # like against like
         savings = compare(baseline, converted, size, settings, latency=wants_latency(args), progress=not args.quiet)
-        emit(savings, args, out, outputs, show_table=args.report)
+        emit(savings, args, out, outputs, show_table=args.report, extra={"conversion": report.to_dict()})
         written = outputs.commit()
     for path in written:
         out.print(f"wrote {path}")

@@ -42,10 +42,7 @@ def _argparse_kwargs(f: dataclasses.Field, tp: Any) -> Dict[str, Any]:
     if isinstance(cli.get("type"), str):
         cli["type"] = _PARSERS[cli["type"]]
     kwargs.update(cli)
-    text = f.metadata.get("help", "")
-    if "action" not in kwargs and default is not None and default is not False:
-        text += f" (default: {default})"
-    kwargs["help"] = text
+    kwargs["help"] = f.metadata.get("help", "")
     return kwargs
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..demo import run_demo
-from .common import console, positive_int
+from .common import add_common_flags, console, positive_int
 
 DESCRIPTION = "Show the whole toolkit on scikit-learn's handwritten digits (offline, CPU, a few minutes)."
 
@@ -12,9 +12,7 @@ DESCRIPTION = "Show the whole toolkit on scikit-learn's handwritten digits (offl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, help="fine-tuning epochs (default: the digits recipe's)")
     parser.add_argument("--output-dir", help="run folder (default: a new temporary folder)")
-    parser.add_argument("--force", action="store_true", help="start over in an --output-dir that holds a run")
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--debug", action="store_true")
+    add_common_flags(parser, force_help="start over in an --output-dir that holds a run")
 
 
 def run(args: argparse.Namespace) -> int:

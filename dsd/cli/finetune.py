@@ -8,7 +8,7 @@ import argparse
 import os
 
 from ..finetune import builtin_recipes, finetune, load_recipe
-from .common import add_trust_code, console, positive_int
+from .common import add_common_flags, add_trust_code, console, positive_int
 
 DESCRIPTION = "Fine-tune a converted model by distillation from the original, as a recipe says."
 
@@ -22,10 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --resume: continue although the recipe differs from the run's")
     parser.add_argument("--stop-after-epoch", type=positive_int, metavar="N",
                         help="stop after epoch N (resume later with --resume), e.g. for time-limited jobs")
-    parser.add_argument("--force", action="store_true", help="start over in an output_dir that holds a run")
     add_trust_code(parser)
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--debug", action="store_true")
+    add_common_flags(parser, force_help="start over in an output_dir that holds a run")
 
 
 def summary_table(result):

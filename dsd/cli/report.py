@@ -8,9 +8,9 @@ import torch
 from ..convert import convert_model
 from ..fileio import OutputSet
 from ..io import SUPPORTED_FORMATS, check_outputs, load_model
-from ..savings import compare
+from ..savings import FLOP_CONVENTION, compare, count_flops
 from .common import (add_common_flags, add_measure_args, add_model_args, arch_kwargs, benchmark_settings, console,
-                     input_size)
+                     input_size, positive_int, warn_if_random_weights)
 from .savings_output import emit, report_files
 
 DESCRIPTION = "Savings of a converted model against its original: fvcore params/FLOPs and measured latency."
@@ -23,21 +23,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "SOURCE at rank 1 now")
     add_measure_args(parser)
     parser.add_argument("--no-layers", dest="per_layer", action="store_false", help="skip per-layer latency")
+    parser.add_argument("--layers", type=positive_int, nargs="?", const=3, metavar="DEPTH",
+                        help="also print fvcore's per-module FLOP and parameter table of both models, modules "
+                             "down to DEPTH levels (default when given: 3)")
     add_common_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     check_outputs(report_files(args), [args.source, args.against or ""], args.force)
     settings = benchmark_settings(args)
-    original, _ = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
+    original, source = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
                              args.trust_code)
+    warn_if_random_weights(args, source)
     size = input_size(args, original)
     if args.against:
         converted, _ = load_model(args.against, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     else:
         converted, _ = convert_model(original, torch.randn(1, *size))
     savings = compare(original, converted, size, settings, per_layer=args.per_layer, progress=not args.quiet)
+    out = console(args)
+    if args.layers:
+        example = torch.randn(1, *size)
+        for title, model in (("original", original), ("converted", converted)):
+            out.print(f"\n{title} ({FLOP_CONVENTION}):\n{count_flops(model, example).table(args.layers)}", markup=False)
     with OutputSet(report_files(args), args.force) as outputs:
-        emit(savings, args, console(args), outputs, show_table=True)
+        emit(savings, args, out, outputs, show_table=True)
         outputs.commit()
     return 0

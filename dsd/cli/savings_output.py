@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 
@@ -20,10 +21,11 @@ def wants_latency(args: argparse.Namespace) -> bool:
 
 
 def emit(savings: SavingsReport, args: argparse.Namespace, console: Console, outputs: OutputSet,
-         show_table: bool) -> None:
-    """Stage the report files asked for in ``outputs`` (committed by the caller) and print the report."""
+         show_table: bool, extra: Optional[Dict[str, Any]] = None) -> None:
+    """Stage the report files asked for in ``outputs`` (committed by the caller) and print the report.
+    ``extra``: more top-level entries for the JSON file (the conversion record of every conv)."""
     if args.json:
-        outputs.path(args.json).write_text(savings.to_json())
+        outputs.path(args.json).write_text(json.dumps({**savings.to_dict(), **(extra or {})}, indent=2) + "\n")
     if args.md:
         outputs.path(args.md).write_text(savings.to_markdown())
     if args.plot:

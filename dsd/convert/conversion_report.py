@@ -14,6 +14,7 @@ from .plan import ConversionPlan
 __all__ = ["LayerRecord", "ConversionReport", "CONVERTED", "SKIPPED", "PENDING"]
 
 CONVERTED, SKIPPED, PENDING = "converted", "skipped", "pending"
+SHOWN_NAMES = 4  # layer names listed per skip category in the summary; all are in to_dict / --json
 
 
 @dataclass
@@ -42,6 +43,8 @@ class LayerRecord:
     latency_after_ms: Optional[float] = None
     macs_before: Optional[int] = None  # per image, all calls (fvcore convention: one MAC = one FLOP)
     macs_after: Optional[int] = None
+    params_before: Optional[int] = None
+    params_after: Optional[int] = None
 
     @classmethod
     def describe(cls, site: ConvSite) -> "LayerRecord":
@@ -52,7 +55,18 @@ class LayerRecord:
                      site.found_by, site.calls, site.input_shape, site.output_shape)
         if site.calls is not None and len(site.call_shapes) == site.calls:
             record.macs_before = dense_conv_macs(conv, site.call_shapes)
+        record.params_before = sum(p.numel() for p in conv.parameters(recurse=False))
         return record
+
+    @property
+    def action(self) -> str:
+        if self.status == CONVERTED:
+            kernel = f", {self.new_kernel_size[0]}x{self.new_kernel_size[1]} d{self.new_dilation[0]}" if (
+                self.new_kernel_size and tuple(self.new_kernel_size) != tuple(self.kernel_size)) else ""
+            return f"convert, rank {self.rank}{kernel}"
+        if self.status == SKIPPED:
+            return f"keep dense: {self.category} ({self.reason})"
+        return self.status
 
     def skip(self, category: str, reason: str) -> None:
         self.status, self.category, self.reason = SKIPPED, category, reason
@@ -63,6 +77,7 @@ class LayerRecord:
         self.init_error = spec.init_error
         if self.macs_before is not None:
             self.macs_after = self.macs_before // spec.dense_macs_per_pixel() * spec.macs_per_pixel()
+        self.params_after = spec.params()
 
     def geometry(self) -> str:
         kh, kw = self.kernel_size
@@ -98,6 +113,40 @@ class ConversionReport:
     def skip_counts(self) -> Dict[str, int]:
         return dict(Counter(r.category for r in self.skipped).most_common())
 
+    def skipped_by_category(self) -> Dict[str, List[str]]:
+        grouped: Dict[str, List[str]] = {}
+        for record in self.skipped:
+            grouped.setdefault(record.category, []).append(record.name)
+        return grouped
+
+    def _reason(self, category: str) -> str:
+        """The reason of a category's first layer (the reasons within a category differ only in figures)."""
+        return next(r.reason for r in self.skipped if r.category == category)
+
+    def to_rich(self):
+        """Every conv with its action, multiply-adds and parameters before and after, and its weight error."""
+        from rich.table import Table
+        table = Table(title="dsd conversion", caption=self.summary(), caption_justify="left")
+        for i, header in enumerate(("layer", "geometry", "action", "MACs before", "MACs after", "params before",
+                                    "params after", "weight error")):
+            table.add_column(header, justify="left" if i < 3 else "right", overflow="fold")
+
+        def count(value: Optional[int]) -> str:
+            return f"{value:,}" if value is not None else "-"
+        for r in self.layers:
+            converted = r.status == CONVERTED
+            table.add_row(r.name, r.geometry(), r.action, count(r.macs_before),
+                          count(r.macs_after if converted else r.macs_before), count(r.params_before),
+                          count(r.params_after if converted else r.params_before),
+                          f"{r.init_error:.4f}" if r.init_error is not None else "-",
+                          style=None if converted else "dim")
+        before, after = self.conv_macs()
+        params_before = sum(r.params_before or 0 for r in self.layers)
+        params_after = sum((r.params_after if r.status == CONVERTED else r.params_before) or 0 for r in self.layers)
+        table.add_row("total", "", f"{len(self.converted)} of {len(self.layers)} converted", count(before),
+                      count(after), count(params_before), count(params_after), "", style="bold")
+        return table
+
     def conv_macs(self) -> Tuple[Optional[int], Optional[int]]:
         """Per-image multiply-adds of all Conv2d layers before and after, or (None, None) without shapes."""
         if any(r.macs_before is None for r in self.layers):
@@ -110,7 +159,11 @@ class ConversionReport:
         lines = [f"{len(self.converted)} of {len(self.layers)} Conv2d layers converted"
                  f" ({'traced with torch.fx' if self.traced else 'module-tree fallback: ' + str(self.trace_error)})"]
         if self.skipped:
-            lines.append("skipped: " + ", ".join(f"{n} {c}" for c, n in self.skip_counts().items()))
+            lines.append("kept dense: " + ", ".join(f"{n} {c}" for c, n in self.skip_counts().items()))
+            for category, names in self.skipped_by_category().items():
+                shown = ", ".join(names[:SHOWN_NAMES]) + (f" and {len(names) - SHOWN_NAMES} more"
+                                                           if len(names) > SHOWN_NAMES else "")
+                lines.append(f"  {category}: {shown} ({self._reason(category)})")
         if self.budget is not None:
             lines.append(self.budget.describe())
         if self.end_to_end is not None:

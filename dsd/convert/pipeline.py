@@ -182,7 +182,7 @@ def initialise_layers(eligible: Eligible, records: Dict[str, LayerRecord], optio
     specs: List[LayerSpec] = []
     if options.init == DATA_INIT:
         built = data_aware_layers(reference, working, {site.name: site.module for site, _ in eligible},
-                                  [spec for _, spec in eligible], batches, options.sequential, stats)
+                                  [spec for _, spec in eligible], batches, options.sequential, stats, progress)
         for site, spec in eligible:
             layers[spec.name], weight_error, output_error = built[spec.name]
             specs.append(spec.with_error(weight_error))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,6 +76,20 @@ def _resume_checkpoint(resume: str, recipe: Recipe, allow_recipe_change: bool) -
     return checkpoint
 
 
+def schedule_warnings(recipe: Recipe, checkpoint: Optional[Dict[str, Any]] = None) -> List[str]:
+    """What the schedule will do that a user does not expect: all epochs in warm-up, or nothing left to train."""
+    said = []
+    s = recipe.schedule
+    if s.warmup_epochs >= s.epochs:
+        said.append(f"schedule.warmup_epochs={s.warmup_epochs:g} >= schedule.epochs={s.epochs}: the whole run is "
+                    "learning-rate warm-up and never trains at optim.lr; set schedule.warmup_epochs below the epochs")
+    if checkpoint is not None and checkpoint["epoch"] >= s.epochs:
+        said.append(f"the resumed run already finished its {checkpoint['epoch']} epochs: nothing is left to train "
+                    "(the outputs are written again from its last state); raise schedule.epochs with "
+                    "--allow-recipe-change to train on")
+    return said
+
+
 def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Optional[int] = None,
              progress: bool = True, force: bool = False, trust_code: bool = False, allow_recipe_change: bool = False,
              **train_kwargs) -> FinetuneResult:
@@ -89,6 +104,9 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
     env = init_distributed(recipe.device)
     try:
         checkpoint = _resume_checkpoint(resume, recipe, allow_recipe_change) if resume else None
+        if env.is_main:
+            for warning in schedule_warnings(recipe, checkpoint):
+                print(f"dsd finetune: warning: {warning}", file=sys.stderr)
         _seed_everything(recipe.seed + env.rank)
         run_dir = Path(recipe.output_dir)
         if checkpoint is None and (run_dir / CHECKPOINT_NAME).exists():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from ..convert.pipeline import apply_plan
 from ..convert.plan import ConversionPlan
 from ..errors import DsdError
 from ..fileio import OutputSet
-from .sources import PLAN_SUFFIX, ModelSource, build_arch
+from .sources import PLAN_SUFFIX, ModelSource, build_arch, parse_source
 
 __all__ = ["save_converted", "write_converted", "load_converted", "plan_path_for"]
 
@@ -52,9 +52,16 @@ def write_converted(model: nn.Module, plan: ConversionPlan, outputs: OutputSet, 
 
 
 def save_converted(model: nn.Module, plan: ConversionPlan, weights_path: PathLike,
-                   source: Optional[ModelSource] = None) -> Tuple[Path, Path]:
+                   source: Optional[ModelSource] = None, *, arch: Optional[str] = None,
+                   arch_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[Path, Path]:
     """Write the weights (safetensors) and the plan together: the plan, which names the weights' SHA-256,
-    is moved into place last, so a reader never takes weights for a plan they do not belong to."""
+    is moved into place last, so a reader never takes weights for a plan they do not belong to.
+
+    ``arch`` (``timm:NAME``, ...) and ``arch_kwargs`` record how to build the original, so that
+    :func:`load_converted` needs nothing else; without them it needs ``model=``."""
+    if arch is not None:
+        parse_source(arch)  # refuse a malformed name now, not when loading
+        source = ModelSource(arch, dict(arch_kwargs or {}))
     weights_path = Path(weights_path)
     if weights_path.suffix != ".safetensors":
         raise DsdError(f"{weights_path}: the converted weights are written as .safetensors; name the output *.safetensors")

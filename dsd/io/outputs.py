@@ -73,8 +73,11 @@ def check_outputs(outputs: Iterable[Path], inputs: Iterable[str], force: bool) -
         seen.add(path.resolve())
     for path in outputs:
         directory = path.parent
-        if not directory.is_dir():
-            raise DsdError(f"cannot write {path}: directory {directory} does not exist; create it or choose another -o")
+        if not directory.is_dir():  # created when the outputs are written (mkdir -p), if it can be
+            existing = next(p for p in [directory.absolute(), *directory.absolute().parents] if p.exists())
+            if not existing.is_dir() or not _writable_dir(existing):
+                raise DsdError(f"cannot write {path}: {existing} is not a writable directory; choose another output")
+            continue
         if path.resolve() in input_paths:
             raise DsdError(f"{path} is also an input; writing it would destroy the input: choose another output")
         if path.is_dir():

@@ -83,6 +83,12 @@ class ModelSource:
     weights: Optional[str] = None  # the file the weights came from, if any
     pretrained: bool = False
 
+    @property
+    def random_weights(self) -> bool:
+        """A timm or torchvision architecture built without pretrained weights or a weights file."""
+        return (self.weights is None and not self.pretrained and self.arch is not None
+                and parse_source(self.arch).kind in ("timm", "torchvision"))
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 

@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,14 @@ class FlopCount:
     by_module: Dict[str, int]
     params: Dict[str, int]  # parameters per module ("" is the whole model)
     unsupported_ops: Counter = field(default_factory=Counter)  # ops fvcore has no handler for, not counted
+    analysis: Any = field(default=None, repr=False)  # fvcore's FlopCountAnalysis, for its module table
+
+    def table(self, max_depth: int = 3) -> str:
+        """fvcore's per-module table (``flop_count_table``): FLOPs and parameters down to ``max_depth``."""
+        from fvcore.nn import flop_count_table
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return flop_count_table(self.analysis, max_depth=max_depth)
 
 
 @torch.no_grad()
@@ -51,4 +59,4 @@ def count_flops(model: nn.Module, inputs: torch.Tensor) -> FlopCount:
             unsupported = Counter(analysis.unsupported_ops())
     finally:
         fvcore_logger.setLevel(level)
-    return FlopCount(by_module.get("", 0), by_module, dict(parameter_count(model)), unsupported)
+    return FlopCount(by_module.get("", 0), by_module, dict(parameter_count(model)), unsupported, analysis)

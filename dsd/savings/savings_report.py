@@ -196,27 +196,34 @@ class SavingsReport:
         return table
 
     def plot(self, path: str) -> None:
-        """A PNG: per-layer FLOPs (and latency, when measured) before vs after, largest first."""
+        """A PNG: per-layer FLOPs and (when measured) latency before vs after, the layers in the same order in
+        both panels (largest original FLOPs at the top), latency with p10-p90 error bars; the title says how
+        the figures were measured."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         timed = all(layer.speedup is not None for layer in self.layers) and self.layers
-        fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(14 if timed else 8, 2 + 0.25 * len(self.layers)),
-                                 squeeze=False)
-        panels = [("FLOPs (MACs) per image", lambda l: (l.flops_before, l.flops_after))]
+        fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(14 if timed else 8, 2.5 + 0.25 * len(self.layers)),
+                                 squeeze=False, sharey=True)
+        layers = sorted(self.layers, key=lambda layer: layer.flops_before)  # barh draws bottom-up
+        positions = list(range(len(layers)))
+        panels = [("FLOPs (MACs) per image", [(l.flops_before, l.flops_after) for l in layers], None)]
         if timed:
-            panels.append((f"latency, ms (batch {self.environment['batch_size']})",
-                           lambda l: (l.latency_before.median_ms, l.latency_after.median_ms)))
-        for ax, (title, values) in zip(axes[0], panels):
-            layers = sorted(self.layers, key=lambda l: values(l)[0])
-            positions = range(len(layers))
-            ax.barh([p + 0.2 for p in positions], [values(l)[0] for l in layers], 0.4, label="before")
-            ax.barh([p - 0.2 for p in positions], [values(l)[1] for l in layers], 0.4, label="after")
-            ax.set_yticks(list(positions), [l.name for l in layers], fontsize=7)
+            spread = [[(s.median_ms - s.p10_ms, s.p90_ms - s.median_ms) for s in (l.latency_before, l.latency_after)]
+                      for l in layers]
+            panels.append((f"latency, ms (median, p10-p90; batch {self.environment['batch_size']})",
+                           [(l.latency_before.median_ms, l.latency_after.median_ms) for l in layers], spread))
+        for ax, (title, values, spread) in zip(axes[0], panels):
+            for side, (offset, label) in enumerate(((0.2, "before"), (-0.2, "after"))):
+                errors = None if spread is None else [[e[side][0] for e in spread], [e[side][1] for e in spread]]
+                ax.barh([p + offset for p in positions], [v[side] for v in values], 0.4, xerr=errors, capsize=2,
+                        label=label)
+            ax.set_yticks(positions, [layer.name for layer in layers], fontsize=7)
             ax.set_title(title)
             ax.legend()
-        fig.suptitle(self.summary().splitlines()[0], fontsize=9)
+        lines = self.summary().splitlines()
+        fig.suptitle("\n".join([lines[0], *[l for l in lines if l.startswith("measured")]]), fontsize=9)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
