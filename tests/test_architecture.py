@@ -17,7 +17,7 @@ LEVELS = [
     {"finetune"},
     {"validation"},
     {"demo"},
-    {"cli"},
+    {"cli", "__main__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
 
