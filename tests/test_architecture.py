@@ -17,7 +17,8 @@ LEVELS = [
     {"finetune"},
     {"validation"},
     {"demo"},
-    {"cli", "__main__"},
+    {"cli"},
+    {"__main__"},  # python -m dsd
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
 
