@@ -1,5 +1,6 @@
 """convert_model and apply_plan on hand-built nets: selection rules, sharing, side effects, plans, export."""
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
@@ -256,3 +257,35 @@ def test_weights_that_cannot_be_decoupled_are_refused():
         dsd.from_conv(integer)
     with pytest.raises(dsd.DsdError, match="no such plan file"):
         dsd.ConversionPlan.load("no_such.plan.json")
+
+
+def test_the_report_says_what_the_options_did():
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(5)]
+    _, report = dsd.convert_model(model, x, init="data", calibration_data=batches, calibration_batches=2,
+                                  recalibrate_bn=True)
+    assert "calibration used 2 of the 5 batches given" in report.summary()
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        assert "the model has no BatchNorm layers, so nothing was re-estimated" in report.summary()
+    _, report = dsd.convert_model(model, x, rank="full")
+    assert "rank 'full' (the exact conversion) costs more multiply-adds than the dense conv" in report.summary()
+    assert "--allow-costlier" in report.summary() and not report.notes == []
+
+
+def test_a_single_input_channel_conv_is_named_as_such():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    _, report = dsd.convert_model(model, torch.randn(1, 1, 8, 8))
+    first = records(report)["0"]
+    assert first.category == "single input channel" and "8 filters" in first.reason
+
+
+def test_fidelity_on_the_calibration_data_is_reported():
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    converted, report = dsd.convert_model(model, batches[0][:1], rank="full", only_if_cheaper=False,
+                                          calibration_data=batches)
+    assert report.fidelity.samples == 8 and report.fidelity.relative_error < 1e-4
+    assert report.fidelity.top1_agreement == 1.0 and "top-1 agreement 100.0%" in report.summary()
+    _, rank1 = dsd.convert_model(model, batches[0][:1], calibration_data=batches)
+    assert rank1.fidelity.relative_error > report.fidelity.relative_error
+    assert dsd.convert_model(model, batches[0][:1])[1].fidelity is None  # no data, no figure

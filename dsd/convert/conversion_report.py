@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..layers.cost import dense_conv_macs
 from ..layers.spec import LayerSpec
 from .end_to_end import EndToEnd
+from .fidelity import Fidelity
 from .match import ConvSite
 from .plan import ConversionPlan
 
@@ -101,6 +102,8 @@ class ConversionReport:
     other_convs: List[Tuple[str, str]] = field(default_factory=list)
     budget: Optional[Any] = None  # choose.BudgetOutcome when ranks came from a budget
     end_to_end: Optional[EndToEnd] = None  # the whole-model measurement a latency decision ended on
+    notes: List[str] = field(default_factory=list)  # what the options did that a user would not guess
+    fidelity: Optional[Fidelity] = None  # outputs vs the original's on the calibration data
 
     @property
     def converted(self) -> List[LayerRecord]:
@@ -171,6 +174,9 @@ class ConversionReport:
         before, after = self.conv_macs()
         if before:
             lines.append(f"conv MACs per image: {before / 1e6:.1f}M -> {after / 1e6:.1f}M ({after / before:.1%})")
+        if self.fidelity is not None:
+            lines.append(self.fidelity.describe())
+        lines += [f"note: {note}" for note in self.notes]
         if self.shapes_verified is not None:
             lines.append(f"output shapes verified on the example input: {'yes' if self.shapes_verified else 'NO'}")
         if self.other_convs:
@@ -196,6 +202,7 @@ class ConversionReport:
         return {"traced": self.traced, "trace_error": self.trace_error, "shapes_verified": self.shapes_verified,
                 "budget": asdict(self.budget) if self.budget is not None else None,
                 "end_to_end": self.end_to_end.to_dict() if self.end_to_end is not None else None,
+                "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None, "notes": self.notes,
                 "other_convs": self.other_convs, "layers": [asdict(r) for r in self.layers],
                 "plan": self.plan.to_dict()}
 

@@ -28,6 +28,7 @@ from ..module_tree import swap_modules
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
 from .conversion_report import ConversionReport, LayerRecord
+from .fidelity import measure_fidelity
 from .end_to_end import EndToEnd, WholeModel, revert_until_not_slower, whole_model_input
 from .fold_bn import apply_folding
 from .match import ConvSite, ModelAnalysis, analyze, as_args
@@ -73,6 +74,7 @@ def convert_model(
     working = model if inplace else copy.deepcopy(model)
     analysis = analyze(working, example_inputs)
     batches = take_batches(calibration_data, options.calibration_batches) if calibration_data is not None else None
+    notes = _calibration_notes(options, calibration_data, working)
 
     records, eligible = describe_layers(analysis, options)
     stats = None
@@ -90,10 +92,34 @@ def convert_model(
 
     plan = ConversionPlan(specs, options.to_dict())
     report = ConversionReport(list(records.values()), plan, analysis.traced, analysis.trace_error,
-                              other_convs=analysis.other_convs, budget=outcome, end_to_end=end_to_end)
+                              other_convs=analysis.other_convs, budget=outcome, end_to_end=end_to_end,
+                              notes=notes + _costlier_note(options, records))
     if analysis.ran:
         report.shapes_verified = verify_shapes(working, example_inputs, analysis, layers)
+    if batches and reference is not working:
+        report.fidelity = measure_fidelity(reference, working, batches)
     return working, report
+
+
+def _calibration_notes(options: ConvertOptions, calibration_data: Any, model: nn.Module) -> List[str]:
+    """What the calibration settings do that a user would not guess."""
+    notes = []
+    given = len(calibration_data) if hasattr(calibration_data, "__len__") else None
+    if given is not None and given > options.calibration_batches:
+        notes.append(f"calibration used {options.calibration_batches} of the {given} batches given "
+                     "(calibration_batches); raise it to use more")
+    if options.recalibrate_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        notes.append("recalibrate_bn: the model has no BatchNorm layers, so nothing was re-estimated")
+    return notes
+
+
+def _costlier_note(options: ConvertOptions, records: Dict[str, LayerRecord]) -> List[str]:
+    costlier = [r for r in records.values() if r.category == "not cheaper"]
+    if not costlier or not options.only_if_cheaper:
+        return []
+    what = "rank 'full' (the exact conversion)" if options.rank == "full" else f"rank {options.rank}"
+    return [f"{what} costs more multiply-adds than the dense conv in {len(costlier)} layers, kept dense; "
+            "only_if_cheaper=False (--allow-costlier) converts them anyway"]
 
 
 def _check_inputs(options: ConvertOptions, example_inputs: Any, calibration_data: Any) -> None:

@@ -85,6 +85,9 @@ def layer_spec(
     kernel, conv_dilation = tuple(conv.kernel_size), tuple(conv.dilation)
     if kernel == (1, 1):
         raise SkipLayer("1x1 kernel", "a pointwise conv has nothing to separate")
+    if conv.in_channels == 1:
+        raise SkipLayer("single input channel", f"one input channel: the conv is one bank of {conv.out_channels} "
+                        "filters (a depthwise conv with that depth multiplier), with no input channels to separate")
     if conv.groups == conv.in_channels:
         multiplier = conv.out_channels // conv.in_channels
         raise SkipLayer("already depthwise", f"groups == in_channels == {conv.in_channels}"

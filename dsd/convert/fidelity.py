@@ -1,0 +1,53 @@
+"""How far the converted model's outputs are from the original's, on the calibration data: the one
+end-to-end figure that says what a conversion did to the model, before any fine-tuning."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from ..modes import eval_mode
+
+__all__ = ["Fidelity", "measure_fidelity"]
+
+
+@dataclass
+class Fidelity:
+    relative_error: float  # ||converted - original|| / ||original|| over every output element of every batch
+    top1_agreement: Optional[float]  # share of samples with the same arg-max class (classifier outputs only)
+    samples: int
+
+    def describe(self) -> str:
+        text = f"fidelity on {self.samples} calibration samples: relative output error {self.relative_error:.4f}"
+        if self.top1_agreement is not None:
+            text += f", top-1 agreement {self.top1_agreement:.1%}"
+        return text
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _tensors(output: Any):
+    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@torch.no_grad()
+def measure_fidelity(original: nn.Module, converted: nn.Module, batches: Sequence[torch.Tensor]) -> Fidelity:
+    difference = reference = 0.0
+    same = samples = 0
+    classifier = True
+    with eval_mode(original), eval_mode(converted):
+        for batch in batches:
+            before, after = _tensors(original(batch)), _tensors(converted(batch))
+            for b, a in zip(before, after):
+                difference += float((a.double() - b.double()).square().sum())
+                reference += float(b.double().square().sum())
+            classifier = classifier and len(before) == 1 and before[0].dim() == 2 and before[0].shape[1] > 1
+            if classifier:
+                same += int((before[0].argmax(1) == after[0].argmax(1)).sum())
+            samples += batch.shape[0]
+    error = (difference / reference) ** 0.5 if reference else float("nan")
+    return Fidelity(error, same / samples if classifier and samples else None, samples)
