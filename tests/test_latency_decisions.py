@@ -259,3 +259,18 @@ def test_compare_and_only_if_faster_in_onnxruntime():
     assert savings.environment["threads"] == 1 and savings.total.latency_before.iters == 3
     assert savings.total.speedup_p10 <= savings.total.speedup <= savings.total.speedup_p90
     assert "measured in onnxruntime" in savings.summary()
+
+
+def test_a_flop_budget_with_only_if_faster_chooses_among_the_faster_ranks(monkeypatch):
+    """Ranks above 2 measure slower than the dense conv: the FLOP budget picks among dense, 1 and 2, and the
+    FLOPs it reports are those of the model it returns (no layer is dropped after the budget)."""
+    def time_of(site, module):
+        slow = isinstance(module, DepthwiseSeparableConv2d) and module.rank > 2
+        return _macs_ms(site, module) * (50.0 if slow else 1.0)
+    Injected(monkeypatch, time_of=time_of)
+    _, report = dsd.convert_model(Net().eval(), X, target_flops=0.7, only_if_faster=True)
+    assert report.converted and all(r.rank <= 2 for r in report.converted)
+    before, after = report.conv_macs()
+    assert after / before == pytest.approx(report.budget.reached) and report.budget.reached <= 0.7
+    _, unfiltered = dsd.convert_model(Net().eval(), X, target_flops=0.7)
+    assert any(r.rank > 2 for r in unfiltered.converted)  # what the filter changed

@@ -92,6 +92,14 @@ def _ranks_to_try(c: Candidate, kind: str, only_if_cheaper: bool) -> List[int]:
     return ranks
 
 
+def _not_slower_ranks(c: Candidate, ranks: Sequence[int], settings: BenchmarkSettings) -> List[int]:
+    """With ``only_if_faster``, a FLOP or parameter budget chooses among the ranks that do not measure
+    clearly slower than the dense conv (so the budget it reports is the one the faster layers meet)."""
+    dense, *separable = site_timings(c.site, [c.site.module, *(replace(c.spec, rank=r).build() for r in ranks)],
+                                     settings)
+    return [r for r, stats in zip(ranks, separable) if not Speedup.of(dense, stats).clearly_slower]
+
+
 def _fixed_cost(kind: str, others: Sequence[ConvSite], model: nn.Module, candidate_total: float,
                 whole: Optional[WholeModel], settings: BenchmarkSettings) -> Tuple[float, float]:
     """(cost that no conversion changes, the original's total) in the budget's unit."""
@@ -121,8 +129,12 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
         return {c.spec.name: max(1, energy_rank(c.errors, target)) for c in candidates}, BudgetOutcome(name, target, None)
     kind = name.removeprefix("target_")
     layers: List[List[Option]] = []
-    for c in tqdm(candidates, desc="timing layers", unit="conv", disable=not (progress and kind == "latency")):
-        cost = _costs(c, kind, _ranks_to_try(c, kind, options.only_if_cheaper), options.benchmark)
+    timed = kind == "latency" or options.only_if_faster
+    for c in tqdm(candidates, desc="timing layers", unit="conv", disable=not (progress and timed)):
+        ranks = _ranks_to_try(c, kind, options.only_if_cheaper)
+        if options.only_if_faster and kind != "latency":
+            ranks = _not_slower_ranks(c, ranks, options.benchmark)
+        cost = _costs(c, kind, ranks, options.benchmark)
         layers.append([Option(DENSE, cost[DENSE], 0.0)]
                       + [Option(r, v, float(c.errors[r])) for r, v in cost.items() if r != DENSE and v < cost[DENSE]])
     names = {c.spec.name for c in candidates}
