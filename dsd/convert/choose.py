@@ -94,10 +94,16 @@ def _ranks_to_try(c: Candidate, kind: str, only_if_cheaper: bool) -> List[int]:
 
 def _not_slower_ranks(c: Candidate, ranks: Sequence[int], settings: BenchmarkSettings) -> List[int]:
     """With ``only_if_faster``, a FLOP or parameter budget chooses among the ranks that do not measure
-    clearly slower than the dense conv (so the budget it reports is the one the faster layers meet)."""
-    dense, *separable = site_timings(c.site, [c.site.module, *(replace(c.spec, rank=r).build() for r in ranks)],
-                                     settings)
-    return [r for r, stats in zip(ranks, separable) if not Speedup.of(dense, stats).clearly_slower]
+    clearly slower than the dense conv (so the budget it reports is the one the faster layers meet).
+    A layer's time grows with its rank: ranks are timed one at a time, up to the first clearly slower one
+    (a 7x7 4096-channel conv has 49 ranks, together gigabytes of weights)."""
+    kept: List[int] = []
+    for r in ranks:
+        dense, separable = site_timings(c.site, [c.site.module, replace(c.spec, rank=r).build()], settings)
+        if Speedup.of(dense, separable).clearly_slower:
+            break
+        kept.append(r)
+    return kept
 
 
 def _fixed_cost(kind: str, others: Sequence[ConvSite], model: nn.Module, candidate_total: float,
