@@ -1,4 +1,4 @@
-"""``dsd demo``: the whole toolkit on real data, offline, on a CPU, in a few minutes.
+"""``dsd demo``: the whole toolkit on real data, offline, on a CPU, in about two minutes on two cores.
 
 Train (or load from the cache) a small CNN on scikit-learn's handwritten digits, convert it at rank 1,
 measure accuracy before fine-tuning, fine-tune with the ``digits`` recipe, and compare original,

@@ -1,4 +1,4 @@
-"""``dsd demo``: train, convert, fine-tune and compare on real digits, offline, in a few minutes."""
+"""``dsd demo``: train, convert, fine-tune and compare on real digits, offline, in about two minutes on two CPU cores."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import argparse
 from ..demo import run_demo
 from .common import add_common_flags, console, positive_int
 
-DESCRIPTION = "Show the whole toolkit on scikit-learn's handwritten digits (offline, CPU, a few minutes)."
+DESCRIPTION = "Show the whole toolkit on scikit-learn's handwritten digits (offline, CPU, about two minutes)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
