@@ -289,3 +289,15 @@ def test_fidelity_on_the_calibration_data_is_reported():
     _, rank1 = dsd.convert_model(model, batches[0][:1], calibration_data=batches)
     assert rank1.fidelity.relative_error > report.fidelity.relative_error
     assert dsd.convert_model(model, batches[0][:1])[1].fidelity is None  # no data, no figure
+
+
+def test_one_error_figure_per_layer_named_by_its_kind():
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    _, plain = dsd.convert_model(model, x)
+    stem = records(plain)["stem"]
+    assert stem.error == stem.init_error and stem.error_kind == "weight" and "(weight)" in plain.to_markdown()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    _, data = dsd.convert_model(model, x, init="data", calibration_data=batches)
+    stem = records(data)["stem"]
+    assert stem.error == stem.output_error and stem.error_kind == "output" and 0 <= stem.error < 1
+    assert "(output)" in data.to_markdown() and records(data)["proj"].error is None

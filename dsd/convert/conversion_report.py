@@ -38,8 +38,8 @@ class LayerRecord:
     rank: Optional[int] = None
     new_kernel_size: Optional[Tuple[int, int]] = None
     new_dilation: Optional[Tuple[int, int]] = None
-    init_error: Optional[float] = None  # relative Frobenius error of the initial weights
-    output_error: Optional[float] = None  # relative squared output error on calibration data (init="data")
+    init_error: Optional[float] = None  # relative weight error ||W' - W|| / ||W|| of the initial weights
+    output_error: Optional[float] = None  # relative output error ||y' - y|| / ||y|| on calibration data (init="data")
     latency_before_ms: Optional[float] = None  # measured with only_if_faster
     latency_after_ms: Optional[float] = None
     macs_before: Optional[int] = None  # per image, all calls (fvcore convention: one MAC = one FLOP)
@@ -58,6 +58,21 @@ class LayerRecord:
             record.macs_before = dense_conv_macs(conv, site.call_shapes)
         record.params_before = sum(p.numel() for p in conv.parameters(recurse=False))
         return record
+
+    @property
+    def error(self) -> Optional[float]:
+        """The layer's one error figure: relative output error on calibration data where there was some,
+        else relative weight error (``error_kind`` says which). Both are norms of differences, not squared."""
+        return self.output_error if self.output_error is not None else self.init_error
+
+    @property
+    def error_kind(self) -> Optional[str]:
+        if self.error is None:
+            return None
+        return "output" if self.output_error is not None else "weight"
+
+    def error_text(self) -> str:
+        return f"{self.error:.4f} ({self.error_kind})" if self.error is not None else "-"
 
     @property
     def action(self) -> str:
@@ -131,7 +146,7 @@ class ConversionReport:
         from rich.table import Table
         table = Table(title="dsd conversion", caption=self.summary(), caption_justify="left")
         for i, header in enumerate(("layer", "geometry", "action", "MACs before", "MACs after", "params before",
-                                    "params after", "weight error")):
+                                    "params after", "error (relative)")):
             table.add_column(header, justify="left" if i < 3 else "right", overflow="fold")
 
         def count(value: Optional[int]) -> str:
@@ -141,7 +156,7 @@ class ConversionReport:
             table.add_row(r.name, r.geometry(), r.action, count(r.macs_before),
                           count(r.macs_after if converted else r.macs_before), count(r.params_before),
                           count(r.params_after if converted else r.params_before),
-                          f"{r.init_error:.4f}" if r.init_error is not None else "-",
+                          r.error_text(),
                           style=None if converted else "dim")
         before, after = self.conv_macs()
         params_before = sum(r.params_before or 0 for r in self.layers)
@@ -185,8 +200,8 @@ class ConversionReport:
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        rows = ["| layer | geometry | status | rank | new kernel | weight error | output error | ms before | ms after "
-                "| reason |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| layer | geometry | status | rank | new kernel | error (relative) | ms before | ms after "
+                "| reason |", "|---|---|---|---|---|---|---|---|---|"]
 
         def number(value, digits=3):
             return f"{value:.{digits}f}" if value is not None else ""
@@ -194,7 +209,7 @@ class ConversionReport:
             new_kernel = (f"{r.new_kernel_size[0]}x{r.new_kernel_size[1]} d{r.new_dilation[0]}"
                           if r.new_kernel_size else "")
             rows.append(f"| `{r.name}` | {r.geometry()} | {r.status} | {r.rank or ''} | {new_kernel} "
-                        f"| {number(r.init_error)} | {number(r.output_error, 4)} | {number(r.latency_before_ms)} "
+                        f"| {r.error_text()} | {number(r.latency_before_ms)} "
                         f"| {number(r.latency_after_ms)} | {r.category + ': ' + r.reason if r.reason else ''} |")
         return self.summary().replace("\n", "  \n") + "\n\n" + "\n".join(rows) + "\n"
 

@@ -212,7 +212,7 @@ def initialise_layers(eligible: Eligible, records: Dict[str, LayerRecord], optio
         for site, spec in eligible:
             layers[spec.name], weight_error, output_error = built[spec.name]
             specs.append(spec.with_error(weight_error))
-            records[site.name].output_error = output_error
+            records[site.name].output_error = output_error ** 0.5  # relative, on the weight error's scale
     else:
         for site, spec in tqdm(eligible, desc="converting", unit="conv", disable=not progress):
             layers[site.name], spec = build_layer(site.module, spec)
