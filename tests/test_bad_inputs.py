@@ -181,7 +181,7 @@ def test_the_table_is_large_enough():
 def test_a_runtime_that_is_not_installed_is_refused_before_any_work(workdir, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    monkeypatch.setattr("dsd.cli.convert.load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr("dsd.io.load_model", lambda *a, **k: pytest.fail("loaded a model first"))
     code, err, before, after = _run(convert_main, [*SMALL, "timm:resnet18", "--runtime", "onnxruntime"], workdir,
                                     monkeypatch, capsys)
     assert code == 2 and len(err) == 1 and "pip install 'dsd[onnx]'" in err[0], err

@@ -81,6 +81,40 @@ def add_model_args(parser: argparse.ArgumentParser, source_help: str) -> None:
     add_trust_code(parser)
 
 
+def add_input_size(parser) -> None:
+    parser.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
+                        help="input size (default: the timm model's pretrained_cfg, else 3 224 224)")
+
+
+def add_against(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--against", metavar="CONVERTED",
+                        help="the converted model (a dsd .plan.json, or any source above); default: convert "
+                             "SOURCE at rank 1 now")
+
+
+def load_source(args: argparse.Namespace):
+    """The model named by SOURCE and how it was obtained, with a warning when its weights are random."""
+    from ..io import load_model
+    model, source = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
+                               args.trust_code)
+    if source.random_weights and not args.quiet:
+        print(f"{getattr(args, 'prog', 'dsd-convert')}: warning: {args.source} has random weights (no --pretrained, "
+              "no weights file): its decoupling errors and accuracy mean nothing; pass --pretrained or a weights "
+              "file with --arch", file=sys.stderr)
+    return model, source
+
+
+def load_against(args: argparse.Namespace, original, size: List[int]):
+    """The model named by ``--against``, or ``original`` converted at rank 1 now."""
+    import torch
+
+    from ..convert import convert_model
+    from ..io import load_model
+    if args.against:
+        return load_model(args.against, trust_pickle=args.trust_pickle, trust_code=args.trust_code)[0]
+    return convert_model(original, torch.randn(1, *size))[0]
+
+
 def add_trust_code(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-code", action="store_true",
                         help="allow a source, --arch or plan naming package.module:factory (imports and runs that code)")
@@ -92,8 +126,7 @@ def add_measure_args(parser: argparse.ArgumentParser) -> None:
     from .dataclass_args import add_dataclass_arguments
 
     group = parser.add_argument_group("measurement (dsd.BenchmarkSettings)")
-    group.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
-                       help="input size (default: the timm model's pretrained_cfg, else 3 224 224)")
+    add_input_size(group)
     add_dataclass_arguments(group, BenchmarkSettings)
     group.add_argument("--json", metavar="FILE", help="write the savings report as JSON")
     group.add_argument("--md", metavar="FILE", help="write the savings report as Markdown")
@@ -110,14 +143,6 @@ def add_common_flags(parser: argparse.ArgumentParser, force_help: str = "overwri
     parser.add_argument("--force", action="store_true", help=force_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-
-
-def warn_if_random_weights(args: argparse.Namespace, source: Any) -> None:
-    """On stderr: a timm/torchvision model built without weights makes every error and accuracy meaningless."""
-    if source.random_weights and not args.quiet:
-        print(f"{getattr(args, 'prog', 'dsd-convert')}: warning: {args.source} has random weights (no --pretrained, no weights file): its "
-              "decoupling errors and accuracy mean nothing; pass --pretrained or a weights file with --arch",
-              file=sys.stderr)
 
 
 def arch_kwargs(args: argparse.Namespace) -> Dict[str, Any]:

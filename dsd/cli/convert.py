@@ -10,11 +10,11 @@ from ..calibration import CALIBRATION_SOURCES, calibration_batches
 from ..convert import ConvertOptions, apply_folding, convert_model, find_foldable, fold_batchnorm
 from ..errors import DsdError
 from ..fileio import OutputSet
-from ..io import SUPPORTED_FORMATS, check_outputs, export_onnx, load_model, output_paths, write_converted
+from ..io import SUPPORTED_FORMATS, check_outputs, export_onnx, output_paths, write_converted
 from ..layers.create import DATA_INIT
 from ..savings import compare
-from .common import (add_common_flags, add_measure_args, add_model_args, arch_kwargs, benchmark_settings, console,
-                     input_size, positive_int, warn_if_random_weights)
+from .common import (add_common_flags, add_measure_args, add_model_args, benchmark_settings, console, input_size,
+                     load_source, positive_int)
 from .dataclass_args import add_dataclass_arguments, dataclass_from_args
 from .savings_output import emit, report_files, wants_latency
 
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="fold inference BatchNorm into the convs before writing (the plan records it)")
     out.add_argument("--report", action="store_true", help="print the savings table with measured latency")
     out.add_argument("--dry-run", action="store_true",
-                     help="print what would happen to every conv (action, MACs, params, weight error) and write nothing")
+                     help="print what would happen to every conv (action, MACs, params, error) and write nothing")
     add_measure_args(parser)
     add_common_flags(parser)
 
@@ -51,9 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         check_outputs([*paths.all(), *report_files(args)], [args.source], args.force)
 
-    model, source = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
-                               args.trust_code)
-    warn_if_random_weights(args, source)
+    model, source = load_source(args)
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise DsdError(f"{args.source} has no nn.Conv2d layers: nothing to convert")
     size = input_size(args, model)

@@ -5,12 +5,11 @@ import argparse
 
 import torch
 
-from ..convert import convert_model
 from ..fileio import OutputSet
-from ..io import SUPPORTED_FORMATS, check_outputs, load_model
+from ..io import SUPPORTED_FORMATS, check_outputs
 from ..savings import FLOP_CONVENTION, compare, count_flops
-from .common import (add_common_flags, add_measure_args, add_model_args, arch_kwargs, benchmark_settings, console,
-                     input_size, positive_int, warn_if_random_weights)
+from .common import (add_against, add_common_flags, add_measure_args, add_model_args, benchmark_settings, console,
+                     input_size, load_against, load_source, positive_int)
 from .savings_output import emit, report_files
 
 DESCRIPTION = "Savings of a converted model against its original: fvcore params/FLOPs and measured latency."
@@ -18,9 +17,7 @@ DESCRIPTION = "Savings of a converted model against its original: fvcore params/
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, f"the original model: {SUPPORTED_FORMATS}")
-    parser.add_argument("--against", metavar="CONVERTED",
-                        help="the converted model (a dsd .plan.json, or any source above); default: convert "
-                             "SOURCE at rank 1 now")
+    add_against(parser)
     add_measure_args(parser)
     parser.add_argument("--no-layers", dest="per_layer", action="store_false", help="skip per-layer latency")
     parser.add_argument("--layers", type=positive_int, nargs="?", const=3, metavar="DEPTH",
@@ -32,14 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_outputs(report_files(args), [args.source, args.against or ""], args.force)
     settings = benchmark_settings(args)
-    original, source = load_model(args.source, args.arch, arch_kwargs(args), args.pretrained, args.trust_pickle,
-                             args.trust_code)
-    warn_if_random_weights(args, source)
+    original, _ = load_source(args)
     size = input_size(args, original)
-    if args.against:
-        converted, _ = load_model(args.against, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
-    else:
-        converted, _ = convert_model(original, torch.randn(1, *size))
+    converted = load_against(args, original, size)
     savings = compare(original, converted, size, settings, per_layer=args.per_layer, progress=not args.quiet)
     out = console(args)
     if args.layers:

@@ -28,8 +28,8 @@ from ..module_tree import swap_modules
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
 from .conversion_report import ConversionReport, LayerRecord
-from .fidelity import measure_fidelity
 from .end_to_end import EndToEnd, WholeModel, revert_until_not_slower, whole_model_input
+from .fidelity import measure_fidelity
 from .fold_bn import apply_folding
 from .match import ConvSite, ModelAnalysis, analyze, as_args
 from .options import ConvertOptions

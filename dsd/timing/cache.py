@@ -8,6 +8,7 @@ is ``$DSD_LATENCY_CACHE`` (``off`` switches the cache off), else ``latency/`` in
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ def device_name(settings: BenchmarkSettings) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)"
 
 
+@functools.lru_cache(maxsize=None)  # read from the installed metadata once, not once per layer timing
 def _version(package: str) -> Optional[str]:
     try:
         return metadata.version(package)
