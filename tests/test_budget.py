@@ -90,9 +90,19 @@ def test_rank_errors_match_decoupling_and_energy_rule():
 # -- budgets on a model -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target", [0.6, 0.4, 0.25])
-def test_target_flops_is_met_on_the_whole_model(target):
-    model, x = Net().eval(), torch.randn(1, 3, 16, 16)
+def test_target_flops_of_the_model_is_fvcore_share(target):
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
     converted, report = dsd.convert_model(model, x, target_flops=target)
+    before, after = count_flops(model, x), count_flops(converted, x)
+    assert after.total <= target * before.total
+    assert report.budget.reached == pytest.approx(after.total / before.total)
+    assert "of the original's FLOPs" in report.budget.describe()
+
+
+@pytest.mark.parametrize("target", [0.6, 0.4, 0.25])
+def test_target_flops_of_the_convs_is_met_on_the_convs(target):
+    model, x = Net().eval(), torch.randn(1, 3, 16, 16)
+    converted, report = dsd.convert_model(model, x, target_flops=target, target_flops_of="convs")
     assert report.budget.reached <= target
     before, after = count_flops(model, x), count_flops(converted, x)
     conv_share = sum(before.by_module[n] for n in ("a", "b", "c")) / before.total
@@ -129,6 +139,8 @@ def test_a_target_below_what_stays_dense_says_what_is_reachable():
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(DsdError, match=r"target_flops=0.5 cannot be met: .* already 0.99\d of the original's conv "
                                        r"FLOPs; choose a target above 0.99\d"):
+        dsd.convert_model(model, x, target_flops=0.5, target_flops_of="convs")
+    with pytest.raises(DsdError, match=r"convs, other layers\) is already 0.99\d of the original's FLOPs"):
         dsd.convert_model(model, x, target_flops=0.5)
 
 
@@ -182,6 +194,19 @@ def test_data_aware_beats_svd_on_calibration_data(sequential):
     assert all(r.output_error is not None and r.output_error < 1 for r in report.converted)
 
 
+def test_data_aware_passes_that_stop_after_the_layer_give_the_same_layers():
+    from dsd.calibration import data_aware_layers
+    model, batches = Net().eval(), calibration()
+    specs = [dsd.layers.layer_spec(model.get_submodule(n), rank=2, name=n) for n in ("b", "c")]
+    convs = {n: model.get_submodule(n) for n in ("b", "c")}
+    import copy
+    built = [data_aware_layers(model, copy.deepcopy(model), convs, specs, batches, True, calls=calls)
+             for calls in (None, {"b": 1, "c": 1})]
+    for name in ("b", "c"):
+        for a, b in zip(built[0][name][0].parameters(), built[1][name][0].parameters()):
+            torch.testing.assert_close(a, b)
+
+
 def test_data_aware_full_rank_is_exact():
     model = Net().double().eval()
     batches = [b.double() for b in calibration()]
@@ -218,3 +243,64 @@ def test_recalibrate_bn_changes_running_stats_only():
     assert not torch.equal(converted.bn.running_mean, model.bn.running_mean)
     torch.testing.assert_close(converted.bn.weight, model.bn.weight, rtol=0, atol=0)
     assert not converted.training or model.training
+
+
+# -- sensitivity-based allocation ---------------------------------------------------------------
+
+def test_output_sensitivity_matches_the_exact_jacobian_of_a_linear_model():
+    """Hutchinson's estimate of ||J||_F^2 per element against the Jacobian itself (a linear model: exact)."""
+    from dsd.calibration import output_sensitivity
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3, stride=2), nn.Flatten()).eval()
+    x = torch.randn(1, 2, 6, 6)
+    estimate = output_sensitivity(model, ["0"], [x], probes=400)["0"]
+    y = model[0](x)
+    jacobian = torch.autograd.functional.jacobian(lambda t: model[2](model[1](t)), y)
+    exact = jacobian.square().sum().item() / y.numel() / model(x).square().sum().item()
+    assert estimate == pytest.approx(exact, rel=0.15)
+
+
+class TwoBranches(nn.Module):
+    """Two convs of one geometry; the model's output barely depends on the second."""
+    def __init__(self):
+        super().__init__()
+        self.loud, self.quiet = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        return (self.loud(x) + 0.01 * self.quiet(x)).mean((2, 3))
+
+
+def test_sensitivity_allocation_spends_the_budget_where_the_outputs_move():
+    torch.manual_seed(0)
+    model, batches = TwoBranches().eval(), calibration()
+    results = {}
+    for allocation in ("layer", "sensitivity"):
+        _, report = dsd.convert_model(model, batches[0], target_flops=0.5, target_flops_of="convs",
+                                      calibration_data=batches, allocation=allocation)
+        results[allocation] = report
+    ranks = {r.name: r.rank for r in results["sensitivity"].converted}
+    assert ranks.get("loud", 0) > ranks.get("quiet", 0) or "loud" not in ranks  # dense counts as full
+    assert results["sensitivity"].fidelity.relative_error < results["layer"].fidelity.relative_error
+    assert results["sensitivity"].budget.allocation == "sensitivity"
+    assert "how far each layer moves the outputs" in results["sensitivity"].budget.describe()
+
+
+def test_auto_allocation_uses_sensitivity_only_with_calibration_data():
+    model, batches = Net().eval(), calibration()
+    _, with_data = dsd.convert_model(model, batches[0], target_flops=0.5, calibration_data=batches)
+    _, without = dsd.convert_model(model, batches[0], target_flops=0.5)
+    assert (with_data.budget.allocation, without.budget.allocation) == ("sensitivity", "layer")
+    with pytest.raises(DsdError, match="need calibration_data"):
+        dsd.convert_model(model, batches[0], target_flops=0.5, allocation="sensitivity")
+
+
+class ArgmaxOut(Net):
+    def forward(self, x):
+        return super().forward(x).argmax(1)
+
+
+def test_outputs_without_gradients_fall_back_to_layer_errors_and_say_so():
+    model, batches = ArgmaxOut().eval(), calibration()
+    _, report = dsd.convert_model(model, batches[0], target_flops=0.5, calibration_data=batches)
+    assert report.budget.allocation == "layer"
+    assert any("not differentiable" in note for note in report.notes)

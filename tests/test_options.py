@@ -100,3 +100,23 @@ def test_every_option_works_in_a_recipe(tmp_path):
     with pytest.raises(dsd.DsdError, match="student.convert: unknown conversion option 'device'"):
         load_recipe("digits", ["student.convert.device=cpu"])
     assert recipe.to_dict()["student"]["convert"]["exclude"] == ["features.0.0"]
+
+
+def test_target_flops_means_the_whole_model_except_in_plans_and_recipes_that_do_not_say():
+    assert ConvertOptions(target_flops=0.5).target_flops_of == "model"
+    assert ConvertOptions.from_dict({"target_flops": 0.5}).target_flops_of == "convs"  # dsd 0.1's meaning
+    assert ConvertOptions.from_dict(ConvertOptions(target_flops=0.5).to_dict()).target_flops_of == "model"
+    recipe = load_recipe("digits", ["student.convert.target_flops=0.5"])
+    assert recipe.student.convert.target_flops_of == "convs"
+
+
+def test_new_conversion_flags_parse():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["m.pt", "--target-flops", "0.5", "--target-flops-of", "convs", "--allocation", "layer",
+                              "--no-sequential"])
+    assert (args.target_flops_of, args.allocation, args.sequential) == ("convs", "layer", False)
+    defaults = parser.parse_args(["m.pt"])
+    assert (defaults.target_flops_of, defaults.allocation, defaults.sequential) == ("model", "auto", True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m.pt", "--allocation", "fisher"])

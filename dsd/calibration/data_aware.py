@@ -22,29 +22,54 @@ from .statistics import PatchStats, RefitStats, refit_pointwise, whitened_depthw
 __all__ = ["patch_statistics", "data_aware_layers"]
 
 
-def _run(model: nn.Module, batches: Sequence[torch.Tensor], hooks: Dict[str, Any]) -> None:
-    """Forward every batch with ``hooks[name](module, args, output)`` on the named modules."""
+class _Seen(Exception):
+    """Raised by a hook once every hooked module has run as often as it runs per forward: the rest of the
+    forward is not needed."""
+
+
+def _run(model: nn.Module, batches: Sequence[torch.Tensor], hooks: Dict[str, Any],
+         calls: Optional[Dict[str, Optional[int]]] = None) -> None:
+    """Forward every batch with ``hooks[name](module, args, output)`` on the named modules. With ``calls``
+    (each module's calls per forward, from the analysis), a forward stops after the hooked modules' last call."""
     device = next(model.parameters()).device
-    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
+    expected = {name: (calls or {}).get(name) for name in hooks}
+    stop_early = all(expected.values())
+    seen = dict.fromkeys(hooks, 0)
+
+    def counted(name, hook):
+        def run(module, args, output):
+            hook(module, args, output)
+            seen[name] += 1
+            if stop_early and all(seen[n] >= expected[n] for n in seen):
+                raise _Seen
+        return run
+
+    handles = [model.get_submodule(name).register_forward_hook(counted(name, hook)) for name, hook in hooks.items()]
     try:
         with torch.no_grad(), eval_mode(model):
             for batch in batches:
-                model(batch.to(device))
+                seen.update(dict.fromkeys(seen, 0))
+                try:
+                    model(batch.to(device))
+                except _Seen:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
 
 
-def patch_statistics(model: nn.Module, specs: Sequence[LayerSpec], batches) -> Dict[str, PatchStats]:
+def patch_statistics(model: nn.Module, specs: Sequence[LayerSpec], batches,
+                     calls: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, PatchStats]:
     layers = {spec.name: spec.build(dtype=torch.float32) for spec in specs}
     stats = {name: PatchStats(layer) for name, layer in layers.items()}
-    _run(model, batches, {name: (lambda m, a, o, s=s: s.update(a[0].cpu())) for name, s in stats.items()})
+    _run(model, batches, {name: (lambda m, a, o, s=s: s.update(a[0].cpu())) for name, s in stats.items()}, calls)
     return stats
 
 
 def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.Module], specs: List[LayerSpec],
-                 batches, sequential: bool, stats: Optional[Dict[str, PatchStats]] = None) -> Dict[str, tuple]:
-    stats = stats or patch_statistics(working, specs, batches)
+                 batches, sequential: bool, stats: Optional[Dict[str, PatchStats]] = None,
+                 calls: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, tuple]:
+    stats = stats or patch_statistics(working, specs, batches, calls)
     layers = {}
     for spec in specs:
         conv = convs[spec.name]
@@ -57,10 +82,12 @@ def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.M
     if sequential:  # inputs from the converted model, targets from the original: one batch at a time
         for batch in batches:
             targets: Dict[str, torch.Tensor] = {}
-            _run(reference, [batch], {n: (lambda m, a, o, n=n: targets.__setitem__(n, o.cpu())) for n in refit})
-            _run(working, [batch], {n: (lambda m, a, o, n=n: refit[n].update(a[0].cpu(), targets[n])) for n in refit})
+            _run(reference, [batch], {n: (lambda m, a, o, n=n: targets.__setitem__(n, o.cpu())) for n in refit},
+                 calls)
+            _run(working, [batch], {n: (lambda m, a, o, n=n: refit[n].update(a[0].cpu(), targets[n])) for n in refit},
+                 calls)
     else:
-        _run(working, batches, {n: (lambda m, a, o, n=n: refit[n].update(a[0].cpu(), o.cpu())) for n in refit})
+        _run(working, batches, {n: (lambda m, a, o, n=n: refit[n].update(a[0].cpu(), o.cpu())) for n in refit}, calls)
     built = {}
     for name, (layer, error) in layers.items():
         stats = refit[name]
@@ -78,17 +105,18 @@ def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.M
 
 def data_aware_layers(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.Module],
                       specs: List[LayerSpec], batches, sequential: bool,
-                      patch_stats: Optional[Dict[str, PatchStats]] = None, progress: bool = False
-                      ) -> Dict[str, tuple]:
+                      patch_stats: Optional[Dict[str, PatchStats]] = None, progress: bool = False,
+                      calls: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, tuple]:
     """``name -> (layer, weight error, output error)``; sequential mode swaps each layer into ``working``.
 
     ``patch_stats`` already streamed from ``working`` (they do not depend on the rank) are reused in
-    one-pass mode; sequential mode needs fresh ones, since each layer's inputs change upstream.
+    one-pass mode; sequential mode needs fresh ones, since each layer's inputs change upstream. ``calls``
+    (each conv's calls per forward) lets a layer's passes stop once the layer has run.
     """
     if not sequential:
-        return _build_group(reference, working, convs, specs, batches, False, patch_stats)
+        return _build_group(reference, working, convs, specs, batches, False, patch_stats, calls)
     built = {}
     for spec in tqdm(specs, desc="calibrating", unit="conv", disable=not progress):  # in execution order
-        built.update(_build_group(reference, working, convs, [spec], batches, True))
+        built.update(_build_group(reference, working, convs, [spec], batches, True, calls=calls))
         swap_modules(working, {spec.name: built[spec.name][0]})
     return built

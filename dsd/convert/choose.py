@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..calibration import PatchStats, output_rank_errors, whitening
 from ..errors import DsdError
 from ..layers.cost import dense_conv_macs, output_pixels
 from ..layers.create import effective_weight
@@ -22,7 +23,7 @@ from .options import ConvertOptions
 
 __all__ = ["Candidate", "BudgetOutcome", "candidate_errors", "choose_ranks", "layer_speedup", "site_timings"]
 
-_UNITS = {"flops": "conv FLOPs", "params": "parameters", "latency": "latency"}
+_UNITS = {"flops": "conv FLOPs", "model flops": "FLOPs", "params": "parameters", "latency": "latency"}
 LATENCY_ROUNDS = 3  # whole-model measurements a latency budget may take to settle
 
 
@@ -30,7 +31,7 @@ LATENCY_ROUNDS = 3  # whole-model measurements a latency budget may take to sett
 class Candidate:
     site: ConvSite
     spec: LayerSpec  # at rank 1; the chosen rank replaces it
-    errors: torch.Tensor  # relative squared error at ranks 0..full (weight space, or output space with data)
+    errors: torch.Tensor  # at ranks 0..full: what the budget minimises (see candidate_errors)
 
 
 @dataclass
@@ -39,20 +40,36 @@ class BudgetOutcome:
     target: float
     reached: Optional[float]  # the converted model's share of the original's total (None for energy)
     end_to_end: Optional[EndToEnd] = None  # latency: the whole-model measurement ``reached`` comes from
+    unit: str = ""  # what the shares are of: "FLOPs" (the whole model's), "conv FLOPs", "parameters", "latency"
+    allocation: str = "layer"  # what the ranks minimised: "sensitivity" or "layer" errors
 
     def describe(self) -> str:
         text = f"budget: {self.kind} {self.target:g}"
         if self.reached is not None:
-            text += f", reached {self.reached:.3f} of the original"
+            text += f", reached {self.reached:.3f} of the original's {self.unit or self.kind}"
             if self.end_to_end is not None:
                 text += " measured end to end"
             if self.end_to_end is not None and self.reached > self.target:
                 text += f" (target {self.target:g} not met: the closest of {self.end_to_end.rounds} measured choices)"
+        if self.allocation == "sensitivity":
+            text += "; ranks chosen by how far each layer moves the outputs on the calibration data"
         return text
 
 
-def candidate_errors(site: ConvSite, spec: LayerSpec, whitening: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return rank_errors(effective_weight(site.module, spec), spec.groups, whitening)
+def candidate_errors(site: ConvSite, spec: LayerSpec, stats: Optional[PatchStats] = None, whitened: bool = False,
+                     sensitivity: Optional[float] = None) -> torch.Tensor:
+    """What a budget minimises for this layer, at ranks 0..full.
+
+    With ``sensitivity`` (and the layer's input ``stats``): the predicted relative squared change of the
+    model's outputs, the layer's output error weighted by how far its output moves the model's outputs.
+    Otherwise the layer's own relative squared error: in output space for whitened (data-aware) factors
+    with ``stats``, else in weight space.
+    """
+    weight = effective_weight(site.module, spec)
+    if sensitivity is not None:
+        errors = output_rank_errors(weight, spec.groups, stats.second_moment(), whitened)
+        return errors * sensitivity * stats.positions_per_sample
+    return rank_errors(weight, spec.groups, whitening(stats.second_moment()) if whitened and stats else None)
 
 
 def site_timings(site: ConvSite, variants: Sequence[nn.Module], settings: BenchmarkSettings) -> List[LatencyStats]:
@@ -107,8 +124,11 @@ def _not_slower_ranks(c: Candidate, ranks: Sequence[int], settings: BenchmarkSet
 
 
 def _fixed_cost(kind: str, others: Sequence[ConvSite], model: nn.Module, candidate_total: float,
-                whole: Optional[WholeModel], settings: BenchmarkSettings) -> Tuple[float, float]:
+                whole: Optional[WholeModel], settings: BenchmarkSettings, model_flops: Optional[float] = None
+                ) -> Tuple[float, float]:
     """(cost that no conversion changes, the original's total) in the budget's unit."""
+    if kind == "flops" and model_flops is not None:
+        return model_flops - candidate_total, model_flops
     if kind == "flops":
         fixed = sum(dense_conv_macs(s.module, s.call_shapes) for s in others)
     elif kind == "params":
@@ -123,9 +143,13 @@ def _fixed_cost(kind: str, others: Sequence[ConvSite], model: nn.Module, candida
 
 
 def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite], options: ConvertOptions,
-                 model: nn.Module, whole: Optional[WholeModel] = None, progress: bool = False
+                 model: nn.Module, whole: Optional[WholeModel] = None, progress: bool = False,
+                 model_flops: Optional[float] = None, allocation: str = "layer"
                  ) -> Tuple[Dict[str, int], BudgetOutcome]:
     """``name -> rank`` (0 = keep dense) for each candidate under the options' budget, and what it reached.
+
+    ``model_flops`` (per sample, fvcore's count) makes a FLOP budget a share of the whole model's FLOPs
+    rather than of its convs'; ``allocation`` names what the candidates' errors are (for the report).
 
     A latency budget (``whole`` given) is a share of the whole model's latency in the settings' runtime;
     the choice is measured end to end and, where it misses the target, chosen again on a budget
@@ -134,6 +158,7 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
     if name == "energy":
         return {c.spec.name: max(1, energy_rank(c.errors, target)) for c in candidates}, BudgetOutcome(name, target, None)
     kind = name.removeprefix("target_")
+    unit = _UNITS["model flops" if kind == "flops" and model_flops is not None else kind]
     layers: List[List[Option]] = []
     timed = kind == "latency" or options.only_if_faster
     for c in tqdm(candidates, desc="timing layers", unit="conv", disable=not (progress and timed)):
@@ -146,16 +171,18 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
     names = {c.spec.name for c in candidates}
     others = [s for s in all_sites if s.name not in names]
     fixed, total = _fixed_cost(kind, others, model, sum(o[0].cost for o in layers), whole,
-                               options.benchmark)
+                               options.benchmark, model_flops)
     if fixed > target * total:
         raise DsdError(f"{name}={target:g} cannot be met: what no conversion changes (1x1, depthwise and skipped "
-                       f"convs{', other layers' if kind in ('params', 'latency') else ''}) is already "
-                       f"{fixed / total:.3f} of the original's {_UNITS[kind]}; choose a target above {fixed / total:.3f}")
+                       f"convs{'' if unit == 'conv FLOPs' else ', other layers'}) is already "
+                       f"{fixed / total:.3f} of the original's {unit}; choose a target above {fixed / total:.3f}")
     chosen = solve_budget(layers, target * total - fixed)
     if kind == "latency" and whole is not None:
-        return _settle_latency(candidates, layers, chosen, target, fixed, whole)
-    reached = (fixed + sum(o.cost for o in chosen)) / total
-    return {c.spec.name: o.rank for c, o in zip(candidates, chosen)}, BudgetOutcome(kind, target, reached)
+        ranks, outcome = _settle_latency(candidates, layers, chosen, target, fixed, whole)
+    else:
+        reached = (fixed + sum(o.cost for o in chosen)) / total
+        ranks, outcome = {c.spec.name: o.rank for c, o in zip(candidates, chosen)}, BudgetOutcome(kind, target, reached)
+    return ranks, replace(outcome, unit=unit, allocation=allocation)
 
 
 def _settle_latency(candidates: Sequence[Candidate], layers: List[List[Option]], chosen: List[Option],

@@ -15,7 +15,7 @@ from ..errors import DsdError
 from ..layers.create import DATA_INIT, FULL_RANK, Rank, check_layer_args
 from ..timing import BenchmarkSettings
 
-__all__ = ["ConvertOptions", "SKIP_PREDICATES", "BUDGETS", "DECISION_TIMING", "NamePattern", "SkipRule"]
+__all__ = ["ConvertOptions", "SKIP_PREDICATES", "BUDGETS", "FLOPS_SCOPES", "ALLOCATIONS", "DECISION_TIMING", "NamePattern", "SkipRule"]
 
 NamePattern = Union[str, Pattern]
 SkipPredicate = Callable[[str, nn.Conv2d], bool]
@@ -26,6 +26,8 @@ SKIP_PREDICATES: Dict[str, SkipPredicate] = {
     "stem": lambda name, conv: conv.in_channels <= 4,
 }
 BUDGETS = ("energy", "target_flops", "target_params", "target_latency")
+FLOPS_SCOPES = ("model", "convs")  # what target_flops is a share of
+ALLOCATIONS = ("auto", "sensitivity", "layer")  # what a budget minimises
 # Per candidate layer when only_if_faster or target_latency decide: enough to order the options, cheap on a CPU.
 DECISION_TIMING = BenchmarkSettings(warmup=3, iters=15)
 
@@ -71,11 +73,18 @@ class ConvertOptions:
     energy: Optional[float] = field(default=None, metadata=_meta(
         "budget: per layer, the smallest rank keeping this share of the weight energy"))
     target_flops: Optional[float] = field(default=None, metadata=_meta(
-        "budget: the convs' FLOPs at most this share of the original's"))
+        "budget: FLOPs at most this share of the original's (of the whole model's, or the convs': target_flops_of)"))
+    target_flops_of: str = field(default="model", metadata=_meta(
+        "what target_flops is a share of: model (every FLOP fvcore counts) or convs (the Conv2d layers' only; "
+        "what plans and recipes that do not say mean)", choices=FLOPS_SCOPES))
     target_params: Optional[float] = field(default=None, metadata=_meta(
         "budget: the model's parameters at most this share of the original's"))
     target_latency: Optional[float] = field(default=None, metadata=_meta(
         "budget: the whole model's latency, measured in the benchmark settings' runtime, at most this share"))
+    allocation: str = field(default="auto", metadata=_meta(
+        "what a FLOP, parameter or latency budget minimises: sensitivity (the estimated change of the model's "
+        "outputs, measured on the calibration data), layer (the sum of each layer's own relative error), or auto "
+        "(sensitivity where calibration data is given)", choices=ALLOCATIONS))
     only_if_faster: bool = field(default=False, metadata=_meta(
         "keep layers dense that measure slower separable, and never let the model be slower end to end "
         "(measured in the benchmark settings' runtime)"))
@@ -83,8 +92,9 @@ class ConvertOptions:
         "how only_if_faster and target_latency measure (the CLI's measurement flags)"))
     calibration_batches: int = field(default=8, metadata=_meta(
         "calibration batches used for init=data and recalibrate_bn", flag="--calib-batches", metavar="N"))
-    sequential: bool = field(default=False, metadata=_meta(
-        "calibrate layer by layer, each fed by the converted layers upstream"))
+    sequential: bool = field(default=True, metadata=_meta(
+        "init=data: calibrate layer by layer, each fed by the converted layers upstream (off: all at once from "
+        "the original's activations, faster)", flag="--no-sequential"))
     recalibrate_bn: bool = field(default=False, metadata=_meta(
         "re-estimate BatchNorm statistics on the calibration batches"))
 
@@ -108,6 +118,9 @@ class ConvertOptions:
                     re.compile(pattern[3:])
                 except re.error as error:
                     raise DsdError(f"name pattern {pattern!r} is not a valid regular expression: {error}") from None
+        for name, allowed in (("target_flops_of", FLOPS_SCOPES), ("allocation", ALLOCATIONS)):
+            if getattr(self, name) not in allowed:
+                raise DsdError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.benchmark, BenchmarkSettings):
             raise DsdError(f"benchmark must be a dsd.timing.BenchmarkSettings, got {type(self.benchmark).__name__}")
         self._check_budget()
@@ -145,6 +158,7 @@ class ConvertOptions:
         if unknown:
             raise DsdError(f"unknown conversion option {unknown[0]!r}; valid: {', '.join(names)}")
         data = dict(data)
+        data.setdefault("target_flops_of", "convs")  # plans and recipes of dsd 0.1 meant the convs' FLOPs
         if isinstance(data.get("benchmark"), dict):
             data["benchmark"] = BenchmarkSettings.from_dict(data["benchmark"])
         return cls(**data)

@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..calibration import (PatchStats, data_aware_layers, patch_statistics, recalibrate_batchnorm, take_batches,
-                           whitening)
+from ..calibration import (PatchStats, data_aware_layers, output_sensitivity, patch_statistics, recalibrate_batchnorm,
+                           take_batches)
 from ..errors import DsdError
+from ..flops import count_flops
 from ..layers.create import DATA_INIT, SkipLayer, build_layer
 from ..layers.spec import LayerSpec
 from ..modes import eval_mode, record_shapes
@@ -40,6 +41,7 @@ __all__ = ["convert_model", "apply_plan", "PlanMismatch", "describe_layers", "ch
            "keep_faster_layers", "initialise_layers", "rewrite", "verify_shapes"]
 
 Eligible = List[Tuple[ConvSite, LayerSpec]]
+SENSITIVITY = "sensitivity"
 
 
 class PlanMismatch(DsdError):
@@ -77,13 +79,22 @@ def convert_model(
     notes = _calibration_notes(options, calibration_data, working)
 
     records, eligible = describe_layers(analysis, options)
-    stats = None
-    if options.init == DATA_INIT and options.budget:
-        stats = patch_statistics(working, [spec for _, spec in eligible], batches)
+    allocation = _allocation(options, batches)
+    stats = sensitivity = None
+    if options.budget and (options.init == DATA_INIT or allocation == SENSITIVITY):
+        stats = patch_statistics(working, [spec for _, spec in eligible], batches,
+                                 {site.name: site.calls for site, _ in eligible})
+    if allocation == SENSITIVITY:
+        sensitivity = output_sensitivity(working, [spec.name for _, spec in eligible], batches)
+        if sensitivity is None:
+            allocation = "layer"
+            notes.append("allocation: the model's outputs are not differentiable floating-point tensors, so the "
+                         "budget minimised each layer's own error instead of the change of the outputs")
     whole = _whole_model(working, example_inputs, options, progress)
     outcome = end_to_end = None
     if options.budget:
-        eligible, outcome = choose_layer_ranks(eligible, records, analysis, options, working, stats, whole, progress)
+        eligible, outcome = choose_layer_ranks(eligible, records, analysis, options, working, stats, whole, progress,
+                                               sensitivity, _model_flops(working, example_inputs, options))
         end_to_end = outcome.end_to_end
     if options.only_if_faster:
         eligible, end_to_end = keep_faster_layers(eligible, records, options, whole, progress)
@@ -122,11 +133,36 @@ def _costlier_note(options: ConvertOptions, records: Dict[str, LayerRecord]) -> 
             "only_if_cheaper=False (--allow-costlier) converts them anyway"]
 
 
+def _allocation(options: ConvertOptions, batches: Optional[List]) -> str:
+    """What the budget minimises: sensitivity (where calibration data is given) or each layer's own error."""
+    budget = set(options.budget) - {"energy"}
+    if not budget or options.allocation == "layer" or (options.allocation == "auto" and batches is None):
+        return "layer"
+    return SENSITIVITY
+
+
+def _model_flops(model: nn.Module, example_inputs: Any, options: ConvertOptions) -> Optional[float]:
+    """The whole model's FLOPs per sample (fvcore), where a FLOP budget is a share of them."""
+    if options.target_flops is None or options.target_flops_of != "model":
+        return None
+    args = as_args(example_inputs)
+    try:
+        total = count_flops(model, args).total
+    except Exception as error:  # fvcore's jit trace fails on some models: say what to use instead
+        raise DsdError(f"target_flops_of='model' counts the model's FLOPs with fvcore, which failed on this model "
+                       f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                       "use target_flops_of='convs' (--target-flops-of convs)") from None
+    batch = next(a.shape[0] for a in args if isinstance(a, torch.Tensor))
+    return total / batch
+
+
 def _check_inputs(options: ConvertOptions, example_inputs: Any, calibration_data: Any) -> None:
     if ("target_flops" in options.budget or "target_latency" in options.budget) and example_inputs is None:
         raise DsdError("target_flops and target_latency need example_inputs (the layer shapes)")
-    if (options.init == DATA_INIT or options.recalibrate_bn) and calibration_data is None:
-        raise DsdError("init='data' and recalibrate_bn need calibration_data (an iterable of input batches)")
+    if (options.init == DATA_INIT or options.recalibrate_bn or options.allocation == SENSITIVITY) \
+            and calibration_data is None:
+        raise DsdError("init='data', recalibrate_bn and allocation='sensitivity' need calibration_data "
+                       "(an iterable of input batches)")
 
 
 def _whole_model(model: nn.Module, example_inputs: Any, options: ConvertOptions, progress: bool
@@ -156,12 +192,20 @@ def describe_layers(analysis: ModelAnalysis, options: ConvertOptions) -> Tuple[D
 
 def choose_layer_ranks(eligible: Eligible, records: Dict[str, LayerRecord], analysis: ModelAnalysis,
                        options: ConvertOptions, model: nn.Module, stats: Optional[Dict[str, PatchStats]] = None,
-                       whole: Optional[WholeModel] = None, progress: bool = False) -> Tuple[Eligible, BudgetOutcome]:
-    """The options' budget decides each layer's rank; layers it keeps dense are marked so."""
-    whitenings = {name: whitening(s.second_moment()) for name, s in (stats or {}).items()}
-    candidates = [Candidate(site, spec, candidate_errors(site, spec, whitenings.get(spec.name)))
+                       whole: Optional[WholeModel] = None, progress: bool = False,
+                       sensitivity: Optional[Dict[str, float]] = None, model_flops: Optional[float] = None
+                       ) -> Tuple[Eligible, BudgetOutcome]:
+    """The options' budget decides each layer's rank; layers it keeps dense are marked so.
+
+    With ``sensitivity`` (:func:`dsd.calibration.output_sensitivity`) the ranks minimise the predicted change
+    of the model's outputs; otherwise the summed relative errors of the layers."""
+    stats, sensitivity = stats or {}, sensitivity or {}
+    whitened = options.init == DATA_INIT
+    candidates = [Candidate(site, spec, candidate_errors(site, spec, stats.get(spec.name), whitened,
+                                                         sensitivity.get(spec.name)))
                   for site, spec in eligible]
-    ranks, outcome = choose_ranks(candidates, analysis.sites, options, model, whole, progress)
+    ranks, outcome = choose_ranks(candidates, analysis.sites, options, model, whole, progress, model_flops,
+                                  SENSITIVITY if sensitivity else "layer")
     chosen = []
     for site, spec in eligible:
         if ranks[spec.name] == DENSE:
@@ -208,7 +252,8 @@ def initialise_layers(eligible: Eligible, records: Dict[str, LayerRecord], optio
     specs: List[LayerSpec] = []
     if options.init == DATA_INIT:
         built = data_aware_layers(reference, working, {site.name: site.module for site, _ in eligible},
-                                  [spec for _, spec in eligible], batches, options.sequential, stats, progress)
+                                  [spec for _, spec in eligible], batches, options.sequential, stats, progress,
+                                  {site.name: site.calls for site, _ in eligible})
         for site, spec in eligible:
             layers[spec.name], weight_error, output_error = built[spec.name]
             specs.append(spec.with_error(weight_error))

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import eval_mode, record_shapes
 from ..timing import BenchmarkSettings, environment, measure, measure_layer
-from .flops import count_flops
+from ..flops import count_flops
 from .savings_report import LayerSavings, SavingsReport
 
 __all__ = ["compare", "converted_layer_names", "conv_input_shapes"]

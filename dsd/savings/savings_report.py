@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import DsdError
 from ..fileio import atomic_path, atomic_write_text
-from .flops import FLOP_CONVENTION
+from ..flops import FLOP_CONVENTION
 from ..timing import LatencyStats, Speedup
 
 __all__ = ["LayerSavings", "SavingsReport", "SCHEMA", "SCHEMA_VERSION"]

@@ -13,7 +13,7 @@ from typing import Any, Dict
 import torch
 import torch.nn as nn
 
-from ..modes import eval_mode
+from .modes import eval_mode
 
 __all__ = ["FlopCount", "count_flops", "FLOP_CONVENTION", "POOLING_OPS"]
 
