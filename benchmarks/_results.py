@@ -34,6 +34,7 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "vs_pruning": "dsd vs Torch-Pruning channel pruning at the same conv FLOPs",
     "finetune_digits": "Fine-tune recovery on digits (15-epoch recipe)",
     "budgets_digits": "FLOP budgets on digits: svd vs data-aware initialisation",
+    "real_weights": "Pretrained weights without fine-tuning: allocation and initialisation compared",
     "budgets_latency": "Latency budgets (only-if-faster, target latency) on this CPU",
     "conversion_time": "Conversion time, in forward passes",
     "decouple_speed": "Decoupling speed: Gram eigendecomposition vs SVD",

@@ -51,6 +51,7 @@ def digits_rows(budgets, epochs):
         for method, kwargs in METHODS.items():
             data = calib if kwargs.get("init") == "data" or kwargs.get("recalibrate_bn") else None
             model, report = dsd.convert_model(teacher, torch.randn(1, 1, 32, 32), target_flops=budget,
+                                              target_flops_of="convs",
                                               calibration_data=data, **kwargs)
             no_ft = accuracy(model, *val.tensors)
             ft = None

@@ -2,8 +2,10 @@
 
     python benchmarks/conversion_time.py [--models resnet50 ...] [--size 224] [--repeats 3]
 
-Target (issue 2): converting resnet50 costs no more than 5 forward passes. The conversion includes
-its own work on the example input (one analysis pass, one verification pass) and copying the model.
+Targets: converting resnet50 costs no more than 5 forward passes (issue 2); resnet18's svd path at most 2, and
+its data-aware path (with the sensitivity measurement) at most 50 forward passes over its calibration data
+(issue 17). The conversion includes its own work on the example input (one analysis pass, one verification
+pass) and copying the model. ``budget_ratio``: ``target_flops=0.5`` (svd), also in forward passes.
 """
 from __future__ import annotations
 
@@ -15,8 +17,20 @@ import torch
 import dsd
 from _results import median_seconds, write
 
+CALIBRATION = (4, 8)  # batches, images per batch
 MODELS = ["resnet50", "resnet18", "resnext50_32x4d", "regnety_016", "efficientnet_b0", "tf_efficientnet_b0",
           "mobilenetv3_large_100", "convnext_tiny", "densenet121", "vgg16"]
+
+
+def data_aware(model, size: int) -> dict:
+    """The data-aware path with dsd's defaults, timed once, as a multiple of one forward pass over the same
+    calibration batches."""
+    batches = [torch.randn(CALIBRATION[1], 3, size, size) for _ in range(CALIBRATION[0])]
+    with torch.inference_mode():
+        forward = median_seconds(lambda: [model(b) for b in batches], 2)
+    convert = median_seconds(lambda: dsd.convert_model(model, batches[0][:1], target_flops=0.5, init="data",
+                                                       calibration_data=batches), 1)
+    return {"data_aware_s": convert, "calibration_forward_s": forward, "data_aware_ratio": convert / forward}
 
 
 def main() -> None:
@@ -24,10 +38,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data-aware", nargs="*", default=["resnet18"], help="models also timed on the data-aware path")
     args = parser.parse_args()
 
     rows = []
-    print(f"{'model':24} {'forward s':>10} {'convert s':>10} {'ratio':>7} {'converted':>10}")
+    print(f"{'model':24} {'forward s':>10} {'convert s':>10} {'ratio':>7} {'budget':>7} {'converted':>10}")
     for name in args.models:
         model = timm.create_model(name).eval()
         x = torch.randn(1, 3, args.size, args.size)
@@ -35,13 +50,19 @@ def main() -> None:
             model(x)  # warm-up
             forward = median_seconds(lambda: model(x), args.repeats)
         convert = median_seconds(lambda: dsd.convert_model(model, x, rank=1), args.repeats)
+        budget = median_seconds(lambda: dsd.convert_model(model, x, target_flops=0.5), args.repeats)
         _, report = dsd.convert_model(model, x, rank=1)
         row = {"model": name, "forward_s": forward, "convert_s": convert, "ratio": convert / forward,
-               "converted": len(report.converted), "convs": len(report.layers)}
+               "budget_ratio": budget / forward, "converted": len(report.converted), "convs": len(report.layers)}
+        if name in args.data_aware:
+            row.update(data_aware(model, args.size))
         rows.append(row)
-        print(f"{name:24} {forward:10.3f} {convert:10.3f} {row['ratio']:7.2f} "
-              f"{row['converted']:>4}/{row['convs']:<5}", flush=True)
-    path = write("conversion_time", rows, input_size=[3, args.size, args.size], batch_size=1, rank=1, init="svd")
+        print(f"{name:24} {forward:10.3f} {convert:10.3f} {row['ratio']:7.2f} {row['budget_ratio']:7.2f} "
+              f"{row['converted']:>4}/{row['convs']:<5}"
+              + (f" data-aware {row['data_aware_ratio']:.1f}" if "data_aware_ratio" in row else ""), flush=True)
+    path = write("conversion_time", rows, input_size=[3, args.size, args.size], batch_size=1, rank=1, init="svd",
+                 data_aware=f"target_flops=0.5, init=data, {CALIBRATION[0]} batches of {CALIBRATION[1]} "
+                            "(sequential, sensitivity allocation: the defaults), in forward passes over those batches")
     print(f"wrote {path}")
 
 

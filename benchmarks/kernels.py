@@ -93,8 +93,9 @@ def model_rows(args, device: str) -> List[Dict[str, Any]]:
         original = timm.create_model(name).eval()
         x = torch.randn(1, 3, 224, 224)
         decide = BenchmarkSettings(device, "float32", args.model_batch, channels_last=True, warmup=2, iters=5)
-        conversions = {"rank1": dict(rank=1), "flops0.5": dict(target_flops=0.5),
-                       "flops0.5 faster": dict(target_flops=0.5, only_if_faster=True, benchmark=decide)}
+        conversions = {"rank1": dict(rank=1), "flops0.5": dict(target_flops=0.5, target_flops_of="convs"),
+                       "flops0.5 faster": dict(target_flops=0.5, target_flops_of="convs", only_if_faster=True,
+                                                  benchmark=decide)}
         variants = {"original": original}
         for variant, kwargs in conversions.items():
             try:

@@ -37,7 +37,7 @@ RUNTIMES = {  # name: BenchmarkSettings fields
 }
 DEFAULT_RUNTIMES = {"cpu": ["eager", "eager-cl", "compile-cl", "onnxruntime"],
                     "cuda": ["eager-bf16-cl", "cudagraph-bf16-cl", "compile-bf16-cl", "eager", "onnxruntime"]}
-VARIANTS = {"rank1": dict(rank=1), "flops-0.5": dict(target_flops=0.5)}
+VARIANTS = {"rank1": dict(rank=1), "flops-0.5": dict(target_flops=0.5, target_flops_of="convs")}
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ ROOT = Path(dsd.__file__).parent
 # Lowest first; a package may import its own modules and any package on a lower level.
 LEVELS = [
     {"errors"},
-    {"fileio", "modes", "module_tree", "kernels", "flops"},
+    {"fileio", "modes", "module_tree", "kernels"},
+    {"flops"},
     {"layers", "timing", "zoo"},
     {"calibration"},
     {"convert"},

@@ -28,6 +28,9 @@ def test_legacy_plan_rebuilds_the_same_model(stem):
 def test_legacy_plan_options_read_back_as_convert_options():
     plan = dsd.ConversionPlan.load(LEGACY / "digits_cnn_w8_dsd.plan.json")
     assert [layer.rank for layer in plan.layers] == [2, 2]
-    assert dsd.ConvertOptions.from_dict(plan.options) == dsd.ConvertOptions(target_flops=0.5)
+    # written before target_flops_of existed: it meant the convs' FLOPs, and still does; sequential was off then
+    assert dsd.ConvertOptions.from_dict(plan.options) == dsd.ConvertOptions(target_flops=0.5, target_flops_of="convs",
+                                                                            sequential=False)
     krf = dsd.ConversionPlan.load(LEGACY / "digits_mobilenet_krf_dsd.plan.json")
-    assert dsd.ConvertOptions.from_dict(krf.options) == dsd.ConvertOptions(rank=2, keep_receptive_field=True)
+    assert dsd.ConvertOptions.from_dict(krf.options) == dsd.ConvertOptions(rank=2, keep_receptive_field=True,
+                                                                           target_flops_of="convs", sequential=False)

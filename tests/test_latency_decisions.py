@@ -268,9 +268,9 @@ def test_a_flop_budget_with_only_if_faster_chooses_among_the_faster_ranks(monkey
         slow = isinstance(module, DepthwiseSeparableConv2d) and module.rank > 2
         return _macs_ms(site, module) * (50.0 if slow else 1.0)
     Injected(monkeypatch, time_of=time_of)
-    _, report = dsd.convert_model(Net().eval(), X, target_flops=0.7, only_if_faster=True)
+    _, report = dsd.convert_model(Net().eval(), X, target_flops=0.7, target_flops_of="convs", only_if_faster=True)
     assert report.converted and all(r.rank <= 2 for r in report.converted)
     before, after = report.conv_macs()
     assert after / before == pytest.approx(report.budget.reached) and report.budget.reached <= 0.7
-    _, unfiltered = dsd.convert_model(Net().eval(), X, target_flops=0.7)
+    _, unfiltered = dsd.convert_model(Net().eval(), X, target_flops=0.7, target_flops_of="convs")
     assert any(r.rank > 2 for r in unfiltered.converted)  # what the filter changed
