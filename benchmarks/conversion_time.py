@@ -5,7 +5,7 @@
 Targets: converting resnet50 costs no more than 5 forward passes (issue 2); resnet18's svd path at most 2, and
 its data-aware path (with the sensitivity measurement) at most 50 forward passes over its calibration data
 (issue 17). The conversion includes its own work on the example input (one analysis pass, one verification
-pass) and copying the model. ``budget_ratio``: ``target_flops=0.5`` (svd), also in forward passes.
+pass) and copying the model. ``budget_ratio``: ``target_flops=0.7`` (svd; 0.5 is out of reach for resnet50), also in forward passes.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import timm
 import torch
 
 import dsd
+from dsd.errors import DsdError
 from _results import median_seconds, write
 
 CALIBRATION = (4, 8)  # batches, images per batch
@@ -50,14 +51,17 @@ def main() -> None:
             model(x)  # warm-up
             forward = median_seconds(lambda: model(x), args.repeats)
         convert = median_seconds(lambda: dsd.convert_model(model, x, rank=1), args.repeats)
-        budget = median_seconds(lambda: dsd.convert_model(model, x, target_flops=0.5), args.repeats)
+        try:
+            budget = median_seconds(lambda: dsd.convert_model(model, x, target_flops=0.7), args.repeats)
+        except DsdError:  # what stays dense is already above 0.7 of the FLOPs (efficientnet: one conv converts)
+            budget = None
         _, report = dsd.convert_model(model, x, rank=1)
         row = {"model": name, "forward_s": forward, "convert_s": convert, "ratio": convert / forward,
-               "budget_ratio": budget / forward, "converted": len(report.converted), "convs": len(report.layers)}
+               "budget_ratio": budget / forward if budget else None, "converted": len(report.converted), "convs": len(report.layers)}
         if name in args.data_aware:
             row.update(data_aware(model, args.size))
         rows.append(row)
-        print(f"{name:24} {forward:10.3f} {convert:10.3f} {row['ratio']:7.2f} {row['budget_ratio']:7.2f} "
+        print(f"{name:24} {forward:10.3f} {convert:10.3f} {row['ratio']:7.2f} {row['budget_ratio'] or float('nan'):7.2f} "
               f"{row['converted']:>4}/{row['convs']:<5}"
               + (f" data-aware {row['data_aware_ratio']:.1f}" if "data_aware_ratio" in row else ""), flush=True)
     path = write("conversion_time", rows, input_size=[3, args.size, args.size], batch_size=1, rank=1, init="svd",
