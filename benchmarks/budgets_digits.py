@@ -100,7 +100,7 @@ def latency_rows(models, target):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.3, 0.2])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.3, 0.25, 0.2])
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--latency-models", nargs="*", default=["resnet50", "convnext_tiny"])
     parser.add_argument("--target-latency", type=float, default=0.85)
