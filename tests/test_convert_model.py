@@ -277,6 +277,21 @@ def test_a_single_input_channel_conv_is_named_as_such():
     _, report = dsd.convert_model(model, torch.randn(1, 1, 8, 8))
     first = records(report)["0"]
     assert first.category == "single input channel" and "8 filters" in first.reason
+    assert "only under a budget" in first.reason
+
+
+def test_a_single_input_channel_conv_is_a_low_rank_filter_bank_under_a_budget():
+    """CREPE's first conv (1 -> 1024 channels, 512 taps) is 45% of its FLOPs: a budget may convert it."""
+    model = nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1)).double().eval()
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    _, report = dsd.convert_model(model, x, target_params=0.3)
+    assert records(report)["0"].rank is not None  # converted: a rank-r bank of r basis filters and a 1x1 mix
+    exact, _ = dsd.convert_model(model, x, target_params=1.0, only_if_cheaper=False)
+    torch.testing.assert_close(exact(x), model(x))  # the least-error choice fits: everything stays as it was
+    spec = dsd.layers.layer_spec(model[0], 25, single_channel=True)
+    layer = spec.build(dtype=torch.float64)
+    dsd.layers.get_initializer("svd")(layer, model[0].weight, model[0].bias)
+    torch.testing.assert_close(layer(x), model[0](x))  # exact at full rank (min(32, 5 * 5))
 
 
 def test_fidelity_on_the_calibration_data_is_reported():

@@ -36,6 +36,9 @@ def solve_budget(layers: Sequence[Sequence[Option]], budget: float, resolution: 
     """
     if not layers:
         return []
+    least_error = [min(options, key=lambda o: (o.error, o.cost)) for options in layers]
+    if sum(o.cost for o in least_error) <= budget:  # optimal, and exact where quantised costs would round up
+        return least_error
     most = sum(max(o.cost for o in options) for options in layers)
     integral = all(float(o.cost).is_integer() for options in layers for o in options)
     scale = 1.0 if integral and most <= resolution else most / resolution

@@ -25,7 +25,8 @@ def name_matches(name: str, pattern: NamePattern) -> bool:
 def select(name: str, conv: nn.Module, options: ConvertOptions) -> LayerSpec:
     """The spec to convert ``conv`` with (at rank 1 under a budget), or :class:`SkipLayer` saying why it stays dense."""
     rank = 1 if options.budget else options.rank
-    spec = layer_spec(conv, rank, options.dilation, options.keep_receptive_field, options.init, name)
+    spec = layer_spec(conv, rank, options.dilation, options.keep_receptive_field, options.init, name,
+                      single_channel=bool(options.budget))
     if options.include and not any(name_matches(name, p) for p in options.include):
         raise SkipLayer("not included", f"matches none of include={[str(p) for p in options.include]}")
     for pattern in options.exclude:

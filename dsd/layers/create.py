@@ -76,8 +76,12 @@ def layer_spec(
         keep_receptive_field: Union[bool, int] = False,
         init: str = "svd",
         name: str = "",
+        single_channel: bool = False,
 ) -> LayerSpec:
-    """The separable geometry for ``conv``; raises :class:`SkipLayer` where none applies."""
+    """The separable geometry for ``conv``; raises :class:`SkipLayer` where none applies.
+
+    A conv with one input channel is a bank of filters; its rank-r form (r basis filters, then a 1x1 mix) is
+    offered only with ``single_channel`` (dsd does so under a budget)."""
     adapter = get_conv_adapter(conv)
     cls_name = f"{type(conv).__module__}.{type(conv).__qualname__}"
     if adapter is None:
@@ -86,10 +90,11 @@ def layer_spec(
     kernel, conv_dilation = tuple(conv.kernel_size), tuple(conv.dilation)
     if kernel == (1, 1):
         raise SkipLayer("1x1 kernel", "a pointwise conv has nothing to separate")
-    if conv.in_channels == 1:
+    if conv.in_channels == 1 and not single_channel:
         raise SkipLayer("single input channel", f"one input channel: the conv is one bank of {conv.out_channels} "
-                        "filters (a depthwise conv with that depth multiplier), with no input channels to separate")
-    if conv.groups == conv.in_channels:
+                        "filters, of which a uniform rank r keeps r; converted only under a budget, which weighs "
+                        "that error against the savings")
+    if conv.groups == conv.in_channels and conv.in_channels > 1:
         multiplier = conv.out_channels // conv.in_channels
         raise SkipLayer("already depthwise", f"groups == in_channels == {conv.in_channels}"
                         + (f" (depth multiplier {multiplier})" if multiplier > 1 else ""))
