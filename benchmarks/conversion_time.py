@@ -30,7 +30,7 @@ def data_aware(model, size: int) -> dict:
     with torch.inference_mode():
         forward = median_seconds(lambda: [model(b) for b in batches], 2)
     convert = median_seconds(lambda: dsd.convert_model(model, batches[0][:1], target_flops=0.5, init="data",
-                                                       calibration_data=batches), 1)
+                                                       calibration_data=batches, allocation="sensitivity"), 1)
     return {"data_aware_s": convert, "calibration_forward_s": forward, "data_aware_ratio": convert / forward}
 
 
@@ -66,7 +66,7 @@ def main() -> None:
               + (f" data-aware {row['data_aware_ratio']:.1f}" if "data_aware_ratio" in row else ""), flush=True)
     path = write("conversion_time", rows, input_size=[3, args.size, args.size], batch_size=1, rank=1, init="svd",
                  data_aware=f"target_flops=0.5, init=data, {CALIBRATION[0]} batches of {CALIBRATION[1]} "
-                            "(sequential, sensitivity allocation: the defaults), in forward passes over those batches")
+                            "(sequential, allocation=sensitivity), in forward passes over those batches")
     print(f"wrote {path}")
 
 

@@ -38,13 +38,13 @@ from dsd.errors import DsdError
 from _results import write
 
 METHODS = {  # label -> convert_model options (besides the target)
-    "svd": dict(init="svd", allocation="layer"),
-    "data, one pass, layer errors": dict(init="data", sequential=False, allocation="layer"),
-    "data, sequential, layer errors": dict(init="data", allocation="layer"),
-    "data, sequential, sensitivity (default)": dict(init="data"),
+    "svd": dict(init="svd"),
+    "data, one pass, layer errors": dict(init="data", sequential=False),
+    "data, sequential, layer errors (default)": dict(init="data"),
+    "data, sequential, sensitivity": dict(init="data", allocation="sensitivity"),
     "default + BN re-estimation": dict(init="data", recalibrate_bn=True),
 }
-DISTILLED = ("svd", "data, sequential, sensitivity (default)")
+DISTILLED = ("svd", "data, sequential, layer errors (default)")
 
 
 @dataclass

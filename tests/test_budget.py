@@ -285,11 +285,12 @@ def test_sensitivity_allocation_spends_the_budget_where_the_outputs_move():
     assert "how far each layer moves the outputs" in results["sensitivity"].budget.describe()
 
 
-def test_auto_allocation_uses_sensitivity_only_with_calibration_data():
+def test_sensitivity_allocation_is_asked_for_and_needs_calibration_data():
     model, batches = Net().eval(), calibration()
-    _, with_data = dsd.convert_model(model, batches[0], target_flops=0.5, calibration_data=batches)
-    _, without = dsd.convert_model(model, batches[0], target_flops=0.5)
-    assert (with_data.budget.allocation, without.budget.allocation) == ("sensitivity", "layer")
+    _, default = dsd.convert_model(model, batches[0], target_flops=0.5, calibration_data=batches)
+    _, asked = dsd.convert_model(model, batches[0], target_flops=0.5, calibration_data=batches,
+                                 allocation="sensitivity")
+    assert (default.budget.allocation, asked.budget.allocation) == ("layer", "sensitivity")
     with pytest.raises(DsdError, match="need calibration_data"):
         dsd.convert_model(model, batches[0], target_flops=0.5, allocation="sensitivity")
 
@@ -301,6 +302,7 @@ class ArgmaxOut(Net):
 
 def test_outputs_without_gradients_fall_back_to_layer_errors_and_say_so():
     model, batches = ArgmaxOut().eval(), calibration()
-    _, report = dsd.convert_model(model, batches[0], target_flops=0.5, calibration_data=batches)
+    _, report = dsd.convert_model(model, batches[0], target_flops=0.5, calibration_data=batches,
+                                  allocation="sensitivity")
     assert report.budget.allocation == "layer"
     assert any("not differentiable" in note for note in report.notes)

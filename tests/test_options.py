@@ -113,10 +113,10 @@ def test_target_flops_means_the_whole_model_except_in_plans_and_recipes_that_do_
 def test_new_conversion_flags_parse():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["m.pt", "--target-flops", "0.5", "--target-flops-of", "convs", "--allocation", "layer",
+    args = parser.parse_args(["m.pt", "--target-flops", "0.5", "--target-flops-of", "convs", "--allocation", "sensitivity",
                               "--no-sequential"])
-    assert (args.target_flops_of, args.allocation, args.sequential) == ("convs", "layer", False)
+    assert (args.target_flops_of, args.allocation, args.sequential) == ("convs", "sensitivity", False)
     defaults = parser.parse_args(["m.pt"])
-    assert (defaults.target_flops_of, defaults.allocation, defaults.sequential) == ("model", "auto", True)
+    assert (defaults.target_flops_of, defaults.allocation, defaults.sequential) == ("model", "layer", True)
     with pytest.raises(SystemExit):
         parser.parse_args(["m.pt", "--allocation", "fisher"])

@@ -27,7 +27,7 @@ SKIP_PREDICATES: Dict[str, SkipPredicate] = {
 }
 BUDGETS = ("energy", "target_flops", "target_params", "target_latency")
 FLOPS_SCOPES = ("model", "convs")  # what target_flops is a share of
-ALLOCATIONS = ("auto", "sensitivity", "layer")  # what a budget minimises
+ALLOCATIONS = ("layer", "sensitivity")  # what a budget minimises
 # Per candidate layer when only_if_faster or target_latency decide: enough to order the options, cheap on a CPU.
 DECISION_TIMING = BenchmarkSettings(warmup=3, iters=15)
 
@@ -81,10 +81,10 @@ class ConvertOptions:
         "budget: the model's parameters at most this share of the original's"))
     target_latency: Optional[float] = field(default=None, metadata=_meta(
         "budget: the whole model's latency, measured in the benchmark settings' runtime, at most this share"))
-    allocation: str = field(default="auto", metadata=_meta(
-        "what a FLOP, parameter or latency budget minimises: sensitivity (the estimated change of the model's "
-        "outputs, measured on the calibration data), layer (the sum of each layer's own relative error), or auto "
-        "(sensitivity where calibration data is given)", choices=ALLOCATIONS))
+    allocation: str = field(default="layer", metadata=_meta(
+        "what a FLOP, parameter or latency budget minimises: layer (the sum of each layer's own relative error: "
+        "in output space with init=data) or sensitivity (each layer's output error weighted by how far it moves "
+        "the model's outputs, estimated on the calibration data)", choices=ALLOCATIONS))
     only_if_faster: bool = field(default=False, metadata=_meta(
         "keep layers dense that measure slower separable, and never let the model be slower end to end "
         "(measured in the benchmark settings' runtime)"))

@@ -79,7 +79,7 @@ def convert_model(
     notes = _calibration_notes(options, calibration_data, working)
 
     records, eligible = describe_layers(analysis, options)
-    allocation = _allocation(options, batches)
+    allocation = _allocation(options)
     stats = sensitivity = None
     if options.budget and (options.init == DATA_INIT or allocation == SENSITIVITY):
         stats = patch_statistics(working, [spec for _, spec in eligible], batches,
@@ -133,12 +133,9 @@ def _costlier_note(options: ConvertOptions, records: Dict[str, LayerRecord]) -> 
             "only_if_cheaper=False (--allow-costlier) converts them anyway"]
 
 
-def _allocation(options: ConvertOptions, batches: Optional[List]) -> str:
-    """What the budget minimises: sensitivity (where calibration data is given) or each layer's own error."""
-    budget = set(options.budget) - {"energy"}
-    if not budget or options.allocation == "layer" or (options.allocation == "auto" and batches is None):
-        return "layer"
-    return SENSITIVITY
+def _allocation(options: ConvertOptions) -> str:
+    """What the budget minimises: each layer's own error, or its output sensitivity (the energy rule: neither)."""
+    return options.allocation if set(options.budget) - {"energy"} else "layer"
 
 
 def _model_flops(model: nn.Module, example_inputs: Any, options: ConvertOptions) -> Optional[float]:
