@@ -12,7 +12,8 @@ Models, whose weights ship inside installed packages (nothing downloaded):
   split; calibration on training images.
 
 Each conversion is measured with no fine-tuning and, for svd and for dsd's defaults, after the same short
-distillation (``--distill-steps`` Adam steps on the calibration inputs against the original's outputs). The
+distillation (``--distill-steps`` Adam steps on the calibration inputs against the original's outputs,
+BatchNorm in eval mode). The
 fidelity line (``report.fidelity``: relative output error on the calibration data) is set against the
 task metric: its Spearman rank correlation across each model's conversions. Targets are shares of the whole
 model's FLOPs (fvcore); a target dsd cannot reach is recorded with its reason.
@@ -124,6 +125,9 @@ TASKS = {"crepe-tiny": lambda: crepe_task("tiny"), "crepe-full": lambda: crepe_t
 def distill(student: nn.Module, teacher: nn.Module, batches: List[torch.Tensor], steps: int,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> nn.Module:
     student = copy.deepcopy(student).train()
+    for module in student.modules():  # a few steps: BatchNorm keeps its running statistics and uses them
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
     optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     for step in range(steps):
         batch = batches[step % len(batches)]
