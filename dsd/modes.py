@@ -1,12 +1,14 @@
-"""Context managers for looking at a model without changing it: eval mode, recorded call shapes."""
+"""Looking at a model without changing it: eval mode, recorded call shapes, its floating-point outputs."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
+import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["eval_mode", "record_shapes", "CallShapes"]
+__all__ = ["eval_mode", "record_shapes", "floating_outputs", "CallShapes"]
 
 Shape = Tuple[int, ...]
 CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, output shape) per call
@@ -42,3 +44,8 @@ def record_shapes(modules: Mapping[str, nn.Module]) -> Iterator[CallShapes]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def floating_outputs(output: Any) -> List[torch.Tensor]:
+    """The floating-point tensors in a model's output, however nested (tuples, dicts, detection lists)."""
+    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]

@@ -12,16 +12,10 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
 
-from ..modes import eval_mode
+from ..modes import eval_mode, floating_outputs
 
 __all__ = ["output_sensitivity"]
-
-
-def _outputs(output) -> list:
-    return [t for t in tree_flatten(output)[0]
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
 
 
 def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence[torch.Tensor],
@@ -53,7 +47,7 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence
                 batch = batch.to(device)
                 for values in captured.values():
                     values.clear()
-                outputs = _outputs(model(batch))
+                outputs = [t for t in floating_outputs(model(batch)) if t.requires_grad]
                 layers = [(name, y) for name, ys in captured.items() for y in ys]
                 if not outputs or not layers:
                     return None

@@ -80,11 +80,11 @@ def output_rank_errors(weight: torch.Tensor, groups: int, second_moment: torch.T
     taken as uncorrelated. Plain SVD at rank r leaves, per channel, ``sum_{i>r} s_i^2 v_i' Sigma v_i``."""
     w = channel_slices(weight, groups)
     taps = w.shape[-1]
-    sigma = _regularise(second_moment).reshape(*w.shape[:2], taps, taps)
     if whitened:
-        a = w @ _sym_power(sigma, 0.5)
+        a = w @ whitening(second_moment).reshape(*w.shape[:2], taps, taps)
         per_component = torch.linalg.eigvalsh(a.mT @ a).flip(-1).clamp_min(0)
     else:
+        sigma = _regularise(second_moment).reshape(*w.shape[:2], taps, taps)
         energy, vectors = torch.linalg.eigh(w.mT @ w)
         energy, vectors = energy.flip(-1).clamp_min(0), vectors.flip(-1)
         per_component = energy * torch.einsum("...ti,...tu,...ui->...i", vectors, sigma, vectors)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..calibration import PatchStats, output_rank_errors, whitening
+from ..calibration import PatchStats, output_rank_errors
 from ..errors import DsdError
 from ..layers.cost import dense_conv_macs, output_pixels
 from ..layers.create import effective_weight
@@ -66,10 +66,12 @@ def candidate_errors(site: ConvSite, spec: LayerSpec, stats: Optional[PatchStats
     with ``stats``, else in weight space.
     """
     weight = effective_weight(site.module, spec)
+    if stats is None or (sensitivity is None and not whitened):
+        return rank_errors(weight, spec.groups)
+    errors = output_rank_errors(weight, spec.groups, stats.second_moment(), whitened)
     if sensitivity is not None:
-        errors = output_rank_errors(weight, spec.groups, stats.second_moment(), whitened)
         return errors * sensitivity * stats.positions_per_sample
-    return rank_errors(weight, spec.groups, whitening(stats.second_moment()) if whitened and stats else None)
+    return errors / errors[0] if errors[0] > 0 else torch.zeros_like(errors)
 
 
 def site_timings(site: ConvSite, variants: Sequence[nn.Module], settings: BenchmarkSettings) -> List[LatencyStats]:

@@ -7,9 +7,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
 
-from ..modes import eval_mode
+from ..modes import eval_mode, floating_outputs
 
 __all__ = ["Fidelity", "measure_fidelity"]
 
@@ -30,10 +29,6 @@ class Fidelity:
         return asdict(self)
 
 
-def _tensors(output: Any):
-    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 @torch.no_grad()
 def measure_fidelity(original: nn.Module, converted: nn.Module, batches: Sequence[torch.Tensor]) -> Fidelity:
     difference = reference = 0.0
@@ -41,7 +36,7 @@ def measure_fidelity(original: nn.Module, converted: nn.Module, batches: Sequenc
     classifier = True
     with eval_mode(original), eval_mode(converted):
         for batch in batches:
-            before, after = _tensors(original(batch)), _tensors(converted(batch))
+            before, after = floating_outputs(original(batch)), floating_outputs(converted(batch))
             for b, a in zip(before, after):
                 difference += float((a.double() - b.double()).square().sum())
                 reference += float(b.double().square().sum())

@@ -144,16 +144,14 @@ def random_init(sep: DepthwiseSeparableConv2d, weight: torch.Tensor, bias: Optio
     return None
 
 
-def rank_errors(weight: torch.Tensor, groups: int, whitening: Optional[torch.Tensor] = None) -> torch.Tensor:
+def rank_errors(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Relative squared Frobenius error of decoupling at every rank: ``errors[r]`` for r = 0..full rank.
 
     ``errors[0] == 1`` (nothing kept) and ``errors[full] == 0``; from the same per-channel eigenvalues
-    as :func:`decouple`, so it costs one batched ``eigh``, not one decomposition per rank. With
-    ``whitening`` (per-channel ``Sigma^(1/2)`` of the input patches) the errors are output errors.
+    as :func:`decouple`, so it costs one batched ``eigh``, not one decomposition per rank. Output errors on
+    calibration inputs: :func:`dsd.calibration.output_rank_errors`.
     """
     w = channel_slices(weight, groups)
-    if whitening is not None:
-        w = w @ whitening.reshape(*w.shape[:2], w.shape[-1], w.shape[-1])
     gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
     energy = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).reshape(-1, gram.shape[-1]).sum(0)
     total = energy.sum()
