@@ -1,4 +1,5 @@
-"""Looking at a model without changing it: eval mode, recorded call shapes, its floating-point outputs."""
+"""Looking at a model without changing it: eval mode, recorded call shapes, a forward on meta tensors, its
+floating-point outputs."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -6,9 +7,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["eval_mode", "record_shapes", "floating_outputs", "CallShapes"]
+__all__ = ["eval_mode", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes", "floating_outputs", "CallShapes"]
 
 Shape = Tuple[int, ...]
 CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, output shape) per call
@@ -44,6 +46,50 @@ def record_shapes(modules: Mapping[str, nn.Module]) -> Iterator[CallShapes]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _meta(value: Any) -> Any:
+    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+
+
+@contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module's attributes as they were before the block: a forward that caches what it made on the
+    module (an anchor grid, a position table) must not keep a tracer's proxy or a meta tensor there."""
+    before = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, attributes in before:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+
+
+@torch.no_grad()
+def run_on_meta(model: nn.Module, args: Tuple[Any, ...]) -> bool:
+    """Run ``model(*args)`` with its parameters, buffers and tensor arguments on the meta device: every shape,
+    no arithmetic (hooks see the shapes, as in a real run). True if it ran; the model is left as it was.
+
+    False where it did not (an op without a meta kernel, a tensor that is not a parameter or buffer, control
+    flow on values): the caller then runs it for real.
+    """
+    state = {name: _meta(t) for name, t in [*model.named_parameters(remove_duplicate=False),
+                                             *model.named_buffers(remove_duplicate=False)]}
+    with attributes_kept(model):
+        try:
+            functional_call(model, state, tree_map(_meta, args), strict=True)
+        except Exception:  # any failure on meta tensors: the real run decides
+            return False
+    return True
+
+
+def call_shapes(model: nn.Module, args: Tuple[Any, ...], modules: Mapping[str, nn.Module]) -> CallShapes:
+    """The call shapes of ``modules`` when ``model(*args)`` runs: on meta tensors where it can, else for real."""
+    with record_shapes(modules) as calls:
+        if not run_on_meta(model, args):
+            calls.clear()  # what a failed meta run recorded
+            model(*args)
+    return calls
 
 
 def floating_outputs(output: Any) -> List[torch.Tensor]:

@@ -1,7 +1,8 @@
 """Find the convs of a model, where they run and with which shapes: the matching half of the pass.
 
-The FX graph says which convs the forward calls; running it on the example input proves the graph
-works and, through forward hooks, gives every conv's shapes and call count. Convs the graph cannot see
+The FX graph says which convs the forward calls; running it on the example input (on meta tensors where
+it can: shapes without arithmetic) proves the graph works and, through forward hooks, gives every conv's
+shapes and call count. Convs the graph cannot see
 (inside timm leaf modules, or in models that do not trace) are found by walking ``named_modules()``.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DsdError
-from ..modes import CallShapes, eval_mode, record_shapes
+from ..modes import CallShapes, call_shapes, eval_mode
 from .trace import trace
 
 __all__ = ["ConvSite", "ModelAnalysis", "analyze", "FOUND_BY_GRAPH", "FOUND_BY_MODULES", "as_args"]
@@ -96,9 +97,7 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
         try:
             gm = trace(model)
             if example_inputs is not None:
-                with record_shapes(modules) as calls:
-                    gm(*as_args(example_inputs))
-                _set_calls(sites, calls)
+                _set_calls(sites, call_shapes(gm, as_args(example_inputs), modules))
                 analysis.ran = True
             analysis.traced = True
         except Exception as error:  # any tracing or graph-execution failure means: use the module tree
@@ -118,9 +117,7 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
                         site.calls = 0
         elif example_inputs is not None:
             try:
-                with record_shapes(modules) as calls:
-                    model(*as_args(example_inputs))
-                _set_calls(sites, calls)
+                _set_calls(sites, call_shapes(model, as_args(example_inputs), modules))
             except Exception as error:
                 raise DsdError(f"the model does not run on example inputs of shape {_describe(example_inputs)}: "
                                  f"{_short_error(error)}") from error

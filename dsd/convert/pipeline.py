@@ -24,7 +24,7 @@ from ..errors import DsdError
 from ..flops import count_flops
 from ..layers.create import DATA_INIT, SkipLayer, build_layer
 from ..layers.spec import LayerSpec
-from ..modes import eval_mode, record_shapes
+from ..modes import call_shapes, eval_mode
 from ..module_tree import swap_modules
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
@@ -286,15 +286,16 @@ def rewrite(model: nn.Module, layers: Dict[str, nn.Module], options: ConvertOpti
 @torch.no_grad()
 def verify_shapes(model: nn.Module, example_inputs: Any, analysis: ModelAnalysis,
                   replacements: Dict[str, nn.Module]) -> bool:
-    """Run the converted model; raise if a converted layer maps an input shape to another output shape.
+    """Run the converted model (on meta tensors where it can); raise if a converted layer maps an input shape
+    to another output shape.
 
     Compared per input shape, batch size aside: behind data-dependent ops (detection heads on however
     many boxes survive) a converted model may call a layer on other batch sizes, or not at all.
     """
     expected = {site.name: {inp[1:]: out[1:] for inp, out in site.call_shapes}
                 for site in analysis.sites if site.name in replacements}
-    with eval_mode(model), record_shapes(replacements) as calls:
-        model(*as_args(example_inputs))
+    with eval_mode(model):
+        calls = call_shapes(model, as_args(example_inputs), replacements)
     wrong = {}
     for name, shapes in expected.items():
         for inp, out in calls.get(name, []):

@@ -7,6 +7,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
 from ..layers.separable import DepthwiseSeparableConv2d
+from ..modes import attributes_kept
 
 __all__ = ["create_tracer", "trace"]
 
@@ -22,6 +23,8 @@ def create_tracer() -> fx.Tracer:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
+    """The model's FX graph; the model keeps its attributes (a forward that caches on itself keeps no proxy)."""
     tracer = create_tracer()
-    graph = tracer.trace(model)
+    with attributes_kept(model):
+        graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)

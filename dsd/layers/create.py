@@ -132,7 +132,8 @@ def effective_weight(conv: nn.Module, spec: LayerSpec) -> torch.Tensor:
 def build_layer(conv: nn.Module, spec: LayerSpec) -> Tuple[DepthwiseSeparableConv2d, LayerSpec]:
     """Build ``spec``'s layer on ``conv``'s device and dtype, initialised from ``conv``'s effective weight."""
     weight = effective_weight(conv, spec)
-    module = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
+    # built on meta, then allocated: the initialiser writes every weight, so PyTorch's random init is skipped
+    module = spec.build(device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
     error = get_initializer(spec.init)(module, weight, conv.bias)
     return module, spec.with_error(error)
 

@@ -1,7 +1,8 @@
 """Initialisers that fill a ``DepthwiseSeparableConv2d`` from a dense conv's trained weight.
 
 An initialiser is ``fn(separable, weight, bias) -> relative error or None`` registered by name, so
-``convert_model(init=...)`` and the CLI's ``--init`` can name it.
+``convert_model(init=...)`` and the CLI's ``--init`` can name it. It is handed an uninitialised layer
+(memory allocated, not written) and writes every weight and bias of it.
 """
 from __future__ import annotations
 
