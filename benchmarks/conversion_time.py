@@ -4,8 +4,8 @@
 
 Targets: converting resnet50 costs no more than 5 forward passes (issue 2); resnet18's svd path at most 2, and
 its data-aware path (with the sensitivity measurement) at most 50 forward passes over its calibration data
-(issue 17). The conversion includes its own work on the example input (one analysis pass, one verification
-pass) and copying the model. ``budget_ratio``: ``target_flops=0.7`` (svd; 0.5 is out of reach for resnet50), also in forward passes.
+(issue 17). The conversion includes its own work on the example input (the analysis and the shape check, on
+meta tensors where the model allows) and copying the model. ``budget_ratio``: ``target_flops=0.7`` (svd; 0.5 is out of reach for resnet50), also in forward passes.
 """
 from __future__ import annotations
 
