@@ -6,7 +6,8 @@ Per layer (3x3, stride 1; C=64/56x56, 128/28, 256/14, 512/7), channels_last: the
 rank 2 as one depthwise conv with a depth multiplier (dsd before 0.2) and as dsd computes it now (rank-1
 slices); on a GPU also the fused Triton kernel (CUDA events, eager: CUDA-graph replay comes with the
 runtimes of dsd.BenchmarkSettings). End to end: timm models at
-rank 1 and at ``target_flops=0.5``, BatchNorm folded in both original and converted model (as deployed),
+rank 1 and at ``target_flops=0.5`` (of the conv FLOPs): alone, with ``only_if_faster``, and with ``target_latency=0.7``
+as well (both decided in channels_last, batch 8), BatchNorm folded in both original and converted model (as deployed),
 eager NCHW and eager channels_last. CPU rows are float32; the GPU rows float32 and bfloat16.
 """
 from __future__ import annotations
@@ -95,7 +96,9 @@ def model_rows(args, device: str) -> List[Dict[str, Any]]:
         decide = BenchmarkSettings(device, "float32", args.model_batch, channels_last=True, warmup=2, iters=5)
         conversions = {"rank1": dict(rank=1), "flops0.5": dict(target_flops=0.5, target_flops_of="convs"),
                        "flops0.5 faster": dict(target_flops=0.5, target_flops_of="convs", only_if_faster=True,
-                                                  benchmark=decide)}
+                                                  benchmark=decide),
+                       "flops0.5 latency0.7": dict(target_flops=0.5, target_flops_of="convs", target_latency=0.7,
+                                                   benchmark=decide)}
         variants = {"original": original}
         for variant, kwargs in conversions.items():
             try:

@@ -66,6 +66,37 @@ def test_solver_is_optimal_and_within_budget(seed):
     assert sum(o.error for o in chosen) == pytest.approx(min(sum(o.error for o in c) for c in feasible), abs=1e-12)
 
 
+def test_a_cap_in_a_second_unit_holds_with_the_budget():
+    layers = [[Option(0, 10, 0.0, 10), Option(1, 2, 0.5, 1), Option(2, 4, 0.2, 6)],
+              [Option(0, 10, 0.0, 10), Option(1, 3, 0.9, 1), Option(2, 6, 0.1, 6)]]
+    assert [o.rank for o in solve_budget(layers, 10)] == [2, 2]           # cap cost 12
+    assert [o.rank for o in solve_budget(layers, 10, cap=12)] == [2, 2]
+    assert [o.rank for o in solve_budget(layers, 10, cap=8)] == [1, 2]    # cap 7, error 0.6 (2,1: 1.1)
+    assert [o.rank for o in solve_budget(layers, 10, cap=2)] == [1, 1]
+    assert [o.error for o in solve_budget(layers, 10, cap=8)] == [0.5, 0.1]  # the options, not their priced errors
+    with pytest.raises(DsdError, match="cannot both be met"):
+        solve_budget(layers, 10, cap=1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_a_capped_choice_meets_both_wherever_both_can_be_met(seed):
+    rng = random.Random(seed)
+    layers = [[Option(0, rng.randint(5, 30), 0.0, rng.randint(5, 30))]
+              + [Option(r, rng.randint(1, 20), rng.random(), rng.randint(1, 20)) for r in range(1, rng.randint(2, 4))]
+              for _ in range(rng.randint(1, 4))]
+    budget, cap = rng.randint(3, 90), rng.randint(3, 90)
+    feasible = [c for c in itertools.product(*layers)
+                if sum(o.cost for o in c) <= budget and sum(o.cap_cost for o in c) <= cap]
+    if not feasible:
+        with pytest.raises(DsdError):
+            solve_budget(layers, budget, cap=cap)
+        return
+    chosen = solve_budget(layers, budget, cap=cap)
+    assert sum(o.cost for o in chosen) <= budget and sum(o.cap_cost for o in chosen) <= cap
+    assert all(o in options for o, options in zip(chosen, layers))
+
+
 def test_solver_with_fractional_costs_respects_budget():
     rng = random.Random(0)
     layers = [[Option(0, 5.0, 0.0)] + [Option(r, rng.uniform(0.1, 4.9), rng.random()) for r in (1, 2, 4)]

@@ -112,6 +112,34 @@ def test_a_latency_budget_never_buys_more_multiply_adds(monkeypatch):
     assert any(r.macs_after >= r.macs_before for r in costlier.converted)
 
 
+def _conv_macs_share(report) -> float:
+    after = sum(r.macs_before if r.macs_after is None else r.macs_after for r in report.layers)
+    return after / sum(r.macs_before for r in report.layers)
+
+
+def test_a_latency_budget_with_a_flop_cap_meets_both(monkeypatch):
+    """Separable layers 3x slower per multiply-add than dense ones (as on CPUs at high rank): the latency
+    budget alone spends its time on high ranks; with target_flops as well, the FLOPs hold too."""
+    injected = Injected(monkeypatch, overhead_ms=0.5, isolated={"a": 3.0, "b": 3.0, "c": 3.0},
+                        in_context={"a": 3.0, "b": 3.0, "c": 3.0})
+    _, alone = dsd.convert_model(Net().eval(), X, target_latency=0.8)
+    cap = round(_conv_macs_share(alone) * 0.7, 3)
+    converted, both = dsd.convert_model(Net().eval(), X, target_latency=0.8, target_flops=cap,
+                                        target_flops_of="convs")
+    assert both.budget.kind == "latency" and both.budget.reached <= 0.8
+    assert both.budget.reached == pytest.approx(injected.model_ms(converted) / injected.model_ms(Net()))
+    assert both.budget.cap.kind == "flops" and both.budget.cap.reached <= cap
+    assert both.budget.cap.reached == pytest.approx(_conv_macs_share(both))
+    assert f"; and flops {cap:g}, reached" in both.summary()
+    assert both.plan.options["target_flops"] == cap and both.plan.options["target_latency"] == 0.8
+
+
+def test_two_budgets_only_as_a_latency_budget_with_a_cap():
+    for budgets in ({"target_flops": 0.5, "target_params": 0.5}, {"energy": 0.9, "target_latency": 0.5}):
+        with pytest.raises(DsdError, match="choose one of"):
+            dsd.ConvertOptions(**budgets)
+
+
 def test_only_if_faster_reverts_until_the_model_is_not_slower(monkeypatch):
     """Every layer is faster alone, but inside the model layer a's separable form costs 500x: dsd makes dense
     again the layers with the smallest gain until the whole model is not slower."""

@@ -42,17 +42,24 @@ class BudgetOutcome:
     end_to_end: Optional[EndToEnd] = None  # latency: the whole-model measurement ``reached`` comes from
     unit: str = ""  # what the shares are of: "FLOPs" (the whole model's), "conv FLOPs", "parameters", "latency"
     allocation: str = "layer"  # what the ranks minimised: "sensitivity" or "layer" errors
+    cap: Optional["BudgetOutcome"] = None  # the FLOP or parameter budget a latency budget was given as well
 
     def describe(self) -> str:
-        text = f"budget: {self.kind} {self.target:g}"
+        text = f"budget: {self._reached_text()}"
+        if self.cap is not None:
+            text += f"; and {self.cap._reached_text()}"
+        if self.allocation == "sensitivity":
+            text += "; ranks chosen by how far each layer moves the outputs on the calibration data"
+        return text
+
+    def _reached_text(self) -> str:
+        text = f"{self.kind} {self.target:g}"
         if self.reached is not None:
             text += f", reached {self.reached:.3f} of the original's {self.unit or self.kind}"
             if self.end_to_end is not None:
                 text += " measured end to end"
             if self.end_to_end is not None and self.reached > self.target:
                 text += f" (target {self.target:g} not met: the closest of {self.end_to_end.rounds} measured choices)"
-        if self.allocation == "sensitivity":
-            text += "; ranks chosen by how far each layer moves the outputs on the calibration data"
         return text
 
 
@@ -155,12 +162,16 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
 
     A latency budget (``whole`` given) is a share of the whole model's latency in the settings' runtime;
     the choice is measured end to end and, where it misses the target, chosen again on a budget
-    tightened by the miss (at most ``LATENCY_ROUNDS`` measurements)."""
-    (name, target), = options.budget.items()
-    if name == "energy":
-        return {c.spec.name: max(1, energy_rank(c.errors, target)) for c in candidates}, BudgetOutcome(name, target, None)
-    kind = name.removeprefix("target_")
-    unit = _UNITS["model flops" if kind == "flops" and model_flops is not None else kind]
+    tightened by the miss (at most ``LATENCY_ROUNDS`` measurements). A FLOP or parameter budget given with
+    it caps the choice in that unit too."""
+    budget = dict(options.budget)
+    if budget.keys() == {"energy"}:
+        target = budget["energy"]
+        return {c.spec.name: max(1, energy_rank(c.errors, target)) for c in candidates}, BudgetOutcome("energy", target, None)
+    cap_name = next(n for n in budget if n != "target_latency") if len(budget) > 1 else None
+    cap_target = budget.pop(cap_name) if cap_name else None
+    (name, target), = budget.items()
+    kind, cap_kind = name.removeprefix("target_"), cap_name and cap_name.removeprefix("target_")
     layers: List[List[Option]] = []
     timed = kind == "latency" or options.only_if_faster
     for c in tqdm(candidates, desc="timing layers", unit="conv", disable=not (progress and timed)):
@@ -168,27 +179,50 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
         if options.only_if_faster and kind != "latency":
             ranks = _not_slower_ranks(c, ranks, options.benchmark)
         cost = _costs(c, kind, ranks, options.benchmark)
-        layers.append([Option(DENSE, cost[DENSE], 0.0)]
-                      + [Option(r, v, float(c.errors[r])) for r, v in cost.items() if r != DENSE and v < cost[DENSE]])
+        cap_cost = _costs(c, cap_kind, ranks, options.benchmark) if cap_kind else dict.fromkeys(cost, 0.0)
+        layers.append([Option(DENSE, cost[DENSE], 0.0, cap_cost[DENSE])]
+                      + [Option(r, v, float(c.errors[r]), cap_cost[r]) for r, v in cost.items()
+                         if r != DENSE and v < cost[DENSE]])
     names = {c.spec.name for c in candidates}
     others = [s for s in all_sites if s.name not in names]
-    fixed, total = _fixed_cost(kind, others, model, sum(o[0].cost for o in layers), whole,
-                               options.benchmark, model_flops)
+    unit, fixed, total = _reachable(name, kind, target, others, model, sum(o[0].cost for o in layers), whole,
+                                    options.benchmark, model_flops)
+    cap = None
+    if cap_kind:
+        cap_unit, cap_fixed, cap_total = _reachable(cap_name, cap_kind, cap_target, others, model,
+                                                    sum(o[0].cap_cost for o in layers), None, options.benchmark,
+                                                    model_flops)
+        cap = cap_target * cap_total - cap_fixed
+    chosen = solve_budget(layers, target * total - fixed, cap=cap)
+    if kind == "latency" and whole is not None:
+        ranks, outcome = _settle_latency(candidates, layers, chosen, target, fixed, whole, cap)
+        chosen = [next(o for o in offered if o.rank == ranks[c.spec.name]) for c, offered in zip(candidates, layers)]
+    else:
+        reached = (fixed + sum(o.cost for o in chosen)) / total
+        ranks, outcome = {c.spec.name: o.rank for c, o in zip(candidates, chosen)}, BudgetOutcome(kind, target, reached)
+    if cap_kind:
+        outcome = replace(outcome, cap=BudgetOutcome(cap_kind, cap_target, (cap_fixed + sum(o.cap_cost for o in chosen))
+                                                     / cap_total, unit=cap_unit))
+    return ranks, replace(outcome, unit=unit, allocation=allocation)
+
+
+def _reachable(name: str, kind: str, target: float, others: Sequence[ConvSite], model: nn.Module,
+               candidate_total: float, whole: Optional[WholeModel], settings: BenchmarkSettings,
+               model_flops: Optional[float]) -> Tuple[str, float, float]:
+    """(the budget's unit, what no conversion changes, the original's total); an error where the first is
+    already over the target."""
+    unit = _UNITS["model flops" if kind == "flops" and model_flops is not None else kind]
+    fixed, total = _fixed_cost(kind, others, model, candidate_total, whole, settings, model_flops)
     if fixed > target * total:
         raise DsdError(f"{name}={target:g} cannot be met: what no conversion changes (1x1, depthwise and skipped "
                        f"convs{'' if unit == 'conv FLOPs' else ', other layers'}) is already "
                        f"{fixed / total:.3f} of the original's {unit}; choose a target above {fixed / total:.3f}")
-    chosen = solve_budget(layers, target * total - fixed)
-    if kind == "latency" and whole is not None:
-        ranks, outcome = _settle_latency(candidates, layers, chosen, target, fixed, whole)
-    else:
-        reached = (fixed + sum(o.cost for o in chosen)) / total
-        ranks, outcome = {c.spec.name: o.rank for c, o in zip(candidates, chosen)}, BudgetOutcome(kind, target, reached)
-    return ranks, replace(outcome, unit=unit, allocation=allocation)
+    return unit, fixed, total
 
 
 def _settle_latency(candidates: Sequence[Candidate], layers: List[List[Option]], chosen: List[Option],
-                    target: float, fixed: float, whole: WholeModel) -> Tuple[Dict[str, int], BudgetOutcome]:
+                    target: float, fixed: float, whole: WholeModel, cap: Optional[float] = None
+                    ) -> Tuple[Dict[str, int], BudgetOutcome]:
     budget = target * whole.original_ms() - fixed
     tried = []  # (meets the target, summed error, share, ranks, end to end)
     for _ in range(LATENCY_ROUNDS):
@@ -206,7 +240,7 @@ def _settle_latency(candidates: Sequence[Candidate], layers: List[List[Option]],
         if predicted > 0 and measured > predicted:
             budget = min(budget, (target * before.median_ms - fixed) * predicted / measured)
         try:
-            chosen = solve_budget(layers, budget)
+            chosen = solve_budget(layers, budget, cap=cap)
         except DsdError:
             break  # nothing cheaper is left to try
     met = [t for t in tried if t[0]]

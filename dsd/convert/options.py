@@ -80,7 +80,8 @@ class ConvertOptions:
     target_params: Optional[float] = field(default=None, metadata=_meta(
         "budget: the model's parameters at most this share of the original's"))
     target_latency: Optional[float] = field(default=None, metadata=_meta(
-        "budget: the whole model's latency, measured in the benchmark settings' runtime, at most this share"))
+        "budget: the whole model's latency, measured in the benchmark settings' runtime, at most this share "
+        "(with target_flops or target_params: both hold)"))
     allocation: str = field(default="layer", metadata=_meta(
         "what a FLOP, parameter or latency budget minimises: layer (the sum of each layer's own relative error: "
         "in output space with init=data) or sensitivity (each layer's output error weighted by how far it moves "
@@ -127,8 +128,9 @@ class ConvertOptions:
 
     def _check_budget(self) -> None:
         chosen = self.budget
-        if len(chosen) > 1:
-            raise DsdError(f"choose one of {', '.join(BUDGETS)} (got {', '.join(sorted(chosen))})")
+        if len(chosen) > 1 and not (len(chosen) == 2 and "target_latency" in chosen and "energy" not in chosen):
+            raise DsdError(f"choose one of {', '.join(BUDGETS)}, or target_latency with target_flops or "
+                           f"target_params (got {', '.join(sorted(chosen))})")
         for key, value in chosen.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise DsdError(f"{key} must be a fraction in (0, 1], got {value!r}")
