@@ -141,6 +141,16 @@ def test_target_flops_of_the_convs_is_met_on_the_convs(target):
     assert sum(after.by_module[n] for n in ("a", "b", "c")) <= target * sum(before.by_module[n] for n in ("a", "b", "c"))
 
 
+def test_an_untimed_budget_with_high_ranks_says_they_need_not_be_faster():
+    model, x = Net().eval(), torch.randn(1, 3, 16, 16)
+    _, report = dsd.convert_model(model, x, target_flops=0.6, target_flops_of="convs")
+    assert max(r.rank for r in report.converted) >= 3
+    assert any("can be as slow as the dense conv" in note for note in report.notes)
+    assert "add target_latency" in report.summary()
+    _, low = dsd.convert_model(model, x, target_flops=0.2, target_flops_of="convs")
+    assert max(r.rank for r in low.converted) < 3 and not low.notes
+
+
 @pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
 def test_target_params_is_met_exactly(target):
     model = Net()

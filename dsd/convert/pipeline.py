@@ -104,7 +104,7 @@ def convert_model(
     plan = ConversionPlan(specs, options.to_dict())
     report = ConversionReport(list(records.values()), plan, analysis.traced, analysis.trace_error,
                               other_convs=analysis.other_convs, budget=outcome, end_to_end=end_to_end,
-                              notes=notes + _costlier_note(options, records))
+                              notes=notes + _costlier_note(options, records) + _untimed_budget_note(options, specs))
     if analysis.ran:
         report.shapes_verified = verify_shapes(working, example_inputs, analysis, layers)
     if batches and reference is not working:
@@ -131,6 +131,17 @@ def _costlier_note(options: ConvertOptions, records: Dict[str, LayerRecord]) -> 
     what = "rank 'full' (the exact conversion)" if options.rank == "full" else f"rank {options.rank}"
     return [f"{what} costs more multiply-adds than the dense conv in {len(costlier)} layers, kept dense; "
             "only_if_cheaper=False (--allow-costlier) converts them anyway"]
+
+
+def _untimed_budget_note(options: ConvertOptions, specs: Sequence[LayerSpec]) -> List[str]:
+    """A FLOP or parameter budget decided without a clock: say that its high ranks need not be faster."""
+    high = max((spec.rank for spec in specs), default=0)
+    if not ({"target_flops", "target_params"} & set(options.budget)) or "target_latency" in options.budget \
+            or options.only_if_faster or high < 3:
+        return []
+    return [f"the budget chose ranks up to {high} by FLOPs or parameters alone; a rank-r layer runs r depthwise and "
+            "pointwise passes, and at rank 3 and up it can be as slow as the dense conv (on CPUs it is): add "
+            "target_latency (--target-latency) or only_if_faster to decide on measured time in your runtime"]
 
 
 def _allocation(options: ConvertOptions) -> str:
