@@ -21,6 +21,13 @@ def _is_nhwc(t: torch.Tensor) -> bool:
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
+# Up to this many input channels, rank r runs as one depthwise conv with depth multiplier r: with so few
+# groups it is a (grouped) dense conv on the fast kernels, where r rank-1 slices would cost r conv launches
+# (on this project's CPU: 46x slower for a 1-channel 512-tap conv at rank 64, 2.5-6x for an RGB stem at rank
+# 4-16, 1.2-2.3x at 4-8 channels; from 16 channels on, slices win at low ranks).
+MULTIPLIER_FORM_CHANNELS = 8
+
+
 class DepthwiseSeparableConv2d(nn.Module):
     """Depthwise KxK conv (``groups=in_channels``, depth multiplier ``rank``) then a pointwise 1x1 conv.
 
@@ -105,15 +112,15 @@ class DepthwiseSeparableConv2d(nn.Module):
             return separable_conv2d(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias,
                                     self.stride, self.depthwise.padding, self.dilation)
         x = self._pad(x)
-        if self.rank == 1:
+        if self.rank == 1 or self.in_channels <= MULTIPLIER_FORM_CHANNELS:
             return self.pointwise(self.depthwise(x))
         return self._rank_slices_forward(x)
 
     def _rank_slices_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rank r as the sum of r rank-1 separable convs: the same sums, on the fast depthwise kernels.
 
-        A depthwise conv with a depth multiplier falls off the fast kernels (3-8x slower on a CPU, 13-24x
-        in bf16 channels_last on a GPU). Depthwise channel ``c*r + j`` is slice ``j`` of input channel ``c``,
+        With many channels, a depthwise conv with a depth multiplier falls off the fast kernels (3-8x slower
+        on a CPU, 13-24x in bf16 channels_last on a GPU). Depthwise channel ``c*r + j`` is slice ``j`` of input channel ``c``,
         and pointwise input ``c*r + j`` (within each group) its weight; summing the per-slice pointwise
         products avoids concatenating the slices (a strided copy in channels_last).
         """
