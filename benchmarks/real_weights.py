@@ -16,7 +16,8 @@ distillation (``--distill-steps`` Adam steps on the calibration inputs against t
 BatchNorm in eval mode). The
 fidelity line (``report.fidelity``: relative output error on the calibration data, and the top-1 agreement
 of outputs shaped like a classifier's, which CREPE's 360 pitch bins are) is set against the task metric:
-the Spearman rank correlation of each figure across each model's conversions. Targets are shares of the whole
+the Spearman rank correlation of each figure across each model's conversions. Each conversion's speedup over
+the original is measured side by side (eager float32, batch 64, this machine's CPU threads). Targets are shares of the whole
 model's FLOPs (fvcore); a target dsd cannot reach is recorded with its reason.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from scipy.stats import spearmanr
 
 import dsd
 from dsd.errors import DsdError
+from dsd.timing import BenchmarkSettings, measure
 from _results import write
 
 METHODS = {  # label -> convert_model options (besides the target)
@@ -47,6 +49,7 @@ METHODS = {  # label -> convert_model options (besides the target)
     "default + BN re-estimation": dict(init="data", recalibrate_bn=True),
 }
 DISTILLED = ("svd", "data, sequential, layer errors (default)")
+SPEED = BenchmarkSettings("cpu", "float32", 64, warmup=2, iters=10)  # eager, batch 64, the machine's threads
 # the fidelity line's two figures: relative output error (lower is better), top-1 agreement (classifier outputs)
 FIDELITY_FIGURES = ("fidelity_error", "fidelity_agreement")
 
@@ -172,7 +175,10 @@ def run(name: str, targets: List[float], steps: int) -> List[Dict]:
                 print(f"  {target:.2f} {method:42} infeasible: {error}", flush=True)
                 continue
             seconds = time.perf_counter() - start
+            original_ms, converted_ms = (stats.median_ms for stats in measure(
+                [task.model, converted], (SPEED.batch_size, *task.example.shape[1:]), SPEED))
             row.update(no_finetune=task.metric(converted), fidelity_error=report.fidelity.relative_error,
+                       speedup=original_ms / converted_ms,
                        fidelity_agreement=report.fidelity.top1_agreement,
                        reached=report.budget.reached, allocation=report.budget.allocation,
                        convert_s=seconds, convert_in_calibration_passes=seconds / forward,
@@ -184,7 +190,7 @@ def run(name: str, targets: List[float], steps: int) -> List[Dict]:
             rows.append(row)
             print(f"  {target:.2f} {method:42} {row['no_finetune']:.4f} (fidelity error {row['fidelity_error']:.4f})"
                   + (f", distilled {row['distilled']:.4f}" if "distilled" in row else "")
-                  + f"  ranks {list(row['ranks'].values())}, {seconds:.1f} s", flush=True)
+                  + f"  ranks {list(row['ranks'].values())}, {row['speedup']:.2f}x, {seconds:.1f} s", flush=True)
     measured = [r for r in rows if "no_finetune" in r]
     if len(measured) > 2:
         for figure in FIDELITY_FIGURES:
@@ -199,16 +205,17 @@ def run(name: str, targets: List[float], steps: int) -> List[Dict]:
 
 def markdown(rows: List[Dict]) -> str:
     lines = ["| model | FLOP target | method | metric | original | no fine-tune | distilled | fidelity error "
-             "| top-1 agreement | ranks |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| top-1 agreement | speedup | ranks |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "infeasible" in r:
             lines.append(f"| {r['model']} | {r['target_flops']} | {r['method']} | {r['metric']} | {r['original']:.4f} "
-                         f"| infeasible: {r['infeasible'].split(':')[1].strip()[:90]} | | | | |")
+                         f"| infeasible: {r['infeasible'].split(':')[1].strip()[:90]} | | | | | |")
             continue
         distilled = f"{r['distilled']:.4f}" if "distilled" in r else ""
         lines.append(f"| {r['model']} | {r['target_flops']} | {r['method']} | {r['metric']} | {r['original']:.4f} | "
                      f"{r['no_finetune']:.4f} | {distilled} | {r['fidelity_error']:.4f} | "
                      f"{'' if r['fidelity_agreement'] is None else format(r['fidelity_agreement'], '.4f')} | "
+                     f"{r['speedup']:.2f}x | "
                      f"{','.join(map(str, r['ranks'].values()))} |")
     for figure, reading in zip(FIDELITY_FIGURES, ("negative: lower error, better metric",
                                                   "positive: more agreement, better metric")):
