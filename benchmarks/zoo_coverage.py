@@ -1,6 +1,6 @@
 """Zoo coverage: dsd on every timm model and every torchvision classification/segmentation/detection model.
 
-    python benchmarks/coverage.py [--timm PATTERN ...] [--torchvision PATTERN ...] [--sample-per-family 1]
+    python benchmarks/zoo_coverage.py [--timm PATTERN ...] [--torchvision PATTERN ...] [--sample-per-family 1]
 
 Two passes, random weights, nothing downloaded:
 - zoo pass: every model built on the meta device (shapes only: no memory, no arithmetic; a model whose
@@ -469,7 +469,7 @@ def main() -> None:
                   f"full-rank err {error:8} {result.seconds:5.1f}s {result.reason[:80]}", flush=True)
 
     markdown = _markdown(zoo, sample)
-    path = write("coverage", [asdict(r) for r in zoo], sample=[asdict(r) for r in sample], markdown=markdown,
+    path = write("zoo_coverage", [asdict(r) for r in zoo], sample=[asdict(r) for r in sample], markdown=markdown,
                  timm=timm.__version__, torchvision=torchvision.__version__)
     print(markdown.split("\n### By family")[0])
     print(f"wrote {path}")
