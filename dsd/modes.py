@@ -10,7 +10,8 @@ import torch.nn as nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["eval_mode", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes", "floating_outputs", "CallShapes"]
+__all__ = ["eval_mode", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes", "floating_outputs",
+           "CallShapes"]
 
 Shape = Tuple[int, ...]
 CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, output shape) per call

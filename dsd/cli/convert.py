@@ -23,7 +23,8 @@ DESCRIPTION = "Convert a model's dense Conv2d layers into depthwise-separable on
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, f"the model: {SUPPORTED_FORMATS}")
-    conv = parser.add_argument_group("conversion (dsd.ConvertOptions; at most one budget, or --target-latency with --target-flops or --target-params)")
+    conv = parser.add_argument_group("conversion (dsd.ConvertOptions; at most one budget, or --target-latency "
+                                     "with --target-flops or --target-params)")
     add_dataclass_arguments(conv, ConvertOptions, skip=("benchmark",))
     conv.add_argument("--calib", metavar="SOURCE", help=f"calibration data: {CALIBRATION_SOURCES}")
     conv.add_argument("--calib-batch-size", type=positive_int, default=32, help="images per calibration batch")

@@ -195,11 +195,10 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
         cap = cap_target * cap_total - cap_fixed
     chosen = solve_budget(layers, target * total - fixed, cap=cap)
     if kind == "latency" and whole is not None:
-        ranks, outcome = _settle_latency(candidates, layers, chosen, target, fixed, whole, cap)
-        chosen = [next(o for o in offered if o.rank == ranks[c.spec.name]) for c, offered in zip(candidates, layers)]
+        chosen, outcome = _settle_latency(candidates, layers, chosen, target, fixed, whole, cap)
     else:
-        reached = (fixed + sum(o.cost for o in chosen)) / total
-        ranks, outcome = {c.spec.name: o.rank for c, o in zip(candidates, chosen)}, BudgetOutcome(kind, target, reached)
+        outcome = BudgetOutcome(kind, target, (fixed + sum(o.cost for o in chosen)) / total)
+    ranks = {c.spec.name: o.rank for c, o in zip(candidates, chosen)}
     if cap_kind:
         outcome = replace(outcome, cap=BudgetOutcome(cap_kind, cap_target, (cap_fixed + sum(o.cap_cost for o in chosen))
                                                      / cap_total, unit=cap_unit))
@@ -222,15 +221,14 @@ def _reachable(name: str, kind: str, target: float, others: Sequence[ConvSite], 
 
 def _settle_latency(candidates: Sequence[Candidate], layers: List[List[Option]], chosen: List[Option],
                     target: float, fixed: float, whole: WholeModel, cap: Optional[float] = None
-                    ) -> Tuple[Dict[str, int], BudgetOutcome]:
+                    ) -> Tuple[List[Option], BudgetOutcome]:
     budget = target * whole.original_ms() - fixed
-    tried = []  # (meets the target, summed error, share, ranks, end to end)
+    tried = []  # (meets the target, summed error, share, chosen options, end to end)
     for _ in range(LATENCY_ROUNDS):
-        ranks = {c.spec.name: o.rank for c, o in zip(candidates, chosen)}
         before, after = whole.compare([replace(c.spec, rank=o.rank) for c, o in zip(candidates, chosen)
                                        if o.rank != DENSE])
         share = after.median_ms / before.median_ms
-        tried.append((share <= target, sum(o.error for o in chosen), share, ranks, whole.outcome(before, after)))
+        tried.append((share <= target, sum(o.error for o in chosen), share, chosen, whole.outcome(before, after)))
         if share <= target:
             break
         # The miss, in the whole model's milliseconds, taken off the budget; or, where the chosen layers cost
@@ -244,9 +242,9 @@ def _settle_latency(candidates: Sequence[Candidate], layers: List[List[Option]],
         except DsdError:
             break  # nothing cheaper is left to try
     met = [t for t in tried if t[0]]
-    _, _, share, ranks, end_to_end = min(met, key=lambda t: t[1]) if met else min(tried, key=lambda t: t[2])
+    _, _, share, chosen, end_to_end = min(met, key=lambda t: t[1]) if met else min(tried, key=lambda t: t[2])
     end_to_end.rounds = whole.rounds
-    return ranks, BudgetOutcome("latency", target, share, end_to_end)
+    return chosen, BudgetOutcome("latency", target, share, end_to_end)
 
 
 def layer_speedup(site: ConvSite, spec: LayerSpec, settings: BenchmarkSettings

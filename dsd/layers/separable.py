@@ -23,8 +23,8 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate
 
 # Up to this many input channels, rank r runs as one depthwise conv with depth multiplier r: with so few
 # groups it is a (grouped) dense conv on the fast kernels, where r rank-1 slices would cost r conv launches
-# (on this project's CPU: 46x slower for a 1-channel 512-tap conv at rank 64, 2.5-6x for an RGB stem at rank
-# 4-16, 1.2-2.3x at 4-8 channels; from 16 channels on, slices win at low ranks).
+# (CREPE's 1-channel conv at rank 64 made the model 6x slower than its original as slices; from 16 channels
+# on, slices win at low ranks).
 MULTIPLIER_FORM_CHANNELS = 8
 
 
@@ -120,9 +120,9 @@ class DepthwiseSeparableConv2d(nn.Module):
         """Rank r as the sum of r rank-1 separable convs: the same sums, on the fast depthwise kernels.
 
         With many channels, a depthwise conv with a depth multiplier falls off the fast kernels (3-8x slower
-        on a CPU, 13-24x in bf16 channels_last on a GPU). Depthwise channel ``c*r + j`` is slice ``j`` of input channel ``c``,
-        and pointwise input ``c*r + j`` (within each group) its weight; summing the per-slice pointwise
-        products avoids concatenating the slices (a strided copy in channels_last).
+        on a CPU, 13-24x in bf16 channels_last on a GPU). Depthwise channel ``c*r + j`` is slice ``j`` of input
+        channel ``c``, and pointwise input ``c*r + j`` (within each group) its weight; summing the per-slice
+        pointwise products avoids concatenating the slices (a strided copy in channels_last).
         """
         dw, r, g = self.depthwise, self.rank, self.groups
         depthwise = dw.weight.view(self.in_channels, r, *dw.weight.shape[1:])  # (C, r, 1, kh, kw)
