@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import dsd
-from dsd.modes import call_shapes, record_shapes, run_on_meta
+from dsd.modes import call_shapes, output_shape, record_shapes, run_on_meta
 
 
 def _convs(model: nn.Module):
@@ -82,3 +82,24 @@ def test_value_branches_and_plain_tensor_attributes_fall_back_to_a_real_run():
         assert call_shapes(model, (x,), _convs(model)) == _real_shapes(model, x)
     _, report = dsd.convert_model(BranchesOnValues(), x, rank=1)
     assert [r.name for r in report.converted] == ["conv"]  # "other" is not called on this input
+
+
+def test_every_kind_of_batchnorm_keeps_its_shapes_on_meta():
+    """Inference BatchNorm is short-cut on meta tensors; batch statistics (no running ones) and timm's
+    BatchNormAct2d, in float32 and bfloat16, must still give a real run's shapes and dtypes."""
+    from timm.layers import BatchNormAct2d
+    for dtype in (torch.float32, torch.bfloat16):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8, track_running_stats=False),
+                              nn.Conv2d(8, 6, 3, padding=1), BatchNormAct2d(6), nn.Conv2d(6, 4, 1),
+                              nn.BatchNorm2d(4)).eval().to(dtype)
+        x = torch.randn(2, 3, 11, 9, dtype=dtype)
+        with record_shapes(_convs(model)) as calls:
+            assert run_on_meta(model, (x,))
+        assert calls == _real_shapes(model, x)
+        assert output_shape(model, (2, 3, 11, 9)) == tuple(model(x).shape) == (2, 4, 5, 4)
+
+
+def test_output_shape_of_a_separable_layer_is_its_dense_convs():
+    conv = nn.Conv2d(16, 32, 5, stride=2, padding=3, dilation=2)
+    layer, _ = dsd.convert_model(nn.Sequential(conv), torch.randn(1, 16, 20, 20), rank=2)
+    assert output_shape(layer[0], (3, 16, 21, 17)) == tuple(conv(torch.randn(3, 16, 21, 17)).shape)
