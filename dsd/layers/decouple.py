@@ -57,24 +57,27 @@ def factorize(a: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, t
     Singular values are split evenly (sqrt) between the factors. The SVD comes from the eigenvectors of
     the smaller Gram matrix (k*k <= 49 taps against hundreds of output channels): far faster than
     LAPACK's batched SVD on tall matrices, and still exact at full rank since ``a @ V @ V.T == a``.
-    Returns ``left`` (..., m, rank), ``right`` (..., rank, n) and the squared singular values.
+    The factors come in ``a``'s dtype; the eigenvectors, in float64, are orthonormal to float64 precision
+    whatever the Gram matrix's rounding. Returns ``left`` (..., m, rank), ``right`` (..., rank, n) and the
+    squared singular values (float64).
     """
     m, n = a.shape[-2:]
     tall = m >= n
-    gram = a.mT @ a if tall else a @ a.mT
+    gram = (a.mT @ a if tall else a @ a.mT).to(torch.float64)
     energy, vectors = torch.linalg.eigh(gram)  # ascending
     energy, vectors = energy.flip(-1).clamp_min(0), vectors.flip(-1)
-    root = energy[..., :rank].sqrt().sqrt()  # sqrt of the singular values
-    basis = vectors[..., :rank]
+    root = energy[..., :rank].sqrt().sqrt().to(a.dtype)  # sqrt of the singular values
+    basis = vectors[..., :rank].to(a.dtype)
     if tall:  # basis = right singular vectors V
         return _safe_divide(a @ basis, root[..., None, :]), root[..., :, None] * basis.mT, energy
     return root[..., None, :] * basis, _safe_divide(basis.mT @ a, root[..., :, None]), energy
 
 
-def channel_slices(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A dense conv weight ``(M, C/g, kh, kw)`` as per-input-channel slices ``(g, C/g, M/g, kh*kw)``, float64."""
+def channel_slices(weight: torch.Tensor, groups: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A dense conv weight ``(M, C/g, kh, kw)`` as per-input-channel slices ``(g, C/g, M/g, kh*kw)`` (a strided view
+    where ``dtype`` is the weight's: batched matmuls read it in place)."""
     out_ch, cin_g, kh, kw = weight.shape
-    return weight.detach().to(torch.float64).reshape(groups, out_ch // groups, cin_g, kh * kw).permute(0, 2, 1, 3)
+    return weight.detach().to(dtype).reshape(groups, out_ch // groups, cin_g, kh * kw).transpose(1, 2)
 
 
 def separable_weights(left: torch.Tensor, right: torch.Tensor, kernel_size: Sequence[int]
@@ -104,14 +107,18 @@ def decouple(weight: torch.Tensor, groups: int, rank: int) -> Tuple[torch.Tensor
     q = full_rank(weight.shape[0], groups, weight.shape[2:])
     if not 1 <= rank <= q:
         raise ValueError(f"rank must be between 1 and the full rank {q} of this kernel, got {rank}")
-    w = channel_slices(weight, groups)
+    w = channel_slices(weight, groups, torch.promote_types(weight.dtype, torch.float32))
     left, right, energy = factorize(w, rank)
     depthwise, pointwise = separable_weights(left, right, weight.shape[2:])
     total = energy.sum()
     discarded = (energy[..., rank:].sum() / total).item() if total > 0 else 0.0
     # The discarded eigenvalues give the error without a reconstruction, except near exactness, where they are
-    # rounding noise (~1e-16 of the largest) and the square root would turn that into 1e-8.
-    error = discarded ** 0.5 if discarded > 1e-8 else relative_error(w, left @ right)
+    # the Gram matrix's rounding (1e-16 of the largest in float64, 1e-7 in float32) and the square root would
+    # make that 1e-8 (3e-4): there the reconstruction decides, in float64.
+    if discarded > max(1e-8, 100 * torch.finfo(w.dtype).eps):
+        error = discarded ** 0.5
+    else:
+        error = relative_error(w.to(torch.float64), (left @ right).to(torch.float64))
     return depthwise.to(weight.dtype), pointwise.to(weight.dtype), error
 
 
