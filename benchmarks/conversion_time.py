@@ -4,17 +4,23 @@
 
 Targets: converting resnet50 costs no more than 5 forward passes (issue 2); resnet18's svd path at most 2, and
 its data-aware path (with the sensitivity measurement) at most 50 forward passes over its calibration data
-(issue 17). The conversion includes its own work on the example input (the analysis and the shape check, on
-meta tensors where the model allows) and copying the model. ``budget_ratio``: ``target_flops=0.7`` (svd; 0.5 is out of reach for resnet50), also in forward passes.
+(issue 17). The conversion includes its own work on the example input (the analysis on meta tensors where
+the model allows, the shape check of each converted layer on meta tensors) and copying the model. ``budget_ratio``: ``target_flops=0.7`` (svd; 0.5 is out of reach for resnet50), also in forward passes.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import time
+from typing import Dict
 
 import timm
 import torch
 
 import dsd
+from dsd.convert.match import analyze
+from dsd.convert.options import ConvertOptions
+from dsd.convert.pipeline import describe_layers, initialise_layers, verify_shapes
 from dsd.errors import DsdError
 from _results import median_seconds, write
 
@@ -32,6 +38,27 @@ def data_aware(model, size: int) -> dict:
     convert = median_seconds(lambda: dsd.convert_model(model, batches[0][:1], target_flops=0.5, init="data",
                                                        calibration_data=batches, allocation="sensitivity"), 1)
     return {"data_aware_s": convert, "calibration_forward_s": forward, "data_aware_ratio": convert / forward}
+
+
+def stage_seconds(model, x) -> Dict[str, float]:
+    """The rank-1 svd path's stages, run as ``convert_model`` runs them, each timed (seconds)."""
+    options, times, start = ConvertOptions(rank=1), {}, time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal start
+        now = time.perf_counter()
+        times[stage], start = now - start, now
+    working = copy.deepcopy(model)
+    lap("copy")
+    analysis = analyze(working, x)
+    lap("analysis (FX trace, meta run)")
+    records, eligible = describe_layers(analysis, options)
+    lap("rules")
+    layers, _ = initialise_layers(eligible, records, options, working, working, None, None)
+    lap("decoupling and building")
+    verify_shapes(analysis, layers)
+    lap("shape check")
+    return times
 
 
 def main() -> None:
@@ -56,14 +83,18 @@ def main() -> None:
         except DsdError:  # what stays dense is already above 0.7 of the FLOPs (efficientnet: one conv converts)
             budget = None
         _, report = dsd.convert_model(model, x, rank=1)
+        runs = [stage_seconds(model, x) for _ in range(args.repeats)]
+        stages = {stage: sorted(run[stage] for run in runs)[len(runs) // 2] / forward for stage in runs[0]}
         row = {"model": name, "forward_s": forward, "convert_s": convert, "ratio": convert / forward,
-               "budget_ratio": budget / forward if budget else None, "converted": len(report.converted), "convs": len(report.layers)}
+               "budget_ratio": budget / forward if budget else None, "converted": len(report.converted),
+               "convs": len(report.layers), "stages_in_passes": stages}
         if name in args.data_aware:
             row.update(data_aware(model, args.size))
         rows.append(row)
         print(f"{name:24} {forward:10.3f} {convert:10.3f} {row['ratio']:7.2f} {row['budget_ratio'] or float('nan'):7.2f} "
               f"{row['converted']:>4}/{row['convs']:<5}"
               + (f" data-aware {row['data_aware_ratio']:.1f}" if "data_aware_ratio" in row else ""), flush=True)
+        print("    rank 1 by stage, in forward passes: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     path = write("conversion_time", rows, input_size=[3, args.size, args.size], batch_size=1, rank=1, init="svd",
                  data_aware=f"target_flops=0.5, init=data, {CALIBRATION[0]} batches of {CALIBRATION[1]} "
                             "(sequential, allocation=sensitivity), in forward passes over those batches")
