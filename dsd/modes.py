@@ -73,20 +73,24 @@ def attributes_kept(model: nn.Module) -> Iterator[nn.Module]:
             module.__dict__.update(attributes)
 
 
-_INFERENCE_BATCH_NORMS = (torch.ops.aten.native_batch_norm.default,
-                          torch.ops.aten._native_batch_norm_legit_no_training.default)
+def _inference_batch_norm(func, args: tuple, kwargs: dict) -> bool:
+    if func is torch.ops.aten._native_batch_norm_legit_no_training.default:
+        return True
+    return func is torch.ops.aten.native_batch_norm.default and not (
+        args[5] if len(args) > 5 else kwargs.get("training", True))
 
 
 class _ShapeOnlyBatchNorm(TorchDispatchMode):
     """Inference BatchNorm on meta tensors as what it is, a shape-preserving op.
 
     PyTorch computes its meta result through the Python decomposition of the whole normalisation: three
-    quarters of a meta forward of resnet18, which then cost as much as a real forward at batch 1.
+    quarters of a meta forward of resnet18, which then cost as much as a real forward at batch 1. Batch
+    statistics (training, or no running statistics) take PyTorch's own path.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _INFERENCE_BATCH_NORMS and (func != _INFERENCE_BATCH_NORMS[0] or not args[5]):  # not training
+        if _inference_batch_norm(func, args, kwargs):
             x = args[0]
             statistic = x.new_empty((x.shape[1],))  # the saved statistics, as the meta kernel shapes them
             return torch.empty_like(x), statistic, statistic
