@@ -1,4 +1,5 @@
 """Property tests: a converted conv keeps the original's output shape for any geometry and input size."""
+import copy
 from unittest import mock
 
 import torch
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 from dsd.convert import from_conv
 from dsd.layers.create import shrink_kernel
-from dsd.layers.separable import MULTIPLIER_FORM_CHANNELS
+from dsd.layers.separable import MULTIPLIER_FORM_CHANNELS, DepthwiseSeparableConv2d
 from dsd.layers.padding import matched_padding, output_size
 
 
@@ -95,4 +96,43 @@ def test_fast_rank_r_forward_is_the_same_function(case, rank, new_dilation, chan
     if channels_last:
         sep, x = sep.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     with mock.patch("dsd.layers.separable.MULTIPLIER_FORM_CHANNELS", 0 if slices else MULTIPLIER_FORM_CHANNELS):
-        torch.testing.assert_close(sep(x), _multiplier_forward(sep, x), rtol=1e-12, atol=1e-12)
+        expected = _multiplier_forward(sep, x)
+        torch.testing.assert_close(sep(x), expected, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():  # inference: the slice layout is made, then kept
+            for _ in range(2):
+                torch.testing.assert_close(sep(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_kept_slice_layout_follows_the_weights():
+    """Inference keeps the rank-r slice layout between calls; every way PyTorch changes weights renews it."""
+    sep = DepthwiseSeparableConv2d(16, 24, 3, rank=3, padding=((1, 1), (1, 1)), dtype=torch.float64)
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    optimizer = torch.optim.SGD(sep.parameters(), lr=0.5)
+
+    def check(tolerance=1e-12):
+        with torch.no_grad():
+            inputs = x.to(sep.weight.dtype)
+            torch.testing.assert_close(sep(inputs), _multiplier_forward(sep, inputs), rtol=tolerance, atol=tolerance)
+    check()
+    sep(x).square().sum().backward()  # autograd records: no kept layout involved, gradients reach the weights
+    assert sep.depthwise.weight.grad.abs().sum() > 0 and sep.pointwise.weight.grad.abs().sum() > 0
+    optimizer.step()
+    check()
+    with torch.no_grad():
+        sep.pointwise.weight.mul_(-2)
+    check()
+    sep.load_state_dict({k: torch.randn_like(v) for k, v in sep.state_dict().items()})
+    check()
+    copied = copy.deepcopy(sep)
+    assert "_slice_cache" not in vars(copied)
+    with torch.inference_mode():
+        torch.testing.assert_close(copied(x), sep(x), rtol=1e-12, atol=1e-12)
+    sep.float()
+    assert sep._slice_cache is None
+    check(1e-4)
+    with torch.inference_mode():  # weights made here have no version counter: computed afresh every call
+        made = DepthwiseSeparableConv2d(16, 24, 3, rank=3, padding=((1, 1), (1, 1)))
+        for _ in range(2):
+            torch.testing.assert_close(made(x.float()), _multiplier_forward(made, x.float()))
+        made.pointwise.weight.mul_(2)
+        torch.testing.assert_close(made(x.float()), _multiplier_forward(made, x.float()))

@@ -37,6 +37,8 @@ class DepthwiseSeparableConv2d(nn.Module):
     depthwise conv itself, anything else by an explicit ``F.pad`` first.
     """
 
+    _slice_cache: Optional[Tuple[tuple, torch.Tensor, torch.Tensor]] = None  # see _slice_weights
+
     def __init__(
             self,
             in_channels: int,
@@ -124,20 +126,47 @@ class DepthwiseSeparableConv2d(nn.Module):
         channel ``c``, and pointwise input ``c*r + j`` (within each group) its weight; summing the per-slice
         pointwise products avoids concatenating the slices (a strided copy in channels_last).
         """
-        dw, r, g = self.depthwise, self.rank, self.groups
-        depthwise = dw.weight.view(self.in_channels, r, *dw.weight.shape[1:])  # (C, r, 1, kh, kw)
-        pointwise = self.pointwise.weight.view(self.out_channels, -1, r, 1, 1)  # (M, C/g, r, 1, 1)
-        # contiguous slices: a strided weight sends the conv down a slow path (about 5x on a CPU)
-        out = F.conv2d(dw._conv_forward(x, depthwise[:, 0].contiguous(), None), pointwise[:, :, 0].contiguous(),
-                       self.pointwise.bias, groups=g)
-        for j in range(1, r):
-            z = dw._conv_forward(x, depthwise[:, j].contiguous(), None)
+        dw, g = self.depthwise, self.groups
+        depthwise, pointwise = self._slice_weights()
+        out = F.conv2d(dw._conv_forward(x, depthwise[0], None), pointwise[0], self.pointwise.bias, groups=g)
+        for j in range(1, self.rank):
+            z = dw._conv_forward(x, depthwise[j], None)
             if g == 1 and _is_nhwc(out) and _is_nhwc(z):  # accumulate in place: fewer large temporaries
                 out.permute(0, 2, 3, 1).view(-1, self.out_channels).addmm_(
-                    z.permute(0, 2, 3, 1).reshape(-1, self.in_channels), pointwise[:, :, j, 0, 0].t())
+                    z.permute(0, 2, 3, 1).reshape(-1, self.in_channels), pointwise[j, :, :, 0, 0].t())
             else:
-                out = out + F.conv2d(z, pointwise[:, :, j].contiguous(), None, groups=g)
+                out = out + F.conv2d(z, pointwise[j], None, groups=g)
         return out
+
+    def _slice_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The weights slice-major, each slice contiguous: depthwise (r, C, 1, kh, kw), pointwise (r, M, C/g, 1, 1).
+
+        A strided slice sends the conv down a slow path (about 5x on a CPU), and re-laying the weights out on
+        every call cost up to a third of the layer's time (512 channels at 7x7, batch 8, CPU). So where autograd
+        does not record, the layout is kept until the weights change (a new version or storage: optimizer steps,
+        ``load_state_dict``, ``.to()``; not writes through ``.data``, which PyTorch hides from version counters).
+        """
+        dw, pw, r = self.depthwise.weight, self.pointwise.weight, self.rank
+        # inference tensors (weights made under torch.inference_mode) have no version counter: never kept
+        cacheable = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or dw.is_inference()
+                         or pw.is_inference())
+        key = (dw._version, pw._version, dw.data_ptr(), pw.data_ptr(), dw.device) if cacheable else None
+        if cacheable and self._slice_cache is not None and self._slice_cache[0] == key:
+            return self._slice_cache[1], self._slice_cache[2]
+        depthwise = dw.view(self.in_channels, r, *dw.shape[1:]).transpose(0, 1).contiguous()
+        pointwise = pw.view(self.out_channels, -1, r, 1, 1).permute(2, 0, 1, 3, 4).contiguous()
+        if cacheable:
+            self._slice_cache = (key, depthwise, pointwise)
+        return depthwise, pointwise
+
+    def _apply(self, fn, recurse=True):
+        self._slice_cache = None  # the weights move or change dtype: drop the old layout with them
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_slice_cache", None)  # a copy or a pickle re-derives it
+        return state
 
     def extra_repr(self) -> str:
         parts = [
