@@ -35,8 +35,11 @@ def prepare_step(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings
 
 
 def _on_device(module: nn.Module, settings: BenchmarkSettings) -> nn.Module:
-    module = copy.deepcopy(module).eval().to(settings.device)
-    return module.to(memory_format=torch.channels_last) if settings.channels_last else module
+    # Copied outside inference mode, as a user's model is made: weights copied inside it would be inference
+    # tensors, which run differently (a rank-r layer cannot keep its weight layout between calls).
+    with torch.inference_mode(False):
+        module = copy.deepcopy(module).eval().to(settings.device)
+        return module.to(memory_format=torch.channels_last) if settings.channels_last else module
 
 
 @_runtime("eager")
