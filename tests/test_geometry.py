@@ -136,3 +136,19 @@ def test_the_kept_slice_layout_follows_the_weights():
             torch.testing.assert_close(made(x.float()), _multiplier_forward(made, x.float()))
         made.pointwise.weight.mul_(2)
         torch.testing.assert_close(made(x.float()), _multiplier_forward(made, x.float()))
+
+
+def test_the_slice_form_trains_like_the_multiplier_form():
+    """The in-place accumulation of the slices keeps autograd's gradients those of the textbook form."""
+    for channels_last in (False, True):
+        sep = DepthwiseSeparableConv2d(12, 20, 3, rank=3, stride=2, padding=((1, 1), (1, 1)), dtype=torch.float64)
+        x = torch.randn(2, 12, 11, 9, dtype=torch.float64, requires_grad=True)
+        if channels_last:
+            sep = sep.to(memory_format=torch.channels_last)
+        inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        grads = []
+        for forward in (sep, lambda t: _multiplier_forward(sep, t)):
+            outputs = forward(inputs)
+            grads.append(torch.autograd.grad(outputs.square().sum(), [x, *sep.parameters()]))
+        for fast, textbook in zip(*grads):
+            torch.testing.assert_close(fast, textbook, rtol=1e-12, atol=1e-12)

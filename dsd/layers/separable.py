@@ -131,9 +131,14 @@ class DepthwiseSeparableConv2d(nn.Module):
         out = F.conv2d(dw._conv_forward(x, depthwise[0], None), pointwise[0], self.pointwise.bias, groups=g)
         for j in range(1, self.rank):
             z = dw._conv_forward(x, depthwise[j], None)
-            if g == 1 and _is_nhwc(out) and _is_nhwc(z):  # accumulate in place: fewer large temporaries
+            weight = pointwise[j, :, :, 0, 0]  # (M, C)
+            # accumulate in place, as one GEMM into the output: no temporary the size of the output, no add pass
+            if g == 1 and _is_nhwc(out) and _is_nhwc(z):
                 out.permute(0, 2, 3, 1).view(-1, self.out_channels).addmm_(
-                    z.permute(0, 2, 3, 1).reshape(-1, self.in_channels), pointwise[j, :, :, 0, 0].t())
+                    z.permute(0, 2, 3, 1).reshape(-1, self.in_channels), weight.t())
+            elif g == 1 and out.dim() == 4 and out.is_contiguous() and z.is_contiguous():  # NCHW
+                n = out.shape[0]
+                out.view(n, self.out_channels, -1).baddbmm_(weight.expand(n, -1, -1), z.view(n, self.in_channels, -1))
             else:
                 out = out + F.conv2d(z, pointwise[j], None, groups=g)
         return out
