@@ -23,6 +23,19 @@ FLOP_CONVENTION = "fvcore: one fused multiply-add counts as one FLOP (these FLOP
 POOLING_OPS = ("aten::max_pool2d", "aten::avg_pool2d", "aten::mean")
 
 
+def _baddbmm_flop_jit(inputs, outputs) -> int:
+    """``baddbmm(input, batch1 (n, c, t), batch2 (n, t, d))``: n*c*t*d multiply-adds, as fvcore counts bmm."""
+    from fvcore.nn.jit_handles import get_shape
+    (n, c, t), d = get_shape(inputs[1]), get_shape(inputs[2])[-1]
+    return n * c * t * d
+
+
+def _gemm_handles() -> Dict[str, Any]:
+    """The GEMMs fvcore has no handler for that rank-r separable layers accumulate their slices with."""
+    from fvcore.nn.jit_handles import addmm_flop_jit
+    return {"aten::addmm_": addmm_flop_jit, "aten::baddbmm": _baddbmm_flop_jit, "aten::baddbmm_": _baddbmm_flop_jit}
+
+
 @dataclass
 class FlopCount:
     total: int
@@ -47,7 +60,7 @@ def count_flops(model: nn.Module, inputs: torch.Tensor) -> FlopCount:
         from fvcore.nn import FlopCountAnalysis, parameter_count
         from fvcore.nn.jit_handles import elementwise_flop_counter
     analysis = FlopCountAnalysis(model, inputs).set_op_handle(
-        **{op: elementwise_flop_counter(1, 0) for op in POOLING_OPS})
+        **{op: elementwise_flop_counter(1, 0) for op in POOLING_OPS}, **_gemm_handles())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     fvcore_logger = logging.getLogger("fvcore")
     level = fvcore_logger.level

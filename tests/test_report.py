@@ -33,9 +33,12 @@ def test_exact_params_and_flops_on_hand_built_net():
     assert counts.total == counts.by_module["a"] + counts.by_module["b"] + counts.by_module["c"]
 
 
-def _check_analytical(model, x, rank):
+def _check_analytical(model, x, rank, channels_last=False):
     """fvcore's count of each converted layer equals the analytical one from the conversion report."""
     converted, report = dsd.convert_model(model, x, rank=rank)
+    if channels_last:
+        model, converted = model.to(memory_format=torch.channels_last), converted.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     before, after = count_flops(model, x), count_flops(converted, x)
     assert report.converted
     for record in report.converted:
@@ -46,9 +49,21 @@ def _check_analytical(model, x, rank):
         assert after.by_module[record.name] == record.macs_after == oh * ow * (c * r * nkh * nkw + (c * r // g) * m)
 
 
+class Wider(Tiny):
+    """Tiny and an ungrouped conv on 16 channels: rank r there runs as r slices accumulated by GEMMs."""
+
+    def __init__(self):
+        super().__init__()
+        self.d = nn.Conv2d(16, 24, 3, padding=1)
+
+    def forward(self, x):
+        return self.d(super().forward(x))
+
+
 @pytest.mark.parametrize("rank", [1, 3])
-def test_fvcore_matches_analytical_counts_hand_built(rank):
-    _check_analytical(Tiny(), torch.randn(1, 3, 16, 16), rank)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fvcore_matches_analytical_counts_hand_built(rank, channels_last):
+    _check_analytical(Wider(), torch.randn(1, 3, 16, 16), rank, channels_last)
 
 
 def test_fvcore_matches_analytical_counts_resnet50():
