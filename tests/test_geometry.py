@@ -152,3 +152,16 @@ def test_the_slice_form_trains_like_the_multiplier_form():
             grads.append(torch.autograd.grad(outputs.square().sum(), [x, *sep.parameters()]))
         for fast, textbook in zip(*grads):
             torch.testing.assert_close(fast, textbook, rtol=1e-12, atol=1e-12)
+
+
+def test_the_slice_form_runs_under_autocast():
+    """The in-place GEMMs are not autocast: they must follow the convs' bfloat16 in both memory formats."""
+    for channels_last in (False, True):
+        sep = DepthwiseSeparableConv2d(16, 24, 3, rank=3, padding=((1, 1), (1, 1)))
+        x = torch.randn(2, 16, 9, 9)
+        if channels_last:
+            sep, x = sep.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, textbook = sep(x), _multiplier_forward(sep, x)
+        assert fast.dtype == textbook.dtype == torch.bfloat16
+        torch.testing.assert_close(fast.float(), textbook.float(), rtol=0.05, atol=0.05)

@@ -131,7 +131,7 @@ class DepthwiseSeparableConv2d(nn.Module):
         out = F.conv2d(dw._conv_forward(x, depthwise[0], None), pointwise[0], self.pointwise.bias, groups=g)
         for j in range(1, self.rank):
             z = dw._conv_forward(x, depthwise[j], None)
-            weight = pointwise[j, :, :, 0, 0]  # (M, C)
+            weight = pointwise[j, :, :, 0, 0].to(out.dtype)  # (M, C); in-place GEMMs are not autocast
             # accumulate in place, as one GEMM into the output: no temporary the size of the output, no add pass
             if g == 1 and _is_nhwc(out) and _is_nhwc(z):
                 out.permute(0, 2, 3, 1).view(-1, self.out_channels).addmm_(
