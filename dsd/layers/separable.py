@@ -152,17 +152,17 @@ class DepthwiseSeparableConv2d(nn.Module):
         ``load_state_dict``, ``.to()``; not writes through ``.data``, which PyTorch hides from version counters).
         """
         dw, pw, r = self.depthwise.weight, self.pointwise.weight, self.rank
+
+        def layout() -> Tuple[torch.Tensor, torch.Tensor]:
+            return (dw.view(self.in_channels, r, *dw.shape[1:]).transpose(0, 1).contiguous(),
+                    pw.view(self.out_channels, -1, r, 1, 1).permute(2, 0, 1, 3, 4).contiguous())
         # inference tensors (weights made under torch.inference_mode) have no version counter: never kept
-        cacheable = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or dw.is_inference()
-                         or pw.is_inference())
-        key = (dw._version, pw._version, dw.data_ptr(), pw.data_ptr(), dw.device) if cacheable else None
-        if cacheable and self._slice_cache is not None and self._slice_cache[0] == key:
-            return self._slice_cache[1], self._slice_cache[2]
-        depthwise = dw.view(self.in_channels, r, *dw.shape[1:]).transpose(0, 1).contiguous()
-        pointwise = pw.view(self.out_channels, -1, r, 1, 1).permute(2, 0, 1, 3, 4).contiguous()
-        if cacheable:
-            self._slice_cache = (key, depthwise, pointwise)
-        return depthwise, pointwise
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or dw.is_inference() or pw.is_inference():
+            return layout()
+        key = (dw._version, pw._version, dw.data_ptr(), pw.data_ptr(), dw.device)
+        if self._slice_cache is None or self._slice_cache[0] != key:
+            self._slice_cache = (key, *layout())
+        return self._slice_cache[1], self._slice_cache[2]
 
     def _apply(self, fn, recurse=True):
         self._slice_cache = None  # the weights move or change dtype: drop the old layout with them
