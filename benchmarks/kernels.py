@@ -3,12 +3,13 @@
     python benchmarks/kernels.py [--batch-sizes 8 64] [--models resnet18 resnet50 vgg16] [--iters 20]
 
 Per layer (3x3, stride 1; C=64/56x56, 128/28, 256/14, 512/7), channels_last: the dense conv; rank 1;
-rank 2 as one depthwise conv with a depth multiplier (dsd before 0.2) and as dsd computes it now (rank-1
-slices); on a GPU also the fused Triton kernel (CUDA events, eager: CUDA-graph replay comes with the
-runtimes of dsd.BenchmarkSettings). End to end: timm models at
-rank 1 and at ``target_flops=0.5`` (of the conv FLOPs): alone, with ``only_if_faster``, and with ``target_latency=0.7``
-as well (both decided in channels_last, batch 8), BatchNorm folded in both original and converted model (as deployed),
-eager NCHW and eager channels_last. CPU rows are float32; the GPU rows float32 and bfloat16.
+rank 2 in two fixed forms (one depthwise conv with a depth multiplier, as dsd before 0.2 computed it, and
+r rank-1 slices) and as dsd computes it now (the form it measures fastest); on a GPU also the fused Triton
+kernel (CUDA events, eager: CUDA-graph replay comes with the runtimes of dsd.BenchmarkSettings). End to end:
+timm models at rank 1 and at ``target_flops=0.5`` (of the conv FLOPs): alone, alone with the static forms
+(no timing of forms), with ``only_if_faster``, and with ``target_latency=0.7`` as well (both decided in the
+layout they are timed in, batch 8), BatchNorm folded in both original and converted model (as deployed), eager
+NCHW and eager channels_last. CPU rows are float32; the GPU rows float32 and bfloat16.
 """
 from __future__ import annotations
 
@@ -23,21 +24,24 @@ import torch.nn as nn
 import dsd
 from _results import write
 from dsd.layers import DepthwiseSeparableConv2d
+from dsd.layers.forms import FORMS, autotune_forms
 from dsd.timing import BenchmarkSettings, LatencyStats, time_module
 
 LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
 MODELS = ["resnet18", "resnet50", "vgg16"]
+MODEL_COLUMNS = {"rank1": "rank 1", "flops0.5": "target_flops 0.5", "flops0.5 static forms": "same, static forms",
+                 "flops0.5 faster": "+ only_if_faster", "flops0.5 latency0.7": "+ target_latency 0.7"}
 
 
-class MultiplierForm(nn.Module):
-    """Rank r as one depthwise conv with depth multiplier r, then the pointwise conv: dsd before 0.2."""
+class FixedForm(nn.Module):
+    """A separable layer in one form of :mod:`dsd.layers.forms`, not the one it would measure fastest."""
 
-    def __init__(self, layer: DepthwiseSeparableConv2d):
+    def __init__(self, layer: DepthwiseSeparableConv2d, form: str):
         super().__init__()
-        self.layer = layer
+        self.layer, self.form = layer, form
 
     def forward(self, x):
-        return self.layer.pointwise(self.layer.depthwise(x))
+        return FORMS[self.form](self.layer, self.layer._pad(x))
 
 
 class Fused(nn.Module):
@@ -54,7 +58,8 @@ class Fused(nn.Module):
 def layer_variants(channels: int, on_gpu: bool) -> Dict[str, nn.Module]:
     dense = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     rank1, rank2 = dsd.from_conv(dense, rank=1), dsd.from_conv(dense, rank=2)
-    variants = {"dense": dense, "rank1": rank1, "rank2 multiplier": MultiplierForm(rank2), "rank2": rank2}
+    variants = {"dense": dense, "rank1": rank1, "rank2 multiplier": FixedForm(rank2, "multiplier"),
+                "rank2 slices": FixedForm(rank2, "slices"), "rank2": rank2}
     if on_gpu:
         variants.update({"rank1 fused": Fused(rank1), "rank2 fused": Fused(rank2)})
     return variants
@@ -87,37 +92,58 @@ def layer_rows(args, device: str, dtypes: List[str]) -> List[Dict[str, Any]]:
     return rows
 
 
+class StaticForms(nn.Module):
+    """A converted model run with every separable layer in its static form (``autotune_forms(False)``): the
+    measured choice of forms, A/B in the same run."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        autotune_forms(False)
+        try:
+            return self.model(x)
+        finally:
+            autotune_forms(True)
+
+
 def model_rows(args, device: str) -> List[Dict[str, Any]]:
+    """Each model in each layout, with the measured decisions (``only_if_faster``, ``target_latency``) made in
+    the layout it is timed in, as a user deploying that layout would make them."""
     rows = []
     settings = BenchmarkSettings(device, "float32", args.model_batch, warmup=2, iters=args.iters)
     for name in args.models:
         original = timm.create_model(name).eval()
         x = torch.randn(1, 3, 224, 224)
-        decide = BenchmarkSettings(device, "float32", args.model_batch, channels_last=True, warmup=2, iters=5)
-        conversions = {"rank1": dict(rank=1), "flops0.5": dict(target_flops=0.5, target_flops_of="convs"),
-                       "flops0.5 faster": dict(target_flops=0.5, target_flops_of="convs", only_if_faster=True,
-                                                  benchmark=decide),
-                       "flops0.5 latency0.7": dict(target_flops=0.5, target_flops_of="convs", target_latency=0.7,
-                                                   benchmark=decide)}
-        variants = {"original": original}
-        for variant, kwargs in conversions.items():
+
+        def convert(variant: str, **kwargs) -> Dict[str, nn.Module]:
             try:
-                variants[variant] = dsd.convert_model(original, x, **kwargs)[0]
+                return {variant: dsd.fold_batchnorm(dsd.convert_model(original, x, **kwargs)[0])}
             except dsd.DsdError as error:  # an unreachable budget is a result too
                 rows.append({"table": "model", "device": device, "model": name, "variant": variant,
-                             "infeasible": str(error)})
-                print(f"{device} {name:10} {variant:15} infeasible: {error}", flush=True)
-        variants = {k: dsd.fold_batchnorm(v) for k, v in variants.items()}
+                             "layout": layout, "infeasible": str(error)})
+                print(f"{device} {name:10} {variant:19} infeasible: {error}", flush=True)
+                return {}
+        budget = dict(target_flops=0.5, target_flops_of="convs")
+        layout = "any"
+        shared = {"original": dsd.fold_batchnorm(original), **convert("rank1", rank=1), **convert("flops0.5", **budget)}
+        if "flops0.5" in shared:
+            shared["flops0.5 static forms"] = StaticForms(shared["flops0.5"])
         for channels_last in (False, True):
-            times = interleaved(variants, (args.model_batch, 3, 224, 224),
-                                replace(settings, channels_last=channels_last), args.rounds)
+            layout = "channels_last" if channels_last else "NCHW"
+            timing = replace(settings, channels_last=channels_last)
+            decide = replace(timing, iters=5)
+            variants = {**shared, **convert("flops0.5 faster", only_if_faster=True, benchmark=decide, **budget),
+                        **convert("flops0.5 latency0.7", target_latency=0.7, benchmark=decide, **budget)}
+            times = interleaved(variants, (args.model_batch, 3, 224, 224), timing, args.rounds)
             for variant, stats in times.items():
                 speedup = times["original"].median_ms / stats.median_ms
                 rows.append({"table": "model", "device": device, "model": name, "variant": variant,
                              "batch": args.model_batch, "channels_last": channels_last, "median_ms": stats.median_ms,
                              "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms, "speedup": speedup})
-                print(f"{device} {name:10} {'CL' if channels_last else 'NCHW':4} {variant:15} "
-                      f"{stats.median_ms:9.2f} ms  {speedup:5.2f}x", flush=True)
+                print(f"{device} {name:10} {layout:13} {variant:21} {stats.median_ms:9.2f} ms  {speedup:5.2f}x",
+                      flush=True)
     return rows
 
 
@@ -133,15 +159,15 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
             f"{cells[v]['speedup']:.2f}x ({cells[v]['median_ms']:.3f})" if v in cells else "" for v in _variants(rows))
             + " |")
     lines += ["", "End to end (BatchNorm folded in every model), speedup over the original (median ms):", "",
-              "| device | model | batch | layout | rank 1 | target_flops 0.5 | target_flops 0.5 + only_if_faster |",
-              "|---|---|---|---|---|---|---|"]
+              "| device | model | batch | layout | " + " | ".join(MODEL_COLUMNS.values()) + " |",
+              "|---|---|---|---|" + "---|" * len(MODEL_COLUMNS)]
     timed = [r for r in rows if r["table"] == "model" and "median_ms" in r]
     for device, model, batch, cl in dict.fromkeys((r["device"], r["model"], r["batch"], r["channels_last"]) for r in timed):
         cells = {r["variant"]: r for r in timed if (r["device"], r["model"], r["batch"], r["channels_last"])
                  == (device, model, batch, cl)}
         lines.append(f"| {device} | {model} | {batch} | {'channels_last' if cl else 'NCHW'} | " + " | ".join(
             f"{cells[v]['speedup']:.2f}x ({cells[v]['median_ms']:.1f})" if v in cells else "infeasible"
-            for v in ("rank1", "flops0.5", "flops0.5 faster")) + " |")
+            for v in MODEL_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,4 @@
 """Property tests: a converted conv keeps the original's output shape for any geometry and input size."""
-import copy
-from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -9,7 +7,7 @@ from hypothesis import strategies as st
 
 from dsd.convert import from_conv
 from dsd.layers.create import shrink_kernel
-from dsd.layers.separable import MULTIPLIER_FORM_CHANNELS, DepthwiseSeparableConv2d
+from dsd.layers.forms import FORMS, multiplier_forward
 from dsd.layers.padding import matched_padding, output_size
 
 
@@ -75,17 +73,12 @@ def test_matched_padding_rule(size, kernel, dilation, stride, before, after, new
             == output_size(size, kernel, stride, before, after, dilation))
 
 
-def _multiplier_forward(sep, x):
-    """The textbook computation: one depthwise conv with depth multiplier ``rank``, then the pointwise conv."""
-    return sep.pointwise(sep.depthwise(sep._pad(x)))
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_and_input(), rank=st.integers(1, 5), new_dilation=st.one_of(st.none(), st.integers(1, 3)),
-       channels_last=st.booleans(), slices=st.booleans())
-def test_fast_rank_r_forward_is_the_same_function(case, rank, new_dilation, channels_last, slices):
-    """Whatever formulation the module computes rank r with, it is the depth-multiplier conv's function.
-    ``slices``: the rank-1 slice form even for the few channels drawn here (where the module would not use it)."""
+       channels_last=st.booleans(), form=st.sampled_from(sorted(FORMS)))
+def test_every_form_is_the_same_function(case, rank, new_dilation, channels_last, form):
+    """Every form a separable layer may compute in (whichever the module picks, timed or not) is the
+    depth-multiplier conv's function, also with its weights kept between inference calls."""
     conv, x = case
     assume(conv.kernel_size != (1, 1) and conv.groups != conv.in_channels)
     _original_output(conv, x)
@@ -95,73 +88,11 @@ def test_fast_rank_r_forward_is_the_same_function(case, rank, new_dilation, chan
         assume(max(abs(p) for axis in sep.padding for p in axis) < min(x.shape[-2:]))
     if channels_last:
         sep, x = sep.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    with mock.patch("dsd.layers.separable.MULTIPLIER_FORM_CHANNELS", 0 if slices else MULTIPLIER_FORM_CHANNELS):
-        expected = _multiplier_forward(sep, x)
-        torch.testing.assert_close(sep(x), expected, rtol=1e-12, atol=1e-12)
-        with torch.no_grad():  # inference: the slice layout is made, then kept
-            for _ in range(2):
-                torch.testing.assert_close(sep(x), expected, rtol=1e-12, atol=1e-12)
-
-
-def test_the_kept_slice_layout_follows_the_weights():
-    """Inference keeps the rank-r slice layout between calls; every way PyTorch changes weights renews it."""
-    sep = DepthwiseSeparableConv2d(16, 24, 3, rank=3, padding=((1, 1), (1, 1)), dtype=torch.float64)
-    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
-    optimizer = torch.optim.SGD(sep.parameters(), lr=0.5)
-
-    def check(tolerance=1e-12):
-        with torch.no_grad():
-            inputs = x.to(sep.weight.dtype)
-            torch.testing.assert_close(sep(inputs), _multiplier_forward(sep, inputs), rtol=tolerance, atol=tolerance)
-    check()
-    sep(x).square().sum().backward()  # autograd records: no kept layout involved, gradients reach the weights
-    assert sep.depthwise.weight.grad.abs().sum() > 0 and sep.pointwise.weight.grad.abs().sum() > 0
-    optimizer.step()
-    check()
-    with torch.no_grad():
-        sep.pointwise.weight.mul_(-2)
-    check()
-    sep.load_state_dict({k: torch.randn_like(v) for k, v in sep.state_dict().items()})
-    check()
-    copied = copy.deepcopy(sep)
-    assert "_slice_cache" not in vars(copied)
-    with torch.inference_mode():
-        torch.testing.assert_close(copied(x), sep(x), rtol=1e-12, atol=1e-12)
-    sep.float()
-    assert sep._slice_cache is None
-    check(1e-4)
-    with torch.inference_mode():  # weights made here have no version counter: computed afresh every call
-        made = DepthwiseSeparableConv2d(16, 24, 3, rank=3, padding=((1, 1), (1, 1)))
+    padded = sep._pad(x)
+    expected = multiplier_forward(sep, padded)
+    torch.testing.assert_close(FORMS[form](sep, padded), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sep(x), expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # inference: the module times its forms, and keeps weights laid out for them
         for _ in range(2):
-            torch.testing.assert_close(made(x.float()), _multiplier_forward(made, x.float()))
-        made.pointwise.weight.mul_(2)
-        torch.testing.assert_close(made(x.float()), _multiplier_forward(made, x.float()))
-
-
-def test_the_slice_form_trains_like_the_multiplier_form():
-    """The in-place accumulation of the slices keeps autograd's gradients those of the textbook form."""
-    for channels_last in (False, True):
-        sep = DepthwiseSeparableConv2d(12, 20, 3, rank=3, stride=2, padding=((1, 1), (1, 1)), dtype=torch.float64)
-        x = torch.randn(2, 12, 11, 9, dtype=torch.float64, requires_grad=True)
-        if channels_last:
-            sep = sep.to(memory_format=torch.channels_last)
-        inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        grads = []
-        for forward in (sep, lambda t: _multiplier_forward(sep, t)):
-            outputs = forward(inputs)
-            grads.append(torch.autograd.grad(outputs.square().sum(), [x, *sep.parameters()]))
-        for fast, textbook in zip(*grads):
-            torch.testing.assert_close(fast, textbook, rtol=1e-12, atol=1e-12)
-
-
-def test_the_slice_form_runs_under_autocast():
-    """The in-place GEMMs are not autocast: they must follow the convs' bfloat16 in both memory formats."""
-    for channels_last in (False, True):
-        sep = DepthwiseSeparableConv2d(16, 24, 3, rank=3, padding=((1, 1), (1, 1)))
-        x = torch.randn(2, 16, 9, 9)
-        if channels_last:
-            sep, x = sep.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            fast, textbook = sep(x), _multiplier_forward(sep, x)
-        assert fast.dtype == textbook.dtype == torch.bfloat16
-        torch.testing.assert_close(fast.float(), textbook.float(), rtol=0.05, atol=0.05)
+            torch.testing.assert_close(FORMS[form](sep, padded), expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(sep(x), expected, rtol=1e-12, atol=1e-12)

@@ -6,10 +6,13 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ..layers.forms import static_forms
+
 __all__ = ["recalibrate_batchnorm"]
 
 
 @torch.no_grad()
+@static_forms()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: int, device=None) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average over
     ``num_batches`` batches in train mode; weights, biases and other modules' modes are unchanged.

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..layers.create import effective_weight
 from ..layers.decouple import load_factors
+from ..layers.forms import static_forms
 from ..layers.spec import LayerSpec
 from ..modes import eval_mode
 from ..module_tree import swap_modules
@@ -58,6 +59,7 @@ def _run(model: nn.Module, batches: Sequence[torch.Tensor], hooks: Dict[str, Any
             handle.remove()
 
 
+@static_forms()
 def patch_statistics(model: nn.Module, specs: Sequence[LayerSpec], batches,
                      calls: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, PatchStats]:
     layers = {spec.name: spec.build(dtype=torch.float32) for spec in specs}
@@ -103,6 +105,7 @@ def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.M
     return built
 
 
+@static_forms()
 def data_aware_layers(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.Module],
                       specs: List[LayerSpec], batches, sequential: bool,
                       patch_stats: Optional[Dict[str, PatchStats]] = None, progress: bool = False,

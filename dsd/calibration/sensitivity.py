@@ -13,11 +13,13 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..layers.forms import static_forms
 from ..modes import eval_mode, floating_outputs
 
 __all__ = ["output_sensitivity"]
 
 
+@static_forms()
 def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence[torch.Tensor],
                        probes: int = 1, seed: int = 0) -> Optional[Dict[str, float]]:
     """``name -> mean squared output gradient per element of the layer's output``, relative to the model's

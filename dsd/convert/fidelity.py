@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..layers.forms import static_forms
 from ..modes import eval_mode, floating_outputs
 
 __all__ = ["Fidelity", "measure_fidelity"]
@@ -30,6 +31,7 @@ class Fidelity:
 
 
 @torch.no_grad()
+@static_forms()
 def measure_fidelity(original: nn.Module, converted: nn.Module, batches: Sequence[torch.Tensor]) -> Fidelity:
     difference = reference = 0.0
     same = samples = 0

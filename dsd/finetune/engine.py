@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..convert import ConversionPlan
 from ..errors import DsdError
+from ..layers.forms import static_forms
 from .checkpoint import CHECKPOINT_NAME, capture_rng, first_non_finite, restore_rng, save_checkpoint
 from .data import Loaders
 from .distributed import DistEnv, all_equal, all_reduce_sum
@@ -52,6 +53,7 @@ class TrainResult:
 
 
 @torch.no_grad()
+@static_forms()
 def evaluate(model: nn.Module, loader, env: DistEnv, recipe: Recipe) -> float:
     """Top-1 accuracy on the loader, summed over every rank."""
     was_training = model.training
@@ -247,6 +249,7 @@ def _end_epoch(epoch: int, seconds: float, totals: torch.Tensor, student: nn.Mod
                    + (f" (ema {record['val_acc_ema']:.4f})" if parts.ema is not None else ""))
 
 
+@static_forms()
 def train(
         student: nn.Module,
         loaders: Loaders,

@@ -1,7 +1,7 @@
 """The depthwise-separable replacement for a dense ``nn.Conv2d``."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -9,23 +9,13 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..kernels import fused_kernel_enabled, separable_conv2d
+from .forms import run_form
 from .padding import TF_SAME, PaddingSpec, is_symmetric, tf_same_pad
 
 __all__ = ["DepthwiseSeparableConv2d"]
 
 
-def _is_nhwc(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-
-
-# Up to this many input channels, rank r runs as one depthwise conv with depth multiplier r: with so few
-# groups it is a (grouped) dense conv on the fast kernels, where r rank-1 slices would cost r conv launches
-# (CREPE's 1-channel conv at rank 64 made the model 6x slower than its original as slices; from 16 channels
-# on, slices win at low ranks).
-MULTIPLIER_FORM_CHANNELS = 8
 
 
 class DepthwiseSeparableConv2d(nn.Module):
@@ -34,10 +24,13 @@ class DepthwiseSeparableConv2d(nn.Module):
     Stride and dilation act on the depthwise conv; the bias lives on the pointwise conv, which is
     grouped like the dense conv it replaces. ``padding`` is ``((top, bottom), (left, right))`` or
     ``"tf_same"`` (input-size dependent, like timm's ``Conv2dSame``); symmetric padding is done by the
-    depthwise conv itself, anything else by an explicit ``F.pad`` first.
+    depthwise conv itself, anything else by an explicit ``F.pad`` first. The output is computed in whichever
+    form of this function measures fastest (:mod:`dsd.layers.forms`): the parameters are these two convs'.
     """
 
-    _slice_cache: Optional[Tuple[tuple, torch.Tensor, torch.Tensor]] = None  # see _slice_weights
+    # per form, weights laid out for it and the key they were made under (see kept_weights)
+    _kept: Optional[Dict[str, Tuple[tuple, Tuple[torch.Tensor, ...]]]] = None
+    _tuned_forms: Optional[Dict[tuple, str]] = None  # kind of input -> fastest form (see dsd.layers.forms)
 
     def __init__(
             self,
@@ -113,64 +106,44 @@ class DepthwiseSeparableConv2d(nn.Module):
         if x.is_cuda and self._fusable and not torch.is_grad_enabled() and fused_kernel_enabled():
             return separable_conv2d(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias,
                                     self.stride, self.depthwise.padding, self.dilation)
-        x = self._pad(x)
-        if self.rank == 1 or self.in_channels <= MULTIPLIER_FORM_CHANNELS:
-            return self.pointwise(self.depthwise(x))
-        return self._rank_slices_forward(x)
+        return run_form(self, self._pad(x))
 
-    def _rank_slices_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank r as the sum of r rank-1 separable convs: the same sums, on the fast depthwise kernels.
+    def kept_weights(self, form: str, make: Callable[["DepthwiseSeparableConv2d"], Tuple[torch.Tensor, ...]]
+                     ) -> Tuple[torch.Tensor, ...]:
+        """``make(self)``: the weights laid out for ``form``, kept between calls where autograd does not record.
 
-        With many channels, a depthwise conv with a depth multiplier falls off the fast kernels (3-8x slower
-        on a CPU, 13-24x in bf16 channels_last on a GPU). Depthwise channel ``c*r + j`` is slice ``j`` of input
-        channel ``c``, and pointwise input ``c*r + j`` (within each group) its weight; summing the per-slice
-        pointwise products avoids concatenating the slices (a strided copy in channels_last).
-        """
-        dw, g = self.depthwise, self.groups
-        depthwise, pointwise = self._slice_weights()
-        out = F.conv2d(dw._conv_forward(x, depthwise[0], None), pointwise[0], self.pointwise.bias, groups=g)
-        for j in range(1, self.rank):
-            z = dw._conv_forward(x, depthwise[j], None)
-            weight = pointwise[j, :, :, 0, 0].to(out.dtype)  # (M, C); in-place GEMMs are not autocast
-            # accumulate in place, as one GEMM into the output: no temporary the size of the output, no add pass
-            if g == 1 and _is_nhwc(out) and _is_nhwc(z):
-                out.permute(0, 2, 3, 1).view(-1, self.out_channels).addmm_(
-                    z.permute(0, 2, 3, 1).reshape(-1, self.in_channels), weight.t())
-            elif g == 1 and out.dim() == 4 and out.is_contiguous() and z.is_contiguous():  # NCHW
-                n = out.shape[0]
-                out.view(n, self.out_channels, -1).baddbmm_(weight.expand(n, -1, -1), z.view(n, self.in_channels, -1))
-            else:
-                out = out + F.conv2d(z, pointwise[j], None, groups=g)
-        return out
-
-    def _slice_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The weights slice-major, each slice contiguous: depthwise (r, C, 1, kh, kw), pointwise (r, M, C/g, 1, 1).
-
-        A strided slice sends the conv down a slow path (about 5x on a CPU), and re-laying the weights out on
-        every call cost up to a third of the layer's time (512 channels at 7x7, batch 8, CPU). So where autograd
-        does not record, the layout is kept until the weights change (a new version or storage: optimizer steps,
+        Making them on every call cost up to a third of a rank-2 layer's time (512 channels at 7x7, batch 8,
+        CPU). They are renewed when the weights change (a new version or storage: optimizer steps,
         ``load_state_dict``, ``.to()``; not writes through ``.data``, which PyTorch hides from version counters).
         """
-        dw, pw, r = self.depthwise.weight, self.pointwise.weight, self.rank
+        dw, pw = self.depthwise.weight, self.pointwise.weight
+        # inference tensors (weights made under torch.inference_mode) have no version counter, and a trace
+        # or a compiled graph must read the parameters, not a copy made before: never kept there
+        if (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or dw.is_inference() or pw.is_inference()):
+            return make(self)
+        key = (dw._version, pw._version, dw.data_ptr(), pw.data_ptr(), dw.device, dw.dtype)
+        if self._kept is None:
+            self._kept = {}
+        if form not in self._kept or self._kept[form][0] != key:
+            self._kept[form] = (key, make(self))
+        return self._kept[form][1]
 
-        def layout() -> Tuple[torch.Tensor, torch.Tensor]:
-            return (dw.view(self.in_channels, r, *dw.shape[1:]).transpose(0, 1).contiguous(),
-                    pw.view(self.out_channels, -1, r, 1, 1).permute(2, 0, 1, 3, 4).contiguous())
-        # inference tensors (weights made under torch.inference_mode) have no version counter: never kept
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or dw.is_inference() or pw.is_inference():
-            return layout()
-        key = (dw._version, pw._version, dw.data_ptr(), pw.data_ptr(), dw.device)
-        if self._slice_cache is None or self._slice_cache[0] != key:
-            self._slice_cache = (key, *layout())
-        return self._slice_cache[1], self._slice_cache[2]
+    def tuned_forms(self) -> Dict[tuple, str]:
+        """The form measured fastest for each kind of input so far (:func:`dsd.layers.forms.choose_form`)."""
+        if self._tuned_forms is None:
+            self._tuned_forms = {}
+        return self._tuned_forms
 
     def _apply(self, fn, recurse=True):
-        self._slice_cache = None  # the weights move or change dtype: drop the old layout with them
+        # the weights move or change dtype: drop their layouts, and the timings made where they were
+        self._kept, self._tuned_forms = None, None
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_slice_cache", None)  # a copy or a pickle re-derives it
+        state.pop("_kept", None)  # a copy or a pickle re-derives these; it may run on another machine
+        state.pop("_tuned_forms", None)
         return state
 
     def extra_repr(self) -> str:

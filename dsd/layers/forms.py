@@ -1,0 +1,182 @@
+"""The forms a ``DepthwiseSeparableConv2d`` computes its output in, and the measured choice among them.
+
+Every form is the same function (the depthwise conv with depth multiplier ``rank``, then the pointwise conv)
+of an input already given the module's explicit padding:
+
+- ``multiplier``: the two convs as written. A depth multiplier >= 2 falls off the fast depthwise kernels
+  (3-8x on a CPU, 13-24x in bf16 channels_last on a GPU), but with few input channels it is a grouped dense
+  conv on the fast kernels.
+- ``slices``: r rank-1 separable convs, depthwise slice j of every channel and then its pointwise weights,
+  accumulated into the output in place.
+- ``dense``: one conv with the recomposed kernel ``W[m, c] = sum_j pw[m, c*r + j] * dw[c*r + j]``: the dense
+  conv's cost, so a layer in this form is never slower than the conv it replaced.
+
+Which is fastest depends on the channels, the spatial size, the memory format, the dtype, the batch and the
+device: on a 2-core CPU an RGB stem at rank 10 runs 1.9x faster than its dense conv as a multiplier conv in
+channels_last and 2x slower in NCHW. So at inference in eager mode a layer times its candidate forms on its
+first call with each kind of input and keeps the fastest, as ``torch.backends.cudnn.benchmark`` does for
+cuDNN's algorithms. Training, tracing, scripting, compiling, exporting, CUDA graph capture and
+``torch.use_deterministic_algorithms`` take the static rule (:func:`static_form`) instead; so does everything
+after ``autotune_forms(False)`` (or with ``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's
+calibration and fine-tuning, which must give the same weights on every run).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Callable, Dict, Iterator, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms", "choose_form", "run_form",
+           "autotune_forms", "forms_autotuned", "static_forms"]
+
+# Up to this many input channels, rank r runs as one depthwise conv with depth multiplier r when not timed:
+# with so few groups it is a (grouped) dense conv on the fast kernels, where r rank-1 slices would cost r conv
+# launches (CREPE's 1-channel conv at rank 64 made the model 6x slower than its original as slices; from 16
+# channels on, slices win at low ranks).
+MULTIPLIER_FORM_CHANNELS = 8
+TIMED_RUNS = 2  # per candidate, after one untimed run; the fastest run counts
+
+_AUTOTUNE = {"enabled": os.environ.get("DSD_AUTOTUNE_FORMS", "1") != "0"}
+
+
+def autotune_forms(enabled: bool = True) -> None:
+    """Let separable layers time their forms at inference and keep the fastest (on by default; also
+    ``DSD_AUTOTUNE_FORMS=0``). Off, every layer takes :func:`static_form`: bitwise the same outputs run to run."""
+    _AUTOTUNE["enabled"] = bool(enabled)
+
+
+def forms_autotuned() -> bool:
+    return _AUTOTUNE["enabled"]
+
+
+@contextlib.contextmanager
+def static_forms() -> Iterator[None]:
+    """Every separable layer in its static form inside (a context manager and a decorator): the same bits on
+    every run, as calibration, fidelity measurements and fine-tuning need to be reproducible."""
+    previous = _AUTOTUNE["enabled"]
+    _AUTOTUNE["enabled"] = False
+    try:
+        yield
+    finally:
+        _AUTOTUNE["enabled"] = previous
+
+
+def _is_nhwc(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def slice_weights(layer) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The weights slice-major, each slice contiguous (a strided slice sends the conv down a slow path, about
+    5x on a CPU): depthwise (r, C, 1, kh, kw), pointwise (r, M, C/g, 1, 1)."""
+    dw, pw, r = layer.depthwise.weight, layer.pointwise.weight, layer.rank
+    return (dw.view(layer.in_channels, r, *dw.shape[1:]).transpose(0, 1).contiguous(),
+            pw.view(layer.out_channels, -1, r, 1, 1).permute(2, 0, 1, 3, 4).contiguous())
+
+
+def dense_weight(layer) -> Tuple[torch.Tensor]:
+    """The recomposed dense kernel ``(M, C/g, kh, kw)`` (in the weights' dtype, never autocast)."""
+    dw, pw = layer.depthwise.weight, layer.pointwise.weight
+    g, r, c, m = layer.groups, layer.rank, layer.in_channels, layer.out_channels
+    kh, kw = layer.kernel_size
+    with torch.autocast(dw.device.type, enabled=False):
+        weight = torch.einsum("gmcr,gcrk->gmck", pw.reshape(g, m // g, c // g, r), dw.reshape(g, c // g, r, kh * kw))
+    return (weight.reshape(m, c // g, kh, kw),)
+
+
+def multiplier_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    return layer.pointwise(layer.depthwise(x))
+
+
+def slices_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """Rank r as the sum of r rank-1 separable convs; summing the per-slice pointwise products in place avoids
+    concatenating the slices (a strided copy in channels_last) and a temporary the size of the output."""
+    dw, g = layer.depthwise, layer.groups
+    depthwise, pointwise = layer.kept_weights("slices", slice_weights)
+    out = F.conv2d(dw._conv_forward(x, depthwise[0], None), pointwise[0], layer.pointwise.bias, groups=g)
+    for j in range(1, layer.rank):
+        z = dw._conv_forward(x, depthwise[j], None)
+        weight = pointwise[j, :, :, 0, 0].to(out.dtype)  # (M, C); in-place GEMMs are not autocast
+        if g == 1 and _is_nhwc(out) and _is_nhwc(z):
+            out.permute(0, 2, 3, 1).view(-1, layer.out_channels).addmm_(
+                z.permute(0, 2, 3, 1).reshape(-1, layer.in_channels), weight.t())
+        elif g == 1 and out.dim() == 4 and out.is_contiguous() and z.is_contiguous():  # NCHW
+            n = out.shape[0]
+            out.view(n, layer.out_channels, -1).baddbmm_(weight.expand(n, -1, -1), z.view(n, layer.in_channels, -1))
+        else:
+            out = out + F.conv2d(z, pointwise[j], None, groups=g)
+    return out
+
+
+def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    dw = layer.depthwise
+    (weight,) = layer.kept_weights("dense", dense_weight)
+    padding = dw.padding
+    if dw.padding_mode != "zeros":
+        x, padding = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode), (0, 0)
+    return F.conv2d(x, weight, layer.pointwise.bias, dw.stride, padding, dw.dilation, layer.groups)
+
+
+Form = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+FORMS: Dict[str, Form] = {"multiplier": multiplier_forward, "slices": slices_forward, "dense": dense_forward}
+
+
+def static_form(layer) -> str:
+    """The form taken where nothing is timed: rank 1 and few channels as written, else the slices."""
+    return "multiplier" if layer.rank == 1 or layer.in_channels <= MULTIPLIER_FORM_CHANNELS else "slices"
+
+
+def candidate_forms(layer) -> Tuple[str, ...]:
+    """The forms worth timing: slices only where there are channels enough for r conv launches to pay."""
+    return ("multiplier", "dense") if static_form(layer) == "multiplier" else ("multiplier", "slices", "dense")
+
+
+def _tunable(x: torch.Tensor) -> bool:
+    """Eager inference on a plain CPU or CUDA tensor, with nothing recording, tracing or compiling the ops."""
+    if not _AUTOTUNE["enabled"] or torch.is_grad_enabled() or type(x) is not torch.Tensor:
+        return False
+    if x.device.type not in ("cpu", "cuda") or torch.are_deterministic_algorithms_enabled():
+        return False
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+
+
+def _input_kind(x: torch.Tensor) -> tuple:
+    device = x.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return tuple(x.shape), x.dtype, x.device, _is_nhwc(x), autocast, torch.get_num_threads()
+
+
+def _fastest_run_seconds(form: Form, layer, x: torch.Tensor) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    form(layer, x)  # untimed: makes the kept weights, lets the backend pick its kernels
+    best = math.inf
+    for _ in range(TIMED_RUNS):
+        sync()
+        start = time.perf_counter()
+        form(layer, x)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def choose_form(layer, x: torch.Tensor) -> str:
+    """The form ``layer`` computes ``x`` in: at eager inference, the fastest measured for this kind of input
+    (shape, dtype, device, memory format, autocast, threads), timed on its first call; else :func:`static_form`.
+    A CUDA graph capture uses what its warm-up runs measured (it cannot time)."""
+    if not _tunable(x):
+        return static_form(layer)
+    tuned, kind = layer.tuned_forms(), _input_kind(x)
+    if kind not in tuned:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return static_form(layer)
+        seconds = {name: _fastest_run_seconds(FORMS[name], layer, x) for name in candidate_forms(layer)}
+        tuned[kind] = min(seconds, key=seconds.get)
+    return tuned[kind]
+
+
+def run_form(layer, x: torch.Tensor) -> torch.Tensor:
+    return FORMS[choose_form(layer, x)](layer, x)

@@ -1,0 +1,161 @@
+"""The forms a separable layer computes in: weights kept between inference calls, and the measured choice."""
+import copy
+import io
+from unittest import mock
+
+import pytest
+import torch
+
+from dsd.layers import forms
+from dsd.layers.forms import FORMS, autotune_forms, candidate_forms, choose_form, multiplier_forward, static_form
+from dsd.layers.separable import DepthwiseSeparableConv2d
+
+
+def _layer(channels=16, rank=3, **kwargs):
+    return DepthwiseSeparableConv2d(channels, 24, 3, rank=rank, padding=((1, 1), (1, 1)), **kwargs)
+
+
+def _textbook(sep, x):
+    return multiplier_forward(sep, sep._pad(x))
+
+
+def test_kept_weights_follow_the_weights():
+    """Inference keeps each form's weight layout between calls; every way PyTorch changes weights renews it."""
+    sep = _layer(dtype=torch.float64)
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    optimizer = torch.optim.SGD(sep.parameters(), lr=0.5)
+
+    def check(tolerance=1e-12):
+        with torch.no_grad():
+            inputs = x.to(sep.weight.dtype)
+            for form in FORMS.values():
+                torch.testing.assert_close(form(sep, sep._pad(inputs)), _textbook(sep, inputs),
+                                           rtol=tolerance, atol=tolerance)
+    check()
+    assert set(sep._kept) == {"slices", "dense"}
+    sep(x).square().sum().backward()  # autograd records: no kept layout involved, gradients reach the weights
+    assert sep.depthwise.weight.grad.abs().sum() > 0 and sep.pointwise.weight.grad.abs().sum() > 0
+    optimizer.step()
+    check()
+    with torch.no_grad():
+        sep.pointwise.weight.mul_(-2)
+    check()
+    sep.load_state_dict({k: torch.randn_like(v) for k, v in sep.state_dict().items()})
+    check()
+    copied = copy.deepcopy(sep)
+    assert "_kept" not in vars(copied) and "_tuned_forms" not in vars(copied)
+    with torch.inference_mode():
+        torch.testing.assert_close(copied(x), sep(x), rtol=1e-12, atol=1e-12)
+    sep.float()
+    assert sep._kept is None and sep._tuned_forms is None
+    check(1e-4)
+    with torch.inference_mode():  # weights made here have no version counter: laid out afresh every call
+        made = _layer()
+        for _ in range(2):
+            torch.testing.assert_close(made(x.float()), _textbook(made, x.float()))
+        made.pointwise.weight.mul_(2)
+        torch.testing.assert_close(made(x.float()), _textbook(made, x.float()))
+        assert made._kept is None
+
+
+@pytest.mark.parametrize("form", ["slices", "dense"])
+def test_a_form_trains_like_the_multiplier_form(form):
+    """Autograd through a form (the in-place accumulation of the slices, the recomposed dense kernel) gives the
+    textbook form's gradients."""
+    for channels_last in (False, True):
+        sep = DepthwiseSeparableConv2d(12, 20, 3, rank=3, stride=2, padding=((1, 1), (1, 1)), dtype=torch.float64)
+        x = torch.randn(2, 12, 11, 9, dtype=torch.float64, requires_grad=True)
+        if channels_last:
+            sep = sep.to(memory_format=torch.channels_last)
+        inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        grads = []
+        for forward in (FORMS[form], multiplier_forward):
+            outputs = forward(sep, inputs)
+            grads.append(torch.autograd.grad(outputs.square().sum(), [x, *sep.parameters()]))
+        for fast, textbook in zip(*grads):
+            torch.testing.assert_close(fast, textbook, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["slices", "dense"])
+def test_a_form_runs_under_autocast(form):
+    """The in-place GEMMs and the recomposition are not autocast: the output follows the convs' bfloat16."""
+    for channels_last in (False, True):
+        sep, x = _layer(), torch.randn(2, 16, 9, 9)
+        if channels_last:
+            sep, x = sep.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            fast, textbook = FORMS[form](sep, x), _textbook(sep, x)
+        assert fast.dtype == textbook.dtype == torch.bfloat16
+        torch.testing.assert_close(fast.float(), textbook.float(), rtol=0.05, atol=0.05)
+
+
+def _timed_as(seconds):
+    """A stand-in for the stopwatch: each form takes the given seconds; records which were timed."""
+    timed = []
+
+    def fastest_run_seconds(form, layer, x):
+        name = next(n for n, f in FORMS.items() if f is form)
+        timed.append(name)
+        return seconds[name]
+    return mock.patch.object(forms, "_fastest_run_seconds", fastest_run_seconds), timed
+
+
+def test_inference_keeps_the_fastest_form_per_kind_of_input():
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    stopwatch, timed = _timed_as({"multiplier": 3.0, "slices": 2.0, "dense": 1.0})
+    with stopwatch, torch.no_grad():
+        assert choose_form(sep, x) == "dense" and timed == ["multiplier", "slices", "dense"]
+        assert choose_form(sep, x) == "dense" and len(timed) == 3  # timed once per kind of input
+        choose_form(sep, x.contiguous(memory_format=torch.channels_last))  # another memory format
+        choose_form(sep, x[:1])  # another shape
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            choose_form(sep, x)
+    assert len(timed) == 12 and len(sep.tuned_forms()) == 4
+    # what it chose is what it runs: the dense kernel is then kept
+    with torch.no_grad(), mock.patch.dict(sep.tuned_forms(), {k: "dense" for k in sep.tuned_forms()}):
+        torch.testing.assert_close(sep(x), _textbook(sep, x), rtol=1e-5, atol=1e-5)
+    assert "dense" in sep._kept
+
+
+def test_timings_are_dropped_with_a_move_or_a_copy():
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        sep(x)
+    assert len(sep.tuned_forms()) == 1
+    assert copy.deepcopy(sep)._tuned_forms is None
+    buffer = io.BytesIO()
+    torch.save(sep, buffer)
+    assert torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)._tuned_forms is None
+    sep.double()
+    assert sep._tuned_forms is None
+
+
+def test_the_static_rule_where_nothing_may_be_timed():
+    """Training, tracing, deterministic mode and the switch take the static form, and time nothing."""
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    stopwatch, timed = _timed_as({"multiplier": 1.0, "slices": 2.0, "dense": 3.0})
+    with stopwatch:
+        assert choose_form(sep, x) == static_form(sep) == "slices"  # autograd records
+        with torch.no_grad():
+            torch.jit.trace(sep, x, check_trace=False)  # (the check would run the layer eagerly)
+            assert timed == [] and not sep._kept  # nor does a trace read a layout kept from before
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                assert choose_form(sep, x) == "slices"
+            finally:
+                torch.use_deterministic_algorithms(previous)
+            autotune_forms(False)
+            try:
+                assert choose_form(sep, x) == "slices"
+            finally:
+                autotune_forms(True)
+            assert timed == []
+            assert choose_form(sep, x) == "multiplier" and timed == ["multiplier", "slices", "dense"]
+
+
+def test_candidates_and_static_rule():
+    assert static_form(_layer(rank=1)) == "multiplier" and candidate_forms(_layer(rank=1)) == ("multiplier", "dense")
+    assert static_form(_layer(channels=3, rank=4)) == "multiplier"  # an RGB stem: no r launches of a tiny conv
+    assert candidate_forms(_layer(channels=3, rank=4)) == ("multiplier", "dense")
+    assert candidate_forms(_layer()) == ("multiplier", "slices", "dense")
