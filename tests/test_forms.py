@@ -6,6 +6,7 @@ from unittest import mock
 import pytest
 import torch
 
+import dsd
 from dsd.layers import forms
 from dsd.layers.forms import FORMS, autotune_forms, candidate_forms, choose_form, multiplier_forward, static_form
 from dsd.layers.separable import DepthwiseSeparableConv2d
@@ -93,11 +94,10 @@ def _timed_as(seconds):
     """A stand-in for the stopwatch: each form takes the given seconds; records which were timed."""
     timed = []
 
-    def fastest_run_seconds(form, layer, x):
-        name = next(n for n, f in FORMS.items() if f is form)
-        timed.append(name)
-        return seconds[name]
-    return mock.patch.object(forms, "_fastest_run_seconds", fastest_run_seconds), timed
+    def fastest_runs(layer, x, names):
+        timed.extend(names)
+        return {name: seconds[name] for name in names}
+    return mock.patch.object(forms, "_fastest_runs", fastest_runs), timed
 
 
 def test_inference_keeps_the_fastest_form_per_kind_of_input():
@@ -159,3 +159,24 @@ def test_candidates_and_static_rule():
     assert static_form(_layer(channels=3, rank=4)) == "multiplier"  # an RGB stem: no r launches of a tiny conv
     assert candidate_forms(_layer(channels=3, rank=4)) == ("multiplier", "dense")
     assert candidate_forms(_layer()) == ("multiplier", "slices", "dense")
+
+
+def test_calibration_runs_with_the_static_forms():
+    """dsd's calibration (data-aware init, sequential refits, BN re-estimation, the fidelity line) never times
+    forms: it gives the same weights on every run."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
+    batches = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+
+    def never(*args):
+        raise AssertionError("a form was timed during calibration")
+    with mock.patch.object(forms, "_fastest_runs", never):
+        converted = [dsd.convert_model(model, batches[0], rank=3, init="data", calibration_data=batches,
+                                       recalibrate_bn=True)[0] for _ in range(2)]
+    for a, b in zip(converted[0].state_dict().values(), converted[1].state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.no_grad(), pytest.raises(AssertionError, match="was timed"), mock.patch.object(
+            forms, "_fastest_runs", never):
+        converted[0](batches[0])  # while a user's inference does time them

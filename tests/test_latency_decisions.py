@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import dsd
 from dsd.errors import DsdError
-from dsd.layers import DepthwiseSeparableConv2d
+from dsd.layers import DepthwiseSeparableConv2d, static_forms
 from dsd.layers.cost import dense_macs_per_pixel, output_pixels, separable_macs_per_pixel
 from dsd.timing import BenchmarkSettings, LatencyStats, Speedup, cache, measure_layer
 
@@ -234,6 +234,8 @@ def test_the_cache_can_be_switched_off_and_survives_a_broken_entry(monkeypatch, 
     (tmp_path / f"{key}.json").write_text("{not json")
     (stats,) = measure_layer([conv], (1, 4, 8, 8), settings)
     assert stats.iters == 2 and cache.load(key) is not None
+    with static_forms():  # a timing with the separable layers' forms untimed is another timing
+        assert cache.layer_key(conv, (1, 4, 8, 8), settings) != key
 
 
 # -- the settings ---------------------------------------------------------------------------------

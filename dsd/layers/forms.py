@@ -39,7 +39,7 @@ __all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms"
 # launches (CREPE's 1-channel conv at rank 64 made the model 6x slower than its original as slices; from 16
 # channels on, slices win at low ranks).
 MULTIPLIER_FORM_CHANNELS = 8
-TIMED_RUNS = 2  # per candidate, after one untimed run; the fastest run counts
+TIMED_ROUNDS = 3  # each candidate runs once per round, after one untimed run; its fastest run counts
 
 _AUTOTUNE = {"enabled": os.environ.get("DSD_AUTOTUNE_FORMS", "1") != "0"}
 
@@ -150,16 +150,21 @@ def _input_kind(x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.dtype, x.device, _is_nhwc(x), autocast, torch.get_num_threads()
 
 
-def _fastest_run_seconds(form: Form, layer, x: torch.Tensor) -> float:
+def _fastest_runs(layer, x: torch.Tensor, names: Tuple[str, ...]) -> Dict[str, float]:
+    """Each form's fastest run in seconds, after one untimed run each (it makes the kept weights and lets the
+    backend pick its kernels). The forms take turns, so that a passing slowdown of the machine does not
+    fall on one form's runs alone."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    form(layer, x)  # untimed: makes the kept weights, lets the backend pick its kernels
-    best = math.inf
-    for _ in range(TIMED_RUNS):
-        sync()
-        start = time.perf_counter()
-        form(layer, x)
-        sync()
-        best = min(best, time.perf_counter() - start)
+    for name in names:
+        FORMS[name](layer, x)
+    best = dict.fromkeys(names, math.inf)
+    for _ in range(TIMED_ROUNDS):
+        for name in names:
+            sync()
+            start = time.perf_counter()
+            FORMS[name](layer, x)
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -173,7 +178,7 @@ def choose_form(layer, x: torch.Tensor) -> str:
     if kind not in tuned:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return static_form(layer)
-        seconds = {name: _fastest_run_seconds(FORMS[name], layer, x) for name in candidate_forms(layer)}
+        seconds = _fastest_runs(layer, x, candidate_forms(layer))
         tuned[kind] = min(seconds, key=seconds.get)
     return tuned[kind]
 

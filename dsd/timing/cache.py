@@ -2,7 +2,7 @@
 
 A timing is kept under a key made of everything that decides it: the layer (its class and ``repr``: the
 geometry, rank and bias), the input shape with the batch, the benchmark settings, the device's name and
-the versions of torch, dsd and the runtime, and whether dsd's fused kernel is switched on. The folder
+the versions of torch, dsd and the runtime, and whether dsd's fused kernel and its timed forms are switched on. The folder
 is ``$DSD_LATENCY_CACHE`` (``off`` switches the cache off), else ``latency/`` in dsd's cache folder
 (``$DSD_CACHE`` or ``~/.cache/dsd``). One JSON file per timing, written atomically: concurrent runs are safe.
 """
@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..fileio import atomic_write_text, dsd_cache_dir
 from ..kernels.separable_op import fused_kernel_enabled
+from ..layers.forms import forms_autotuned
 from .settings import BenchmarkSettings
 from .stats import LatencyStats
 
@@ -64,7 +65,8 @@ def layer_key(layer: nn.Module, input_shape: Sequence[int], settings: BenchmarkS
     described = {"layer": f"{type(layer).__module__}.{type(layer).__qualname__}: {layer!r}",
                  "input_shape": list(input_shape), "settings": settings.to_dict(),
                  "device_name": device_name(settings), "threads": settings.thread_count,
-                 "versions": versions(settings), "fused_kernel": fused_kernel_enabled()}
+                 "versions": versions(settings), "fused_kernel": fused_kernel_enabled(),
+                 "forms_autotuned": forms_autotuned()}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
