@@ -117,6 +117,18 @@ def test_inference_keeps_the_fastest_form_per_kind_of_input():
     assert "dense" in sep._kept
 
 
+def test_only_the_chosen_forms_keep_weights():
+    """Timing every form lays out weights for each; the dense kernel alone is the size of the replaced conv."""
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    stopwatch, _ = _timed_as({"multiplier": 2.0, "slices": 1.0, "dense": 3.0})
+    with stopwatch, torch.no_grad():
+        for form in ("slices", "dense"):
+            FORMS[form](sep, x)
+        assert set(sep._kept) == {"slices", "dense"}
+        sep(x)
+    assert set(sep._kept) == {"slices"}
+
+
 def test_timings_are_dropped_with_a_move_or_a_copy():
     sep, x = _layer(), torch.randn(2, 16, 9, 9)
     with torch.no_grad():

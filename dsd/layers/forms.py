@@ -180,6 +180,7 @@ def choose_form(layer, x: torch.Tensor) -> str:
             return static_form(layer)
         seconds = _fastest_runs(layer, x, candidate_forms(layer))
         tuned[kind] = min(seconds, key=seconds.get)
+        layer.release_kept_weights(keep=set(tuned.values()))  # a dense kernel is the size of the replaced conv
     return tuned[kind]
 
 

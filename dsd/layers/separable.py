@@ -1,7 +1,7 @@
 """The depthwise-separable replacement for a dense ``nn.Conv2d``."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -128,6 +128,11 @@ class DepthwiseSeparableConv2d(nn.Module):
         if form not in self._kept or self._kept[form][0] != key:
             self._kept[form] = (key, make(self))
         return self._kept[form][1]
+
+    def release_kept_weights(self, keep: Set[str]) -> None:
+        """Drop the weights kept for every form not in ``keep``."""
+        if self._kept:
+            self._kept = {form: kept for form, kept in self._kept.items() if form in keep}
 
     def tuned_forms(self) -> Dict[tuple, str]:
         """The form measured fastest for each kind of input so far (:func:`dsd.layers.forms.choose_form`)."""
