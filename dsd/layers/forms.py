@@ -154,7 +154,7 @@ def _fastest_runs(layer, x: torch.Tensor, names: Tuple[str, ...]) -> Dict[str, f
     """Each form's fastest run in seconds, after one untimed run each (it makes the kept weights and lets the
     backend pick its kernels). The forms take turns, so that a passing slowdown of the machine does not
     fall on one form's runs alone."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
     for name in names:
         FORMS[name](layer, x)
     best = dict.fromkeys(names, math.inf)
