@@ -7,6 +7,7 @@ from safetensors.torch import load_model, save_model
 
 import dsd
 from dsd.convert import ConversionPlan, DepthwiseSeparableConv2d, PlanMismatch
+from dsd.layers.create import check_weight
 
 
 class Net(nn.Module):
@@ -249,6 +250,10 @@ def test_weights_that_cannot_be_decoupled_are_refused():
         model.wide.weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(dsd.DsdError, match="layer 'wide' has 1 NaN or inf weight values"):
         dsd.convert_model(model, x)
+    huge = nn.Conv2d(4, 8, 3)
+    with torch.no_grad():
+        huge.weight[:, 0, 0, 0] = 3e38  # finite, though their sum is not
+    check_weight(huge)
     with pytest.raises(dsd.DsdError, match="already depthwise"):
         dsd.from_conv(nn.Conv2d(8, 8, 3, groups=8))
     integer = nn.Conv2d(4, 8, 3)
