@@ -24,7 +24,7 @@ import torch.nn as nn
 import dsd
 from _results import write
 from dsd.layers import DepthwiseSeparableConv2d
-from dsd.layers.forms import FORMS, autotune_forms
+from dsd.layers.forms import FORMS, static_forms
 from dsd.timing import BenchmarkSettings, LatencyStats, time_module
 
 LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -93,19 +93,16 @@ def layer_rows(args, device: str, dtypes: List[str]) -> List[Dict[str, Any]]:
 
 
 class StaticForms(nn.Module):
-    """A converted model run with every separable layer in its static form (``autotune_forms(False)``): the
-    measured choice of forms, A/B in the same run."""
+    """A converted model run with every separable layer in its static form: the measured choice of forms,
+    A/B in the same run."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x):
-        autotune_forms(False)
-        try:
+        with static_forms():
             return self.model(x)
-        finally:
-            autotune_forms(True)
 
 
 def model_rows(args, device: str) -> List[Dict[str, Any]]:
@@ -117,7 +114,7 @@ def model_rows(args, device: str) -> List[Dict[str, Any]]:
         original = timm.create_model(name).eval()
         x = torch.randn(1, 3, 224, 224)
 
-        def convert(variant: str, **kwargs) -> Dict[str, nn.Module]:
+        def convert(variant: str, layout: str, **kwargs) -> Dict[str, nn.Module]:
             try:
                 return {variant: dsd.fold_batchnorm(dsd.convert_model(original, x, **kwargs)[0])}
             except dsd.DsdError as error:  # an unreachable budget is a result too
@@ -126,16 +123,17 @@ def model_rows(args, device: str) -> List[Dict[str, Any]]:
                 print(f"{device} {name:10} {variant:19} infeasible: {error}", flush=True)
                 return {}
         budget = dict(target_flops=0.5, target_flops_of="convs")
-        layout = "any"
-        shared = {"original": dsd.fold_batchnorm(original), **convert("rank1", rank=1), **convert("flops0.5", **budget)}
+        shared = {"original": dsd.fold_batchnorm(original), **convert("rank1", "any", rank=1),
+                  **convert("flops0.5", "any", **budget)}
         if "flops0.5" in shared:
             shared["flops0.5 static forms"] = StaticForms(shared["flops0.5"])
         for channels_last in (False, True):
             layout = "channels_last" if channels_last else "NCHW"
             timing = replace(settings, channels_last=channels_last)
             decide = replace(timing, iters=5)
-            variants = {**shared, **convert("flops0.5 faster", only_if_faster=True, benchmark=decide, **budget),
-                        **convert("flops0.5 latency0.7", target_latency=0.7, benchmark=decide, **budget)}
+            variants = {**shared,
+                        **convert("flops0.5 faster", layout, only_if_faster=True, benchmark=decide, **budget),
+                        **convert("flops0.5 latency0.7", layout, target_latency=0.7, benchmark=decide, **budget)}
             times = interleaved(variants, (args.model_batch, 3, 224, 224), timing, args.rounds)
             for variant, stats in times.items():
                 speedup = times["original"].median_ms / stats.median_ms

@@ -15,10 +15,11 @@ Which is fastest depends on the channels, the spatial size, the memory format, t
 device: on a 2-core CPU an RGB stem at rank 10 runs 1.9x faster than its dense conv as a multiplier conv in
 channels_last and 2x slower in NCHW. So at inference in eager mode a layer times its candidate forms on its
 first call with each kind of input and keeps the fastest, as ``torch.backends.cudnn.benchmark`` does for
-cuDNN's algorithms. Training, tracing, scripting, compiling, exporting, CUDA graph capture and
-``torch.use_deterministic_algorithms`` take the static rule (:func:`static_form`) instead; so does everything
-after ``autotune_forms(False)`` (or with ``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's
-calibration and fine-tuning, which must give the same weights on every run).
+cuDNN's algorithms; a CUDA graph capture, which cannot time, uses what its warm-up runs measured. Training,
+tracing, scripting, compiling, exporting and ``torch.use_deterministic_algorithms`` take the static rule
+(:func:`static_form`) instead; so does everything after ``autotune_forms(False)`` (or with
+``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's calibration and fine-tuning, which must give
+the same weights on every run).
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 A timing is kept under a key made of everything that decides it: the layer (its class and ``repr``: the
 geometry, rank and bias), the input shape with the batch, the benchmark settings, the device's name and
-the versions of torch, dsd and the runtime, and whether dsd's fused kernel and its timed forms are switched on. The folder
-is ``$DSD_LATENCY_CACHE`` (``off`` switches the cache off), else ``latency/`` in dsd's cache folder
-(``$DSD_CACHE`` or ``~/.cache/dsd``). One JSON file per timing, written atomically: concurrent runs are safe.
+the versions of torch, dsd and the runtime, and whether dsd's fused kernel and its timed forms are switched
+on. The folder is ``$DSD_LATENCY_CACHE`` (``off`` switches the cache off), else ``latency/`` in dsd's cache
+folder (``$DSD_CACHE`` or ``~/.cache/dsd``). One JSON file per timing, written atomically: concurrent runs are
+safe.
 """
 from __future__ import annotations
 
