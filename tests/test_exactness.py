@@ -127,7 +127,7 @@ def test_factorization_matches_lapack_svd(shape, rank):
     """The Gram-eigenvector route gives the same best rank-r approximation as torch.linalg.svd."""
     from dsd.layers.decouple import factorize
     a = torch.randn(*shape, dtype=torch.float64)
-    left, right, _ = factorize(a, rank)
+    left, right, *_ = factorize(a, rank)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     best = (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
     assert rel_error(left @ right, best) < 1e-9

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.decouple import channel_slices, factorize, relative_error, separable_weights
+from ..layers.eigen import eigh, eigvalsh
 from ..layers.separable import DepthwiseSeparableConv2d
 
 __all__ = ["PatchStats", "RefitStats", "whitened_depthwise", "refit_pointwise", "whitening", "output_rank_errors",
@@ -25,7 +26,7 @@ RIDGE = 1e-5  # relative to the mean eigenvalue: keeps near-singular statistics 
 
 
 def _sym_power(matrix: torch.Tensor, power: float) -> torch.Tensor:
-    values, vectors = torch.linalg.eigh(matrix)
+    values, vectors = eigh(matrix)
     return (vectors * values.clamp_min(torch.finfo(values.dtype).tiny).pow(power)[..., None, :]) @ vectors.mT
 
 
@@ -82,10 +83,10 @@ def output_rank_errors(weight: torch.Tensor, groups: int, second_moment: torch.T
     taps = w.shape[-1]
     if whitened:
         a = w @ whitening(second_moment).reshape(*w.shape[:2], taps, taps)
-        per_component = torch.linalg.eigvalsh(a.mT @ a).flip(-1).clamp_min(0)
+        per_component = eigvalsh(a.mT @ a).flip(-1).clamp_min(0)
     else:
         sigma = _regularise(second_moment).reshape(*w.shape[:2], taps, taps)
-        energy, vectors = torch.linalg.eigh(w.mT @ w)
+        energy, vectors = eigh(w.mT @ w)
         energy, vectors = energy.flip(-1).clamp_min(0), vectors.flip(-1)
         per_component = energy * torch.einsum("...ti,...tu,...ui->...i", vectors, sigma, vectors)
     per_rank = per_component.reshape(-1, taps).sum(0)[:min(w.shape[-2], taps)]
@@ -103,7 +104,7 @@ def whitened_depthwise(weight: torch.Tensor, groups: int, rank: int, second_mome
     taps = w.shape[-1]
     sigma = _regularise(second_moment).reshape(*w.shape[:2], taps, taps)
     root, inverse_root = _sym_power(sigma, 0.5), _sym_power(sigma, -0.5)
-    left, right, _ = factorize(w @ root, rank)
+    left, right, *_ = factorize(w @ root, rank)
     right = right @ inverse_root  # un-whiten: the depthwise filters act on raw patches
     depthwise, pointwise = separable_weights(left, right, weight.shape[2:])
     return depthwise.to(weight.dtype), pointwise.to(weight.dtype), relative_error(w, left @ right)

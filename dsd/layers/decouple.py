@@ -6,16 +6,17 @@ An initialiser is ``fn(separable, weight, bias) -> relative error or None`` regi
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..errors import DsdError
+from .eigen import dominant_eigenvector, eigh, eigvalsh
 from .separable import DepthwiseSeparableConv2d
 
 __all__ = [
-    "decouple", "factorize", "channel_slices", "separable_weights", "relative_error", "load_factors", "rank_errors", "energy_rank", "full_rank", "resample_taps", "register_initializer",
+    "decouple", "Factors", "factorize", "channel_slices", "separable_weights", "relative_error", "load_factors", "rank_errors", "energy_rank", "full_rank", "resample_taps", "register_initializer",
     "get_initializer", "list_initializers",
 ]
 
@@ -51,26 +52,43 @@ def _safe_divide(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.where(d > 0, x / d.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(x))
 
 
-def factorize(a: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class Factors(NamedTuple):
+    """``left @ right`` approximates each matrix; ``kept`` and ``total`` are its captured and total energy
+    (sums of squared singular values, float64, one per matrix)."""
+    left: torch.Tensor
+    right: torch.Tensor
+    kept: torch.Tensor
+    total: torch.Tensor
+
+
+def factorize(a: torch.Tensor, rank: int) -> Factors:
     """Best rank-``rank`` factors of a batch of matrices ``a`` (..., m, n): ``left @ right ~= a``.
 
     Singular values are split evenly (sqrt) between the factors. The SVD comes from the eigenvectors of
     the smaller Gram matrix (k*k <= 49 taps against hundreds of output channels): far faster than
-    LAPACK's batched SVD on tall matrices, and still exact at full rank since ``a @ V @ V.T == a``.
-    The factors come in ``a``'s dtype; the eigenvectors, in float64, are orthonormal to float64 precision
-    whatever the Gram matrix's rounding. Returns ``left`` (..., m, rank), ``right`` (..., rank, n) and the
-    squared singular values (float64).
+    LAPACK's batched SVD on tall matrices, and still exact at full rank since ``a @ V @ V.T == a``. At rank 1
+    only the leading eigenvector is found (:func:`dominant_eigenvector`, a few batched matmuls instead of one
+    LAPACK call per matrix). The factors come in ``a``'s dtype; the eigenvectors, in float64, are orthonormal
+    to float64 precision whatever the Gram matrix's rounding.
     """
     m, n = a.shape[-2:]
     tall = m >= n
     gram = (a.mT @ a if tall else a @ a.mT).to(torch.float64)
-    energy, vectors = torch.linalg.eigh(gram)  # ascending
-    energy, vectors = energy.flip(-1).clamp_min(0), vectors.flip(-1)
-    root = energy[..., :rank].sqrt().sqrt().to(a.dtype)  # sqrt of the singular values
-    basis = vectors[..., :rank].to(a.dtype)
+    if rank == 1:
+        vectors = dominant_eigenvector(gram)[..., None]
+        energy = (vectors.mT @ gram @ vectors)[..., 0]
+    else:
+        energy, vectors = eigh(gram)  # ascending
+        energy, vectors = energy[..., -rank:].flip(-1), vectors[..., -rank:].flip(-1)
+    energy = energy.clamp_min(0)
+    total = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    root = energy.sqrt().sqrt().to(a.dtype)  # sqrt of the singular values
+    basis = vectors.to(a.dtype)
     if tall:  # basis = right singular vectors V
-        return _safe_divide(a @ basis, root[..., None, :]), root[..., :, None] * basis.mT, energy
-    return root[..., None, :] * basis, _safe_divide(basis.mT @ a, root[..., :, None]), energy
+        left, right = _safe_divide(a @ basis, root[..., None, :]), root[..., :, None] * basis.mT
+    else:
+        left, right = root[..., None, :] * basis, _safe_divide(basis.mT @ a, root[..., :, None])
+    return Factors(left, right, energy.sum(-1), total)
 
 
 def channel_slices(weight: torch.Tensor, groups: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -108,13 +126,13 @@ def decouple(weight: torch.Tensor, groups: int, rank: int) -> Tuple[torch.Tensor
     if not 1 <= rank <= q:
         raise ValueError(f"rank must be between 1 and the full rank {q} of this kernel, got {rank}")
     w = channel_slices(weight, groups, torch.promote_types(weight.dtype, torch.float32))
-    left, right, energy = factorize(w, rank)
+    left, right, kept, total = factorize(w, rank)
     depthwise, pointwise = separable_weights(left, right, weight.shape[2:])
-    total = energy.sum()
-    discarded = (energy[..., rank:].sum() / total).item() if total > 0 else 0.0
-    # The discarded eigenvalues give the error without a reconstruction, except near exactness, where they are
-    # the Gram matrix's rounding (1e-16 of the largest in float64, 1e-7 in float32) and the square root would
-    # make that 1e-8 (3e-4): there the reconstruction decides, in float64.
+    total = total.sum()
+    discarded = ((total - kept.sum()).clamp_min(0) / total).item() if total > 0 else 0.0
+    # Total minus kept energy gives the error without a reconstruction, except near exactness, where it is the
+    # Gram matrix's rounding (1e-16 of the largest eigenvalue in float64, 1e-7 in float32) and the square root
+    # would make that 1e-8 (3e-4): there the reconstruction decides, in float64.
     if discarded > max(1e-8, 100 * torch.finfo(w.dtype).eps):
         error = discarded ** 0.5
     else:
@@ -161,7 +179,7 @@ def rank_errors(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """
     w = channel_slices(weight, groups)
     gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
-    energy = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).reshape(-1, gram.shape[-1]).sum(0)
+    energy = eigvalsh(gram).flip(-1).clamp_min(0).reshape(-1, gram.shape[-1]).sum(0)
     total = energy.sum()
     if total <= 0:
         return torch.zeros(energy.numel() + 1, dtype=torch.float64)

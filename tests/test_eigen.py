@@ -1,0 +1,75 @@
+"""The batched symmetric eigensolvers behind decoupling: the threaded split and the rank-1 squaring."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsd.layers import eigen
+from dsd.layers.decouple import decouple
+
+
+def _psd_with_spectrum(values: torch.Tensor, batch: int = 1) -> torch.Tensor:
+    """Matrices ``Q diag(values) Q^T`` with random orthogonal Q (float64)."""
+    q, _ = torch.linalg.qr(torch.randn(batch, len(values), len(values), dtype=torch.float64))
+    return (q * values) @ q.mT
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Split any batch over three threads, whatever this machine's thread count."""
+    monkeypatch.setattr(eigen, "_MIN_SPLIT", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(7, 9, 9), (2, 5, 4, 4), (1, 3, 3)])
+def test_split_eigh_equals_lapack(shape, split_everything):
+    a = torch.randn(*shape, dtype=torch.float64)
+    matrix = a @ a.mT
+    values, vectors = eigen.eigh(matrix)
+    expected_values, expected_vectors = torch.linalg.eigh(matrix)
+    assert values.shape == expected_values.shape and vectors.shape == expected_vectors.shape
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+    torch.testing.assert_close(vectors, expected_vectors, rtol=0, atol=0)
+    torch.testing.assert_close(eigen.eigvalsh(matrix), torch.linalg.eigvalsh(matrix), rtol=0, atol=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 25), gap=st.sampled_from([0.0, 1e-9, 3e-8, 1e-7, 1e-6, 1e-3, 0.5]),
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]), seed=st.integers(0, 2 ** 16))
+def test_dominant_eigenvector_captures_the_top_eigenvalue(n, gap, scale, seed):
+    """Tied, nearly tied and well separated leading eigenvalues, at any scale: the vector's Rayleigh quotient is
+    the top eigenvalue to within the bound the docstring gives (1e-6 of it)."""
+    torch.manual_seed(seed)
+    values = torch.rand(n, dtype=torch.float64) * 0.9
+    values[0], values[-1] = 1.0, 1.0 - gap if n > 1 else 1.0
+    gram = _psd_with_spectrum(values * scale, batch=3)
+    vector = eigen.dominant_eigenvector(gram)
+    assert vector.shape == (3, n)
+    torch.testing.assert_close(vector.norm(dim=-1), torch.ones(3, dtype=torch.float64))
+    captured = torch.einsum("bi,bij,bj->b", vector, gram, vector)
+    assert (captured >= scale * (1 - 1e-6)).all() and (captured <= scale * (1 + 1e-12)).all()
+    if gap >= 1e-3:  # well separated: the eigenvector itself, up to sign
+        expected = torch.linalg.eigh(gram)[1][..., -1]
+        torch.testing.assert_close((vector * expected).sum(-1).abs(), torch.ones(3, dtype=torch.float64))
+
+
+def test_dominant_eigenvector_of_a_zero_matrix_is_zero():
+    vector = eigen.dominant_eigenvector(torch.zeros(2, 4, 9, 9, dtype=torch.float64))
+    assert vector.shape == (2, 4, 9) and not vector.any()
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (8, 16, 5, 5), (1, 4, 3, 3), (16, 1, 7, 7)])
+def test_rank_one_decoupling_is_the_best_rank_one_approximation(shape):
+    """Against LAPACK's SVD, per input channel: the same captured energy, so the same error."""
+    weight = torch.randn(*shape)
+    depthwise, pointwise, error = decouple(weight, 1, 1)
+    w = weight.double().reshape(shape[0], shape[1], -1).transpose(0, 1)
+    s = torch.linalg.svdvals(w)
+    best = ((s[:, 1:] ** 2).sum() / (s ** 2).sum()).sqrt().item()
+    assert error == pytest.approx(best, rel=1e-6, abs=1e-7)
+    approximation = pointwise.double()[:, :, 0, 0].T[:, :, None] * depthwise.double().reshape(shape[1], 1, -1)
+    assert ((w - approximation).norm() / w.norm()).item() == pytest.approx(best, rel=1e-5, abs=1e-6)
