@@ -10,7 +10,6 @@ the model allows, the shape check of each converted layer on meta tensors) and c
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from typing import Dict
 
@@ -20,7 +19,8 @@ import torch
 import dsd
 from dsd.convert.match import analyze
 from dsd.convert.options import ConvertOptions
-from dsd.convert.pipeline import describe_layers, initialise_layers, verify_shapes
+from dsd.convert.pipeline import describe_layers, initialise_layers, rewrite, verify_shapes
+from dsd.module_tree import copy_sharing_convs, own_parameters
 from dsd.errors import DsdError
 from _results import median_seconds, write
 
@@ -48,7 +48,7 @@ def stage_seconds(model, x) -> Dict[str, float]:
         nonlocal start
         now = time.perf_counter()
         times[stage], start = now - start, now
-    working = copy.deepcopy(model)
+    working, shared = copy_sharing_convs(model)
     lap("copy")
     analysis = analyze(working, x)
     lap("analysis (FX trace, meta run)")
@@ -56,6 +56,9 @@ def stage_seconds(model, x) -> Dict[str, float]:
     lap("rules")
     layers, _ = initialise_layers(eligible, records, options, working, working, None, None)
     lap("decoupling and building")
+    rewrite(working, layers, options)
+    own_parameters(working, shared)
+    lap("swap, copies of the convs kept")
     verify_shapes(analysis, layers)
     lap("shape check")
     return times

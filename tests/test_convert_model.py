@@ -105,6 +105,30 @@ def test_shared_module_converted_once_and_stays_shared():
     torch.testing.assert_close(converted(x), model(x))
 
 
+def test_the_converted_model_shares_no_parameter_with_the_original():
+    """The copy borrows the original's conv weights while it converts; every conv it keeps (1x1, depthwise,
+    excluded, unused, frozen) ends up with its own, equal copy, a tied weight stays tied, and the original is
+    left as it was."""
+    model, x = Net(), torch.randn(1, 3, 16, 16)
+    model.unused.weight = model.stem.weight  # a weight tied between a converted conv and one left dense
+    model.proj.requires_grad_(False)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    converted, report = dsd.convert_model(model, x, rank=1, exclude=["wide"])
+    assert records(report)["stem"].status == "converted" and records(report)["unused"].status != "converted"
+    originals = {id(p) for p in model.parameters()}
+    assert not any(id(p) in originals for p in converted.parameters())
+    for name in ("body.2", "proj", "wide", "unused"):
+        for (key, kept), (_, original) in zip(converted.get_submodule(name).named_parameters(),
+                                              model.get_submodule(name).named_parameters()):
+            assert kept is not original and torch.equal(kept, original), (name, key)
+            assert kept.requires_grad == original.requires_grad and isinstance(kept, nn.Parameter)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with torch.no_grad():
+        converted.unused.weight.add_(1.0)
+    assert torch.equal(model.unused.weight, before["stem.weight"])
+
+
 def test_training_flags_and_batchnorm_statistics_untouched():
     model = Net().train()
     model.bn.eval()  # a user's frozen BN

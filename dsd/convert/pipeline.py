@@ -25,7 +25,7 @@ from ..flops import count_flops
 from ..layers.create import DATA_INIT, SkipLayer, build_layer
 from ..layers.spec import LayerSpec
 from ..modes import output_shape
-from ..module_tree import swap_modules
+from ..module_tree import copy_sharing_convs, own_parameters, swap_modules
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
 from .conversion_report import ConversionReport, LayerRecord
@@ -73,7 +73,8 @@ def convert_model(
     reference = model
     if inplace and options.init == DATA_INIT and options.sequential:
         reference = copy.deepcopy(model)  # the original activations are the refit targets
-    working = model if inplace else copy.deepcopy(model)
+    # the copy's convs hold the original's parameters (read, never written) until the replaced ones are gone
+    working, shared = (model, {}) if inplace else copy_sharing_convs(model)
     analysis = analyze(working, example_inputs)
     batches = take_batches(calibration_data, options.calibration_batches) if calibration_data is not None else None
     notes = _calibration_notes(options, calibration_data, working)
@@ -100,6 +101,7 @@ def convert_model(
         eligible, end_to_end = keep_faster_layers(eligible, records, options, whole, progress)
     layers, specs = initialise_layers(eligible, records, options, reference, working, batches, stats, progress)
     rewrite(working, layers, options, batches)
+    own_parameters(working, shared)
 
     plan = ConversionPlan(specs, options.to_dict())
     report = ConversionReport(list(records.values()), plan, analysis.traced, analysis.trace_error,
