@@ -177,8 +177,8 @@ def rank_errors(weight: torch.Tensor, groups: int) -> torch.Tensor:
     as :func:`decouple`, so it costs one batched ``eigh``, not one decomposition per rank. Output errors on
     calibration inputs: :func:`dsd.calibration.output_rank_errors`.
     """
-    w = channel_slices(weight, groups)
-    gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
+    w = channel_slices(weight, groups, torch.promote_types(weight.dtype, torch.float32))
+    gram = (w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT).to(torch.float64)  # as decouple() forms it
     energy = eigvalsh(gram).flip(-1).clamp_min(0).reshape(-1, gram.shape[-1]).sum(0)
     total = energy.sum()
     if total <= 0:

@@ -62,10 +62,12 @@ def dominant_eigenvector(gram: torch.Tensor) -> torch.Tensor:
     """
     tiny = torch.finfo(gram.dtype).tiny
     power = gram / _trace(gram).clamp_min(tiny)
+    spare = torch.empty_like(power)  # the squares alternate between two buffers: no allocation per step
     for step in range(1, SQUARINGS + 1):
-        power = power @ power
+        torch.matmul(power, power, out=spare)
+        power, spare = spare, power
         if step % _RENORMALISE_EVERY == 0:
-            power = power / _trace(power).clamp_min(tiny)
+            power.div_(_trace(power).clamp_min(tiny))
     column = power.diagonal(dim1=-2, dim2=-1).argmax(-1, keepdim=True)
     vector = power.gather(-1, column[..., None, :].expand(*power.shape[:-1], 1)).squeeze(-1)
     return vector / vector.norm(dim=-1, keepdim=True).clamp_min(tiny)
