@@ -106,9 +106,16 @@ def _table(rows: List[Dict[str, Any]]) -> str:
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     """Median wall time of ``repeats`` calls (for ratios measured side by side in one run)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_median_seconds({"": fn}, repeats)[""]
+
+
+def interleaved_median_seconds(fns: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, float]:
+    """Median wall time of each function over ``rounds`` rounds in which they take turns (A, B, A, B, ...), so a
+    change of this machine's load moves all of them alike and their ratios stay fair."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
