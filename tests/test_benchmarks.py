@@ -22,6 +22,7 @@ CASES = {
     "runtime_decisions": ["--batch-size", "1", "--iters", "3", "--checks", "compare"],
     "vs_pruning": ["--iters", "1", "--rounds", "1", "--batch-size", "1"],
     "real_weights": ["--models", "digits_cnn", "--targets", "0.5", "--distill-steps", "2"],
+    "onnx_forms": ["--cases", "digits_cnn rank 2", "--batch-size", "1", "--iters", "1"],
     "kernels": ["--batch-sizes", "1", "--models", "resnet18", "--model-batch", "1", "--iters", "1", "--rounds", "1"],
 }
 

@@ -166,6 +166,28 @@ def test_the_static_rule_where_nothing_may_be_timed():
             assert choose_form(sep, x) == "multiplier" and timed == ["multiplier", "slices", "dense"]
 
 
+def test_a_pinned_form_is_taken_everywhere_and_kept_by_copies():
+    """Pinned: eager inference times nothing, autograd and a trace take the pinned form, not the static rule; the
+    pin shows in the repr (so the layer-timing cache tells pinned layers apart) and survives copies."""
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    assert sep.pin_form("dense") is sep and "form=dense" in repr(sep)
+    stopwatch, timed = _timed_as({"multiplier": 1.0, "slices": 2.0, "dense": 3.0})
+    with stopwatch:
+        assert choose_form(sep, x) == "dense"  # autograd records
+        with torch.no_grad():
+            assert choose_form(sep, x) == "dense" and timed == []
+            traced = torch.jit.trace(sep, x, check_trace=False)
+        assert any(n.kind() == "aten::_convolution" for n in traced.graph.nodes())
+        assert sum(n.kind() == "aten::_convolution" for n in traced.graph.nodes()) == 1  # one dense conv
+        assert copy.deepcopy(sep).pinned_form == "dense"
+        torch.testing.assert_close(sep(x), _textbook(sep, x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            sep.pin_form(None)
+            assert choose_form(sep, x) == "multiplier" and timed == ["multiplier", "slices", "dense"]
+    with pytest.raises(ValueError, match="form must be one of"):
+        sep.pin_form("fused")
+
+
 def test_candidates_and_static_rule():
     assert static_form(_layer(rank=1)) == "multiplier" and candidate_forms(_layer(rank=1)) == ("multiplier", "dense")
     assert static_form(_layer(channels=3, rank=4)) == "multiplier"  # an RGB stem: no r launches of a tiny conv

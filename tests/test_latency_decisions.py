@@ -10,7 +10,7 @@ import dsd
 from dsd.errors import DsdError
 from dsd.layers import DepthwiseSeparableConv2d, static_forms
 from dsd.layers.cost import dense_macs_per_pixel, output_pixels, separable_macs_per_pixel
-from dsd.timing import BenchmarkSettings, LatencyStats, Speedup, cache, measure_layer
+from dsd.timing import BenchmarkSettings, LatencyStats, Speedup, cache, measure, measure_layer
 
 
 class Net(nn.Module):
@@ -304,3 +304,66 @@ def test_a_flop_budget_with_only_if_faster_chooses_among_the_faster_ranks(monkey
     assert after / before == pytest.approx(report.budget.reached) and report.budget.reached <= 0.7
     _, unfiltered = dsd.convert_model(Net().eval(), X, target_flops=0.7, target_flops_of="convs")
     assert any(r.rank > 2 for r in unfiltered.converted)  # what the filter changed
+
+
+# -- the forms an ONNX export is timed and written in --------------------------------------------------
+
+class Stack(nn.Module):
+    """Rank 1, rank 3 twice (one of them never called) and a rank-3 layer pinned already."""
+
+    def __init__(self):
+        super().__init__()
+        self.one = DepthwiseSeparableConv2d(3, 16, 3, rank=1, padding=((1, 1), (1, 1)))
+        self.three = DepthwiseSeparableConv2d(16, 16, 3, rank=3, padding=((1, 1), (1, 1)))
+        self.pinned = DepthwiseSeparableConv2d(16, 16, 3, rank=3, padding=((1, 1), (1, 1))).pin_form("multiplier")
+        self.unused = DepthwiseSeparableConv2d(16, 16, 3, rank=3, padding=((1, 1), (1, 1)))
+
+    def forward(self, x):
+        return self.pinned(self.three(self.one(x)))
+
+
+def test_each_rank_r_layer_is_pinned_to_its_fastest_form_in_onnxruntime(monkeypatch):
+    """Each candidate form timed alone on the layer's own input shape, at the settings' batch; the fastest
+    pinned. Rank 1, layers pinned already and layers never called are left alone."""
+    from dsd.timing import pin_onnxruntime_forms
+    timed = []
+
+    def fake_measure_layer(variants, input_shape, settings):
+        timed.append((tuple(v.pinned_form for v in variants), tuple(input_shape)))
+        return [_stats({"multiplier": 3.0, "slices": 2.0, "dense": 1.0}[v.pinned_form]) for v in variants]
+    monkeypatch.setattr("dsd.timing.latency.measure_layer", fake_measure_layer)
+    model = Stack()
+    chosen = pin_onnxruntime_forms(model, (4, 3, 10, 10), BenchmarkSettings(runtime="onnxruntime", batch_size=4))
+    assert chosen == {"three": "dense"} and model.three.pinned_form == "dense"
+    assert timed == [(("multiplier", "slices", "dense"), (4, 16, 10, 10))]
+    assert model.one.pinned_form is None and model.unused.pinned_form is None
+    assert model.pinned.pinned_form == "multiplier"
+
+
+def test_onnxruntime_timings_measure_the_forms_the_export_writes(monkeypatch):
+    """``measure`` in onnxruntime times a copy with the rank-r layers pinned (what export_onnx writes), and
+    leaves the model it was given as it was."""
+    pinned_copies = []
+
+    def fake_pin(model, input_shape, settings):
+        pinned_copies.append(model)
+        model.three.pin_form("dense")
+        return {"three": "dense"}
+    monkeypatch.setattr("dsd.timing.latency.pin_onnxruntime_forms", fake_pin)
+    monkeypatch.setattr("dsd.timing.latency.prepare_step", lambda module, x, settings: lambda: module(x))
+    model = Stack().eval()
+    measure([model], (2, 3, 10, 10), BenchmarkSettings(runtime="onnxruntime", batch_size=2, warmup=0, iters=1))
+    assert len(pinned_copies) == 1 and pinned_copies[0] is not model and model.three.pinned_form is None
+    measure([model], (2, 3, 10, 10), BenchmarkSettings(batch_size=2, warmup=0, iters=1))  # eager: as it is
+    assert len(pinned_copies) == 1
+
+
+def test_export_onnx_writes_each_layer_in_its_fastest_form(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, x = Stack().eval(), torch.randn(2, 3, 10, 10)
+    assert dsd.export_onnx(model, x, tmp_path / "timed.onnx") < 1e-4
+    assert dsd.export_onnx(model, x, tmp_path / "static.onnx", forms="static") < 1e-4
+    assert model.three.pinned_form is None  # the export pins a copy
+    with pytest.raises(DsdError, match="forms must be one of"):
+        dsd.export_onnx(model, x, tmp_path / "bad.onnx", forms="fastest")
+    assert not (tmp_path / "bad.onnx").exists()

@@ -12,25 +12,39 @@ from ..convert.fold_bn import fold_batchnorm
 from ..errors import DsdError
 from ..fileio import atomic_path
 from ..modes import eval_mode
+from ..timing.latency import pin_onnxruntime_forms
 from ..timing.runtimes import export_onnx_model
+from ..timing.settings import BenchmarkSettings
 
 __all__ = ["export_onnx"]
 
 
+FORM_CHOICES = ("timed", "static")
+
+
 @torch.no_grad()
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike],
-                rtol: float = 1e-3, atol: float = 1e-4, fold_bn: bool = True) -> float:
+                rtol: float = 1e-3, atol: float = 1e-4, fold_bn: bool = True, forms: str = "timed") -> float:
     """Export with ``torch.onnx.export`` and return onnxruntime's max abs difference from PyTorch's output.
 
-    Inference BatchNorm is folded into the convs first (``fold_bn``; on a copy: ``model`` is unchanged)."""
+    On a copy (``model`` is unchanged): inference BatchNorm is folded into the convs first (``fold_bn``), and
+    ``forms="timed"`` pins each separable layer of rank >= 2 to the form that runs fastest in ONNX Runtime at
+    ``example``'s shape (:func:`dsd.timing.pin_onnxruntime_forms`; each layer timed alone, through the
+    layer-timing cache); ``"static"`` exports the static rule's forms. Layers pinned already keep their form."""
+    if forms not in FORM_CHOICES:
+        raise DsdError(f"forms must be one of {list(FORM_CHOICES)}, got {forms!r}")
     try:
         import onnxruntime
     except ImportError as error:
         raise DsdError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'dsd[onnx]'") from error
     with eval_mode(model):
         expected = model(example)
+    model = copy.deepcopy(model).eval()
     if fold_bn:
-        model = fold_batchnorm(copy.deepcopy(model).eval(), inplace=True)
+        model = fold_batchnorm(model, inplace=True)
+    if forms == "timed":
+        pin_onnxruntime_forms(model, tuple(example.shape),
+                              BenchmarkSettings(runtime="onnxruntime", batch_size=example.shape[0]))
     with eval_mode(model):
         with atomic_path(path) as tmp:
             export_onnx_model(model, example, tmp)

@@ -19,7 +19,8 @@ cuDNN's algorithms; a CUDA graph capture, which cannot time, uses what its warm-
 tracing, scripting, compiling, exporting and ``torch.use_deterministic_algorithms`` take the static rule
 (:func:`static_form`) instead; so does everything after ``autotune_forms(False)`` (or with
 ``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's calibration and fine-tuning, which must give
-the same weights on every run).
+the same weights on every run). A layer pinned to a form (``layer.pin_form``; the ONNX export pins each layer
+to what runs fastest in ONNX Runtime) computes in that form everywhere.
 """
 from __future__ import annotations
 
@@ -172,7 +173,9 @@ def _fastest_runs(layer, x: torch.Tensor, names: Tuple[str, ...]) -> Dict[str, f
 def choose_form(layer, x: torch.Tensor) -> str:
     """The form ``layer`` computes ``x`` in: at eager inference, the fastest measured for this kind of input
     (shape, dtype, device, memory format, autocast, threads), timed on its first call; else :func:`static_form`.
-    A CUDA graph capture uses what its warm-up runs measured (it cannot time)."""
+    A CUDA graph capture uses what its warm-up runs measured (it cannot time). A pinned form always wins."""
+    if layer.pinned_form is not None:
+        return layer.pinned_form
     if not _tunable(x):
         return static_form(layer)
     tuned, kind = layer.tuned_forms(), _input_kind(x)

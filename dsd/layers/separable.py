@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..kernels import fused_kernel_enabled, separable_conv2d
-from .forms import run_form
+from .forms import FORMS, run_form
 from .padding import TF_SAME, PaddingSpec, is_symmetric, tf_same_pad
 
 __all__ = ["DepthwiseSeparableConv2d"]
@@ -31,6 +31,7 @@ class DepthwiseSeparableConv2d(nn.Module):
     # per form, weights laid out for it and the key they were made under (see kept_weights)
     _kept: Optional[Dict[str, Tuple[tuple, Tuple[torch.Tensor, ...]]]] = None
     _tuned_forms: Optional[Dict[tuple, str]] = None  # kind of input -> fastest form (see dsd.layers.forms)
+    pinned_form: Optional[str] = None  # the form every call computes in, whatever is measured (see pin_form)
 
     def __init__(
             self,
@@ -103,7 +104,8 @@ class DepthwiseSeparableConv2d(nn.Module):
         return F.pad(x, (pw, pw, ph, ph), mode=_PAD_MODES[self.padding_mode]) if ph or pw else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self._fusable and not torch.is_grad_enabled() and fused_kernel_enabled():
+        if (x.is_cuda and self._fusable and self.pinned_form is None and not torch.is_grad_enabled()
+                and fused_kernel_enabled()):
             return separable_conv2d(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias,
                                     self.stride, self.depthwise.padding, self.dilation)
         return run_form(self, self._pad(x))
@@ -128,6 +130,15 @@ class DepthwiseSeparableConv2d(nn.Module):
         if form not in self._kept or self._kept[form][0] != key:
             self._kept[form] = (key, make(self))
         return self._kept[form][1]
+
+    def pin_form(self, form: Optional[str]) -> "DepthwiseSeparableConv2d":
+        """Compute every call in ``form`` (one of :data:`dsd.layers.forms.FORMS`), in eager mode and in what a
+        trace or an export records, instead of timing the forms or taking the static rule; ``None`` unpins.
+        The ONNX export pins each layer to the form that runs fastest in ONNX Runtime."""
+        if form is not None and form not in FORMS:
+            raise ValueError(f"form must be one of {sorted(FORMS)} or None, got {form!r}")
+        self.pinned_form = form
+        return self
 
     def release_kept_weights(self, keep: Set[str]) -> None:
         """Drop the weights kept for every form not in ``keep``."""
@@ -168,4 +179,6 @@ class DepthwiseSeparableConv2d(nn.Module):
             parts.append(f"padding_mode={self.padding_mode}")
         if self.pointwise.bias is None:
             parts.append("bias=False")
+        if self.pinned_form is not None:
+            parts.append(f"form={self.pinned_form}")
         return ", ".join(parts)
