@@ -10,7 +10,8 @@
 - ``target-latency``: ``convert_model(target_latency=0.5)`` decided in onnxruntime: the converted model's
   independently timed share of the original's latency.
 
-The independent timing exports both models with ``torch.onnx.export``, opens one ``InferenceSession`` each
+The independent timing exports both models as a user would (``dsd.export_onnx``: each rank-r layer in its
+fastest form there, BatchNorm left unfolded as in dsd's timing), opens one ``InferenceSession`` each
 (CPU provider, onnxruntime's default options, as many threads as torch uses) and times ``session.run``
 with ``time.perf_counter`` in blocks, the models taking turns. Conversion wall time is printed too (layer timings come from
 dsd's on-disk cache on a second run).
@@ -44,7 +45,7 @@ def independent_ort_ms(models: List[torch.nn.Module], batch_size: int, iters: in
     with tempfile.TemporaryDirectory() as folder:
         for i, model in enumerate(models):
             path = Path(folder) / f"m{i}.onnx"
-            torch.onnx.export(model.eval(), (x,), str(path), dynamo=True, external_data=False, verbose=False)
+            dsd.export_onnx(model.eval(), x, path, fold_bn=False)
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             sessions.append(onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
@@ -111,7 +112,7 @@ def main() -> None:
 
 def markdown(rows: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [f"{args.model}, batch {args.batch_size}, decided with `BenchmarkSettings(runtime=\"onnxruntime\", "
-             f"batch_size={args.batch_size})`; the independent timing exports with `torch.onnx.export` and times "
+             f"batch_size={args.batch_size})`; the independent timing exports with `dsd.export_onnx` and times "
              "`InferenceSession.run` (onnxruntime's default options) in blocks, the models taking turns, outside dsd.", "",
              "| check | dsd says | independent ORT timing | converted | conversion time |", "|---|---|---|---|---|"]
     for r in rows:

@@ -367,3 +367,23 @@ def test_export_onnx_writes_each_layer_in_its_fastest_form(tmp_path):
     with pytest.raises(DsdError, match="forms must be one of"):
         dsd.export_onnx(model, x, tmp_path / "bad.onnx", forms="fastest")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_rank_r_candidate_in_onnxruntime_counts_as_its_fastest_form(monkeypatch):
+    """measure_layer times each form an unpinned rank-r layer may be exported in and keeps the fastest; a dense
+    conv, a rank-1 layer and a pinned layer are timed as they are; other runtimes time the layer as it is."""
+    timed = []
+
+    def fake_measure(modules, input_shape, settings, progress=False, desc="timing"):
+        timed.append([getattr(m, "pinned_form", "dense conv") for m in modules])
+        ms = {"multiplier": 3.0, "slices": 2.0, "dense": 5.0, None: 4.0, "dense conv": 6.0}
+        return [_stats(ms[getattr(m, "pinned_form", "dense conv")]) for m in modules]
+    monkeypatch.setattr("dsd.timing.latency.measure", fake_measure)
+    rank3 = DepthwiseSeparableConv2d(16, 16, 3, rank=3, padding=((1, 1), (1, 1)))
+    rank1 = DepthwiseSeparableConv2d(16, 16, 3, rank=1, padding=((1, 1), (1, 1)))
+    variants = [nn.Conv2d(16, 16, 3, padding=1), rank1, rank3]
+    ort = BenchmarkSettings(runtime="onnxruntime", batch_size=2)
+    stats = measure_layer(variants, (1, 16, 8, 8), ort)
+    assert [s.median_ms for s in stats] == pytest.approx([6.0, 4.0, 2.0])
+    assert timed == [["dense conv", None, "multiplier", "slices", "dense"]] and rank3.pinned_form is None
+    assert measure_layer([rank3], (1, 16, 8, 8), BenchmarkSettings(batch_size=2))[0].median_ms == pytest.approx(4.0)

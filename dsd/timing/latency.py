@@ -94,16 +94,32 @@ def measure_layer(variants: Sequence[nn.Module], input_shape: Sequence[int], set
                   ) -> List[LatencyStats]:
     """Latency of interchangeable layers on their real input shape (the batch replaced by the settings'),
     from the on-disk cache where a timing with the same geometry, settings, device and versions is kept;
-    the rest are measured interleaved and stored."""
+    the rest are measured interleaved and stored. In ONNX Runtime a separable layer of rank >= 2 not pinned
+    to a form counts as its fastest form there (each form timed, as the export would choose)."""
     shape = (settings.batch_size, *input_shape[1:])
-    keys = [cache.layer_key(variant, shape, settings) for variant in variants]
+    timed = [_as_exported(variant, settings) for variant in variants]
+    flat = [form for forms in timed for form in forms]
+    keys = [cache.layer_key(variant, shape, settings) for variant in flat]
     found = [cache.load(key) for key in keys]
     missing = [i for i, stats in enumerate(found) if stats is None]
     if missing:
-        for i, stats in zip(missing, measure([variants[i] for i in missing], shape, settings)):
+        for i, stats in zip(missing, measure([flat[i] for i in missing], shape, settings)):
             cache.store(keys[i], stats)
             found[i] = stats
-    return found
+    results, start = [], 0
+    for forms in timed:
+        results.append(min(found[start:start + len(forms)], key=lambda stats: stats.median_ms))
+        start += len(forms)
+    return results
+
+
+def _as_exported(layer: nn.Module, settings: BenchmarkSettings) -> List[nn.Module]:
+    """What to time for ``layer``: itself, or in onnxruntime each form an unpinned rank-r layer may be exported in."""
+    if settings.runtime != "onnxruntime" or not _unpinned_layers(layer):
+        return [layer]
+    if not isinstance(layer, DepthwiseSeparableConv2d):  # a module holding separable layers: pinned as a whole
+        return [layer]
+    return [copy.deepcopy(layer).pin_form(form) for form in candidate_forms(layer)]
 
 
 def _unpinned_layers(model: nn.Module) -> Dict[str, DepthwiseSeparableConv2d]:
