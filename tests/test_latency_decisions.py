@@ -358,11 +358,18 @@ def test_onnxruntime_timings_measure_the_forms_the_export_writes(monkeypatch):
     assert len(pinned_copies) == 1
 
 
-def test_export_onnx_writes_each_layer_in_its_fastest_form(tmp_path):
-    pytest.importorskip("onnxruntime")
-    model, x = Stack().eval(), torch.randn(2, 3, 10, 10)
+def test_export_onnx_writes_each_layer_in_its_fastest_form_for_any_batch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, x = Stack().eval(), torch.randn(1, 3, 10, 10)
     assert dsd.export_onnx(model, x, tmp_path / "timed.onnx") < 1e-4
-    assert dsd.export_onnx(model, x, tmp_path / "static.onnx", forms="static") < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "timed.onnx"), providers=["CPUExecutionProvider"])
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # the batch is symbolic
+    x3 = torch.randn(3, 3, 10, 10)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x3.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x3), rtol=1e-4, atol=1e-5)
+    assert dsd.export_onnx(model, x, tmp_path / "static.onnx", forms="static", dynamic_batch=False) < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "static.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 1
     assert model.three.pinned_form is None  # the export pins a copy
     with pytest.raises(DsdError, match="forms must be one of"):
         dsd.export_onnx(model, x, tmp_path / "bad.onnx", forms="fastest")
@@ -387,3 +394,19 @@ def test_a_rank_r_candidate_in_onnxruntime_counts_as_its_fastest_form(monkeypatc
     assert [s.median_ms for s in stats] == pytest.approx([6.0, 4.0, 2.0])
     assert timed == [["dense conv", None, "multiplier", "slices", "dense"]] and rank3.pinned_form is None
     assert measure_layer([rank3], (1, 16, 8, 8), BenchmarkSettings(batch_size=2))[0].median_ms == pytest.approx(4.0)
+
+
+def test_a_model_that_fixes_its_batch_is_exported_at_the_examples_batch_with_a_warning(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+
+    class BatchOfTwo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.shape[0] == 2 else -self.conv(x)  # control flow on the batch size
+    with pytest.warns(UserWarning, match="fixed batch of 2"):
+        assert dsd.export_onnx(BatchOfTwo().eval(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx") < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 2

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if paths.module:
             torch.save(converted, outputs.path(paths.module))
         if paths.onnx:
-            export_onnx(converted, torch.randn(1, *size), outputs.path(paths.onnx))
+            # any batch size; the forms chosen at the batch the latency flags say they deploy at
+            export_onnx(converted, torch.randn(settings.batch_size, *size), outputs.path(paths.onnx))
         baseline = fold_batchnorm(model.eval()) if args.fold_bn else model  # like against like
         savings = compare(baseline, converted, size, settings, latency=wants_latency(args), progress=not args.quiet)
         emit(savings, args, out, outputs, show_table=args.report, extra={"conversion": report.to_dict()})

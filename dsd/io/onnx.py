@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Union
 
 import torch
@@ -24,13 +25,16 @@ FORM_CHOICES = ("timed", "static")
 
 @torch.no_grad()
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike],
-                rtol: float = 1e-3, atol: float = 1e-4, fold_bn: bool = True, forms: str = "timed") -> float:
+                rtol: float = 1e-3, atol: float = 1e-4, fold_bn: bool = True, forms: str = "timed",
+                dynamic_batch: bool = True) -> float:
     """Export with ``torch.onnx.export`` and return onnxruntime's max abs difference from PyTorch's output.
 
     On a copy (``model`` is unchanged): inference BatchNorm is folded into the convs first (``fold_bn``), and
     ``forms="timed"`` pins each separable layer of rank >= 2 to the form that runs fastest in ONNX Runtime at
     ``example``'s shape (:func:`dsd.timing.pin_onnxruntime_forms`; each layer timed alone, through the
-    layer-timing cache); ``"static"`` exports the static rule's forms. Layers pinned already keep their form."""
+    layer-timing cache); ``"static"`` exports the static rule's forms. Layers pinned already keep their form.
+    ``dynamic_batch``: the file takes any batch size (a model that does not export so is exported at
+    ``example``'s batch, with a warning)."""
     if forms not in FORM_CHOICES:
         raise DsdError(f"forms must be one of {list(FORM_CHOICES)}, got {forms!r}")
     try:
@@ -47,8 +51,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
                               BenchmarkSettings(runtime="onnxruntime", batch_size=example.shape[0]))
     with eval_mode(model):
         with atomic_path(path) as tmp:
-            export_onnx_model(model, example, tmp)
+            try:
+                export_onnx_model(model, example, tmp, dynamic_batch=dynamic_batch)
+            except Exception:  # torch.export could not keep the batch symbolic: export at the example's batch
+                if not dynamic_batch:
+                    raise
+                export_onnx_model(model, example, tmp)
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            batch = session.get_inputs()[0].shape[0]
+            if dynamic_batch and not isinstance(batch, str):  # the exporter may also fix it without a word
+                warnings.warn(f"the ONNX export takes a fixed batch of {batch}: this model does not export with a "
+                              "dynamic batch dimension", stacklevel=2)
             (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})[:1]
             got = torch.from_numpy(got)
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=rtol, atol=atol):

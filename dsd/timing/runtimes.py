@@ -72,10 +72,17 @@ def _cuda_graph(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings)
     return graph.replay
 
 
-def export_onnx_model(module: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """``torch.onnx.export`` (the dynamo exporter, weights inside the file), quietly."""
+def export_onnx_model(module: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = False) -> None:
+    """``torch.onnx.export`` (the dynamo exporter, weights inside the file), quietly; ``dynamic_batch``: the
+    first input dimension symbolic, so the file runs at any batch size."""
+    dynamic = {}
+    if dynamic_batch:
+        dynamic["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+        if example.shape[0] == 1:  # torch.export specialises a dimension of size 1 to a constant
+            example = example.expand(2, *example.shape[1:])
     with torch.inference_mode(False), torch.no_grad():  # works when called under inference_mode too
-        torch.onnx.export(module, (example.clone(),), str(path), dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(module, (example.clone(),), str(path), dynamo=True, external_data=False, verbose=False,
+                          **dynamic)
 
 
 def onnxruntime_session(module: nn.Module, example: torch.Tensor, settings: BenchmarkSettings):
