@@ -135,7 +135,8 @@ def pin_onnxruntime_forms(model: nn.Module, input_shape: Sequence[int], settings
     Runtime: each candidate form of the layer exported and timed alone on the input shape the layer gets from an
     input of ``input_shape`` (the settings' batch), interleaved, through the layer-timing cache. An export
     traces one form per layer: without this, the static rule's (r rank-1 slices, which ONNX Runtime runs slower
-    than the dense conv where channels are few: 0.67x for the digits CNN at rank 4). Returns name -> form."""
+    than the dense conv where channels are few: the digits CNN at rank 4 ran 0.62-0.66x of its original,
+    ``benchmarks/onnx_forms.py``). Returns name -> form."""
     layers = _unpinned_layers(model)
     if not layers:
         return {}
