@@ -140,8 +140,9 @@ def pin_onnxruntime_forms(model: nn.Module, input_shape: Sequence[int], settings
     layers = _unpinned_layers(model)
     if not layers:
         return {}
+    device = next(iter(layers.values())).weight.device
     with eval_mode(model):
-        shapes = call_shapes(model, (torch.randn(*input_shape),), layers)
+        shapes = call_shapes(model, (torch.randn(*input_shape, device=device),), layers)
     chosen = {}
     for name, layer in layers.items():
         if name not in shapes:  # never called on this input: nothing to time
