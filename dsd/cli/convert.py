@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
             torch.save(converted, outputs.path(paths.module))
         if paths.onnx:
             # any batch size; the forms chosen at the batch the latency flags say they deploy at
-            export_onnx(converted, torch.randn(settings.batch_size, *size), outputs.path(paths.onnx))
+            export_onnx(converted, torch.randn(settings.batch_size, *size), outputs.path(paths.onnx),
+                        progress=not args.quiet)
         baseline = fold_batchnorm(model.eval()) if args.fold_bn else model  # like against like
         savings = compare(baseline, converted, size, settings, latency=wants_latency(args), progress=not args.quiet)
         emit(savings, args, out, outputs, show_table=args.report, extra={"conversion": report.to_dict()})

@@ -26,7 +26,7 @@ FORM_CHOICES = ("timed", "static")
 @torch.no_grad()
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike],
                 rtol: float = 1e-3, atol: float = 1e-4, fold_bn: bool = True, forms: str = "timed",
-                dynamic_batch: bool = True) -> float:
+                dynamic_batch: bool = True, progress: bool = False) -> float:
     """Export with ``torch.onnx.export`` and return onnxruntime's max abs difference from PyTorch's output.
 
     On a copy (``model`` is unchanged): inference BatchNorm is folded into the convs first (``fold_bn``), and
@@ -48,7 +48,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
         model = fold_batchnorm(model, inplace=True)
     if forms == "timed":
         pin_onnxruntime_forms(model, tuple(example.shape),
-                              BenchmarkSettings(runtime="onnxruntime", batch_size=example.shape[0]))
+                              BenchmarkSettings(runtime="onnxruntime", batch_size=example.shape[0]), progress)
     with eval_mode(model):
         with atomic_path(path) as tmp:
             try:

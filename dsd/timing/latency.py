@@ -129,8 +129,8 @@ def _unpinned_layers(model: nn.Module) -> Dict[str, DepthwiseSeparableConv2d]:
             if isinstance(m, DepthwiseSeparableConv2d) and m.rank > 1 and m.pinned_form is None}
 
 
-def pin_onnxruntime_forms(model: nn.Module, input_shape: Sequence[int], settings: BenchmarkSettings
-                          ) -> Dict[str, str]:
+def pin_onnxruntime_forms(model: nn.Module, input_shape: Sequence[int], settings: BenchmarkSettings,
+                          progress: bool = False) -> Dict[str, str]:
     """Pin each separable layer of rank >= 2 to the form (:mod:`dsd.layers.forms`) that runs fastest in ONNX
     Runtime: each candidate form of the layer exported and timed alone on the input shape the layer gets from an
     input of ``input_shape`` (the settings' batch), interleaved, through the layer-timing cache. An export
@@ -144,7 +144,8 @@ def pin_onnxruntime_forms(model: nn.Module, input_shape: Sequence[int], settings
     with eval_mode(model):
         shapes = call_shapes(model, (torch.randn(*input_shape, device=device),), layers)
     chosen = {}
-    for name, layer in layers.items():
+    for name, layer in tqdm(layers.items(), desc="timing forms in onnxruntime", unit="layer", disable=not progress,
+                            leave=False):
         if name not in shapes:  # never called on this input: nothing to time
             continue
         forms = candidate_forms(layer)
