@@ -58,11 +58,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
                     raise
                 export_onnx_model(model, example, tmp)
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            batch = session.get_inputs()[0].shape[0]
-            if dynamic_batch and not isinstance(batch, str):  # the exporter may also fix it without a word
-                warnings.warn(f"the ONNX export takes a fixed batch of {batch}: this model does not export with a "
-                              "dynamic batch dimension", stacklevel=2)
-            (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})[:1]
+            first = session.get_inputs()[0]
+            if dynamic_batch and not isinstance(first.shape[0], str):  # the exporter may also fix it without a word
+                warnings.warn(f"the ONNX export takes a fixed batch of {first.shape[0]}: this model does not export "
+                              "with a dynamic batch dimension", stacklevel=2)
+            (got,) = session.run(None, {first.name: example.numpy()})[:1]
             got = torch.from_numpy(got)
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=rtol, atol=atol):
                 raise DsdError(f"the ONNX export of this model does not reproduce PyTorch's output "

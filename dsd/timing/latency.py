@@ -114,19 +114,23 @@ def measure_layer(variants: Sequence[nn.Module], input_shape: Sequence[int], set
 
 
 def _as_exported(layer: nn.Module, settings: BenchmarkSettings) -> List[nn.Module]:
-    """What to time for ``layer``: itself, or in onnxruntime each form an unpinned rank-r layer may be exported in."""
-    if settings.runtime != "onnxruntime" or not _unpinned_layers(layer):
-        return [layer]
-    if not isinstance(layer, DepthwiseSeparableConv2d):  # a module holding separable layers: pinned as a whole
-        return [layer]
-    return [copy.deepcopy(layer).pin_form(form) for form in candidate_forms(layer)]
+    """What to time for ``layer``: itself, or in onnxruntime each form an unpinned rank-r layer may be exported in
+    (a module holding such layers is pinned as a whole by :func:`measure`)."""
+    return _form_variants(layer) if settings.runtime == "onnxruntime" and _unpinned(layer) else [layer]
+
+
+def _unpinned(module: nn.Module) -> bool:
+    """A separable layer of rank >= 2 whose form is not pinned (rank 1 runs as written: a depthwise conv on ONNX
+    Runtime's depthwise kernels and a pointwise conv)."""
+    return isinstance(module, DepthwiseSeparableConv2d) and module.rank > 1 and module.pinned_form is None
 
 
 def _unpinned_layers(model: nn.Module) -> Dict[str, DepthwiseSeparableConv2d]:
-    """Separable layers of rank >= 2 whose form is not pinned (rank 1 runs as written: a depthwise conv on ONNX
-    Runtime's depthwise kernels and a pointwise conv)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, DepthwiseSeparableConv2d) and m.rank > 1 and m.pinned_form is None}
+    return {name: m for name, m in model.named_modules() if _unpinned(m)}
+
+
+def _form_variants(layer: DepthwiseSeparableConv2d) -> List[DepthwiseSeparableConv2d]:
+    return [copy.deepcopy(layer).pin_form(form) for form in candidate_forms(layer)]
 
 
 def pin_onnxruntime_forms(model: nn.Module, input_shape: Sequence[int], settings: BenchmarkSettings,
@@ -148,9 +152,10 @@ def pin_onnxruntime_forms(model: nn.Module, input_shape: Sequence[int], settings
                             leave=False):
         if name not in shapes:  # never called on this input: nothing to time
             continue
-        forms = candidate_forms(layer)
-        stats = measure_layer([copy.deepcopy(layer).pin_form(form) for form in forms], shapes[name][0][0], settings)
-        chosen[name] = forms[min(range(len(forms)), key=lambda i: stats[i].median_ms)]
+        variants = _form_variants(layer)
+        stats = measure_layer(variants, shapes[name][0][0], settings)
+        fastest, _ = min(zip(variants, stats), key=lambda pair: pair[1].median_ms)
+        chosen[name] = fastest.pinned_form
         layer.pin_form(chosen[name])
     return chosen
 
