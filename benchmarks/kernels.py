@@ -1,11 +1,13 @@
 """Separable layers against the dense conv, per layer and end to end, timed side by side in one run.
 
     python benchmarks/kernels.py [--batch-sizes 8 64] [--models resnet18 resnet50 vgg16] [--iters 20]
+                                 [--devices cpu cuda]
 
 Per layer (3x3, stride 1; C=64/56x56, 128/28, 256/14, 512/7), channels_last: the dense conv; rank 1;
 rank 2 in two fixed forms (one depthwise conv with a depth multiplier, as dsd before 0.2 computed it, and
 r rank-1 slices) and as dsd computes it now (the form it measures fastest); on a GPU also the fused Triton
-kernel (CUDA events, eager: CUDA-graph replay comes with the runtimes of dsd.BenchmarkSettings). End to end:
+kernel at ranks 1 and 2 and the pointwise conv alone (a 1x1 conv on the same input: the bound a fused
+kernel can reach, as it reads the input and writes the output once), timed as CUDA-graph replays. End to end:
 timm models at rank 1 and at ``target_flops=0.5`` (of the conv FLOPs): alone, alone with the static forms
 (no timing of forms), with ``only_if_faster``, and with ``target_latency=0.7`` as well (both decided in the
 layout they are timed in, batch 8), BatchNorm folded in both original and converted model (as deployed), eager
@@ -44,24 +46,14 @@ class FixedForm(nn.Module):
         return FORMS[self.form](self.layer, self.layer._pad(x))
 
 
-class Fused(nn.Module):
-    def __init__(self, layer: DepthwiseSeparableConv2d):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        from dsd.kernels import separable_conv2d
-        return separable_conv2d(x, self.layer.depthwise.weight, self.layer.pointwise.weight, self.layer.pointwise.bias,
-                                1, 1, 1)
-
-
 def layer_variants(channels: int, on_gpu: bool) -> Dict[str, nn.Module]:
     dense = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     rank1, rank2 = dsd.from_conv(dense, rank=1), dsd.from_conv(dense, rank=2)
     variants = {"dense": dense, "rank1": rank1, "rank2 multiplier": FixedForm(rank2, "multiplier"),
                 "rank2 slices": FixedForm(rank2, "slices"), "rank2": rank2}
     if on_gpu:
-        variants.update({"rank1 fused": Fused(rank1), "rank2 fused": Fused(rank2)})
+        variants.update({"rank1 fused": FixedForm(rank1, "fused"), "rank2 fused": FixedForm(rank2, "fused"),
+                         "pointwise alone": nn.Conv2d(channels, channels, 1, bias=False)})
     return variants
 
 
@@ -78,7 +70,9 @@ def layer_rows(args, device: str, dtypes: List[str]) -> List[Dict[str, Any]]:
     rows = []
     for dtype in dtypes:
         for batch in args.batch_sizes:
-            settings = BenchmarkSettings(device, dtype, batch, channels_last=True, warmup=3, iters=args.iters)
+            runtime = "cudagraph" if device == "cuda" else "eager"
+            settings = BenchmarkSettings(device, dtype, batch, runtime=runtime, channels_last=True, warmup=3,
+                                         iters=args.iters)
             for channels, size in LAYERS:
                 times = interleaved(layer_variants(channels, device == "cuda"), (batch, channels, size, size),
                                     settings, args.rounds)
@@ -180,12 +174,17 @@ def main() -> None:
     parser.add_argument("--model-batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement")
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
+                        help="default: the CPU, and CUDA where present")
     parser.add_argument("--result-name", default="kernels",
                         help="results/<name>.json (e.g. a second run under another allocator setting)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = layer_rows(args, "cpu", ["float32"]) + model_rows(args, "cpu")
-    if torch.cuda.is_available():
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    if "cpu" in devices:
+        rows += layer_rows(args, "cpu", ["float32"]) + model_rows(args, "cpu")
+    if "cuda" in devices:
         rows += layer_rows(args, "cuda", ["float32", "bfloat16"]) + model_rows(args, "cuda")
     path = write(args.result_name, rows, markdown=markdown(rows))
     print(f"wrote {path}")

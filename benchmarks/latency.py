@@ -13,6 +13,7 @@ interval. A variant a budget cannot reach is listed with the reason.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from typing import Any, Dict, List
 
 import torch
@@ -21,7 +22,7 @@ import dsd
 from dsd.errors import DsdError
 from dsd.io import build_arch
 from dsd.savings import count_flops
-from dsd.timing import BenchmarkSettings, Speedup, measure
+from dsd.timing import BenchmarkSettings, Speedup, chosen_forms, measure
 from _results import write
 
 MODELS = ["timm:resnet18", "timm:resnet50", "timm:vgg16", "timm:efficientnet_b0"]
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--result-name", help="results/<name>.json; default: latency, or latency_gpu on a GPU")
     args = parser.parse_args()
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     batch = args.batch_size or (64 if kind == "cuda" else 8)
@@ -74,20 +76,22 @@ def main() -> None:
                 print(f"{spec:22} {'-':10} {runtime:18} skipped: {error}", flush=True)
                 continue
             times = dict(zip(models, measure(list(models.values()), (batch, *INPUT_SIZE), settings)))
+            forms = {name: dict(Counter(chosen_forms(model, (batch, *INPUT_SIZE), settings).values()))
+                     for name, model in models.items()}
             for name, stats in times.items():
                 speedup = Speedup.of(times["original"], stats)
                 row = {"model": spec, "variant": name, "runtime": runtime, "batch_size": batch, "device": args.device,
                        **{k: v for k, v in stats.to_dict().items() if k != "samples_ms"},
                        "speedup": speedup.median, "speedup_p10": speedup.p10, "speedup_p90": speedup.p90,
-                       "flop_reduction": flops["original"] / flops[name]}
+                       "flop_reduction": flops["original"] / flops[name], "forms": forms[name]}
                 rows.append(row)
                 print(f"{spec:22} {name:10} {runtime:18} {stats.median_ms:9.2f} {str(speedup):>26} "
-                      f"{row['flop_reduction']:14.2f}x", flush=True)
+                      f"{row['flop_reduction']:14.2f}x  {_forms(row)}", flush=True)
         for name, reason in unreachable.items():
             rows.append({"model": spec, "variant": name, "runtime": "-", "batch_size": batch, "device": args.device,
                          "unreachable": reason})
             print(f"{spec:22} {name:10} unreachable: {reason}", flush=True)
-    name = "latency_gpu" if kind == "cuda" else "latency"
+    name = args.result_name or ("latency_gpu" if kind == "cuda" else "latency")
     path = write(name, rows, input_size=list(INPUT_SIZE), markdown=markdown(rows))
     print(f"wrote {path}")
 
@@ -95,18 +99,23 @@ def main() -> None:
 def markdown(rows: List[Dict[str, Any]]) -> str:
     lines = ["Speedup: the original's median over the variant's, all timed interleaved in one run in that runtime, "
              "with the bootstrap p10-p90 interval. FLOP reduction: fvcore whole-model MACs, original / variant. "
-             "`-cl`: channels_last. Variants use svd init (weights do not change latency).", "",
-             "| model | variant | runtime | batch | median ms | speedup (p10-p90) | FLOP reduction |",
-             "|---|---|---|---|---|---|---|"]
+             "`-cl`: channels_last. Variants use svd init (weights do not change latency). Forms: how many "
+             "separable layers computed in each form (`dsd.timing.chosen_forms`).", "",
+             "| model | variant | runtime | batch | median ms | speedup (p10-p90) | FLOP reduction | forms |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "unreachable" in r:
             lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {r['batch_size']} | - | "
-                         f"unreachable: {r['unreachable'].split(';')[0]} | - |")
+                         f"unreachable: {r['unreachable'].split(';')[0]} | - | - |")
             continue
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {r['batch_size']} | {r['median_ms']:.2f} "
                      f"| {r['speedup']:.2f}x ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}) "
-                     f"| {r['flop_reduction']:.2f}x |")
+                     f"| {r['flop_reduction']:.2f}x | {_forms(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _forms(row: Dict[str, Any]) -> str:
+    return ", ".join(f"{form} {count}" for form, count in sorted(row.get("forms", {}).items())) or "-"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dsd
+from dsd.kernels import use_fused_kernel
 from dsd.layers import forms
 from dsd.layers.forms import FORMS, autotune_forms, candidate_forms, choose_form, multiplier_forward, static_form
 from dsd.layers.separable import DepthwiseSeparableConv2d
@@ -185,7 +186,7 @@ def test_a_pinned_form_is_taken_everywhere_and_kept_by_copies():
             sep.pin_form(None)
             assert choose_form(sep, x) == "multiplier" and timed == ["multiplier", "slices", "dense"]
     with pytest.raises(ValueError, match="form must be one of"):
-        sep.pin_form("fused")
+        sep.pin_form("fastest")
 
 
 def test_candidates_and_static_rule():
@@ -193,6 +194,21 @@ def test_candidates_and_static_rule():
     assert static_form(_layer(channels=3, rank=4)) == "multiplier"  # an RGB stem: no r launches of a tiny conv
     assert candidate_forms(_layer(channels=3, rank=4)) == ("multiplier", "dense")
     assert candidate_forms(_layer()) == ("multiplier", "slices", "dense")
+
+
+def test_the_fused_kernel_is_timed_on_cuda_only_when_switched_on():
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    use_fused_kernel(True)
+    try:
+        assert candidate_forms(sep, x) == ("multiplier", "slices", "dense")  # a CPU input
+        assert candidate_forms(sep) == ("multiplier", "slices", "dense")  # no input: the ONNX export's candidates
+        if torch.cuda.is_available():
+            assert candidate_forms(sep.cuda(), x.cuda())[-1] == "fused"
+            assert "fused" not in candidate_forms(_layer(groups=2).cuda(), x.cuda())
+    finally:
+        use_fused_kernel(False)
+    if torch.cuda.is_available():
+        assert "fused" not in candidate_forms(sep.cuda(), x.cuda())
 
 
 def test_calibration_runs_with_the_static_forms():

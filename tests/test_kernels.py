@@ -10,7 +10,6 @@ import torch
 
 from dsd.kernels import separable_conv2d
 from dsd.kernels.separable_op import reference_separable_conv2d
-from dsd.layers import DepthwiseSeparableConv2d
 
 CASES = [  # channels, out, rank, kernel, stride, padding, dilation, bias, dtype
     (4, 5, 1, 3, 1, 1, 1, True, "float32"),
@@ -24,18 +23,21 @@ CASES = [  # channels, out, rank, kernel, stride, padding, dilation, bias, dtype
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}  # relative, against float64
 
+# every block configuration the autotuner may pick, on a layer with partial blocks of input and output channels
+CONFIG_CASE = (40, 70, 2, 3, 2, 1, 2, True, "float32")
+
 SCRIPT = """
 import json, sys, torch
 from dsd.kernels import interpreted_separable_conv2d
 from dsd.kernels.separable_op import reference_separable_conv2d
 torch.manual_seed(0)
 errors = []
-for c, m, r, k, s, p, d, bias, dtype in json.loads(sys.argv[1]):
+for c, m, r, k, s, p, d, bias, dtype, config in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype)
     x, dw, pw = torch.randn(2, c, 11, 9), torch.randn(c * r, 1, k, k), torch.randn(m, c * r, 1, 1)
     b = torch.randn(m) if bias else None
     x, dw, pw, b = (t.to(dtype) if t is not None else None for t in (x, dw, pw, b))
-    got = interpreted_separable_conv2d(x, dw, pw, b, s, p, d)
+    got = interpreted_separable_conv2d(x, dw, pw, b, s, p, d, config=config)
     ref = reference_separable_conv2d(*(t.double() if t is not None else None for t in (x, dw, pw, b)),
                                      (s, s), (p, p), (d, d))
     assert got.shape == ref.shape and got.dtype == dtype
@@ -46,13 +48,16 @@ print(json.dumps(errors))
 
 def test_fused_kernel_matches_the_definition_under_the_triton_interpreter():
     pytest.importorskip("triton")
+    from dsd.kernels.separable_triton import CONFIGS
+    cases = [(*case, 0) for case in CASES] + [(*CONFIG_CASE, i) for i in range(1, len(CONFIGS))]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    for case, error in zip(CASES, errors):
-        assert error < TOLERANCE[case[-1]], (case, error)
+    assert len(errors) == len(cases)
+    for case, error in zip(cases, errors):
+        assert error < TOLERANCE[case[-2]], (case, error)
 
 
 def test_the_op_computes_the_definition_off_cuda():
@@ -95,15 +100,3 @@ def test_the_op_is_differentiable():
 def test_compile_keeps_working_with_the_custom_op():
     model, x = _Fused(), torch.randn(1, 4, 8, 8)
     torch.testing.assert_close(torch.compile(model)(x), model(x))
-
-
-@pytest.mark.parametrize("kwargs,fusable", [
-    (dict(padding=((1, 1), (1, 1))), True),
-    (dict(padding=((0, 1), (0, 1))), False),  # asymmetric: padded explicitly first
-    (dict(padding="tf_same"), False),
-    (dict(padding=((1, 1), (1, 1)), groups=2), False),  # grouped pointwise
-    (dict(padding=((1, 1), (1, 1)), padding_mode="reflect"), False),
-    (dict(padding=((0, 0), (0, 0)), padding_mode="reflect"), True),
-])
-def test_which_layers_the_kernel_takes(kwargs, fusable):
-    assert DepthwiseSeparableConv2d(4, 6, 3, rank=2, **kwargs)._fusable is fusable

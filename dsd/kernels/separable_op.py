@@ -23,7 +23,8 @@ _FUSED = {"enabled": os.environ.get("DSD_FUSED_KERNEL", "0") == "1"}
 
 
 def use_fused_kernel(enabled: bool = True) -> None:
-    """Let ``DepthwiseSeparableConv2d`` run the fused kernel on CUDA at inference (also ``DSD_FUSED_KERNEL=1``)."""
+    """Let ``DepthwiseSeparableConv2d`` time the fused kernel among its forms on CUDA at eager inference and
+    take it where it measures fastest (also ``DSD_FUSED_KERNEL=1``)."""
     _FUSED["enabled"] = bool(enabled)
 
 
@@ -112,17 +113,18 @@ def separable_conv2d(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_
 
 def interpreted_separable_conv2d(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
                                  bias: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
-                                 dilation: IntPair = 1) -> torch.Tensor:
+                                 dilation: IntPair = 1, config: int = 0) -> torch.Tensor:
     """The fused Triton kernel itself on CPU tensors, run by Triton's interpreter: slow, for exactness tests.
+    ``config``: which of the autotuner's block configurations (``separable_triton.CONFIGS``) runs.
 
     Needs ``TRITON_INTERPRET=1`` in the environment before Triton is first imported."""
     import triton
 
-    from .separable_triton import launch_separable_conv2d
+    from .separable_triton import CONFIGS, launch_separable_conv2d
     if not triton.knobs.runtime.interpret:
         raise RuntimeError("set TRITON_INTERPRET=1 before importing triton to run the kernel on the CPU")
     _check(x, depthwise_weight, pointwise_weight)
     if pointwise_weight.shape[1] != depthwise_weight.shape[0]:
         raise ValueError("the fused kernel takes an ungrouped pointwise conv")
     return launch_separable_conv2d(x, depthwise_weight, pointwise_weight, bias, _pair(stride), _pair(padding),
-                                   _pair(dilation))
+                                   _pair(dilation), CONFIGS[config])

@@ -10,6 +10,9 @@ of an input already given the module's explicit padding:
   accumulated into the output in place.
 - ``dense``: one conv with the recomposed kernel ``W[m, c] = sum_j pw[m, c*r + j] * dw[c*r + j]``: the dense
   conv's cost, so a layer in this form is never slower than the conv it replaced.
+- ``fused``: dsd's fused depthwise+pointwise Triton kernel (:func:`dsd.kernels.separable_conv2d`) on CUDA, the
+  two convs elsewhere; timed only on CUDA, ungrouped layers, and where ``dsd.kernels.use_fused_kernel()`` (or
+  ``DSD_FUSED_KERNEL=1``) lets it.
 
 Which is fastest depends on the channels, the spatial size, the memory format, the dtype, the batch and the
 device: on a 2-core CPU an RGB stem at rank 10 runs 1.9x faster than its dense conv as a multiplier conv in
@@ -28,10 +31,13 @@ import contextlib
 import math
 import os
 import time
-from typing import Callable, Dict, Iterator, Tuple
+import warnings
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import FUSED_DTYPES, fused_kernel_enabled, separable_conv2d
 
 __all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms", "choose_form", "run_form",
            "autotune_forms", "forms_autotuned", "static_forms"]
@@ -114,17 +120,36 @@ def slices_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _zero_padded(dw: torch.nn.Conv2d, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """The input and the padding left for a zero-padding conv: other padding modes are applied first."""
+    if dw.padding_mode != "zeros":
+        return F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode), (0, 0)
+    return x, dw.padding
+
+
 def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
     dw = layer.depthwise
     (weight,) = layer.kept_weights("dense", dense_weight)
-    padding = dw.padding
-    if dw.padding_mode != "zeros":
-        x, padding = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode), (0, 0)
+    x, padding = _zero_padded(dw, x)
     return F.conv2d(x, weight, layer.pointwise.bias, dw.stride, padding, dw.dilation, layer.groups)
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The fused kernel; autocast does not reach a custom op, so its dtype is applied here."""
+    dw = layer.depthwise
+    x, padding = _zero_padded(dw, x)
+    return separable_conv2d(x.to(_autocast_dtype(x)), dw.weight, layer.pointwise.weight, layer.pointwise.bias,
+                            dw.stride, padding, dw.dilation)
+
+
 Form = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
-FORMS: Dict[str, Form] = {"multiplier": multiplier_forward, "slices": slices_forward, "dense": dense_forward}
+FORMS: Dict[str, Form] = {"multiplier": multiplier_forward, "slices": slices_forward, "dense": dense_forward,
+                          "fused": fused_forward}
 
 
 def static_form(layer) -> str:
@@ -132,9 +157,18 @@ def static_form(layer) -> str:
     return "multiplier" if layer.rank == 1 or layer.in_channels <= MULTIPLIER_FORM_CHANNELS else "slices"
 
 
-def candidate_forms(layer) -> Tuple[str, ...]:
-    """The forms worth timing: slices only where there are channels enough for r conv launches to pay."""
-    return ("multiplier", "dense") if static_form(layer) == "multiplier" else ("multiplier", "slices", "dense")
+def fused_applies(layer, x: torch.Tensor) -> bool:
+    """Whether the fused kernel is worth timing for ``layer`` on ``x``: CUDA, a dtype it takes, an ungrouped
+    pointwise conv, and the kernel switched on."""
+    return (fused_kernel_enabled() and x.is_cuda and layer.groups == 1
+            and _autocast_dtype(x) in FUSED_DTYPES and layer.pinned_form is None)
+
+
+def candidate_forms(layer, x: Optional[torch.Tensor] = None) -> Tuple[str, ...]:
+    """The forms worth timing: slices only where there are channels enough for r conv launches to pay; the
+    fused kernel where :func:`fused_applies` to the input ``x`` (never without one: ONNX has no such op)."""
+    forms = ("multiplier", "dense") if static_form(layer) == "multiplier" else ("multiplier", "slices", "dense")
+    return forms + ("fused",) if x is not None and fused_applies(layer, x) else forms
 
 
 def _tunable(x: torch.Tensor) -> bool:
@@ -158,7 +192,14 @@ def _fastest_runs(layer, x: torch.Tensor, names: Tuple[str, ...]) -> Dict[str, f
     fall on one form's runs alone."""
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
     for name in names:
-        FORMS[name](layer, x)
+        try:
+            FORMS[name](layer, x)
+        except Exception as error:  # noqa: BLE001 - a kernel that does not build here is no candidate
+            if name != "fused":
+                raise
+            warnings.warn(f"dsd's fused kernel failed on this machine ({type(error).__name__}: {error}); "
+                          "separable layers use the other forms", RuntimeWarning, stacklevel=3)
+            names = tuple(n for n in names if n != "fused")
     best = dict.fromkeys(names, math.inf)
     for _ in range(TIMED_ROUNDS):
         for name in names:
@@ -182,7 +223,7 @@ def choose_form(layer, x: torch.Tensor) -> str:
     if kind not in tuned:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return static_form(layer)
-        seconds = _fastest_runs(layer, x, candidate_forms(layer))
+        seconds = _fastest_runs(layer, x, candidate_forms(layer, x))
         tuned[kind] = min(seconds, key=seconds.get)
         layer.release_kept_weights(keep=set(tuned.values()))  # a dense kernel is the size of the replaced conv
     return tuned[kind]

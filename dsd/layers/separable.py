@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from ..kernels import fused_kernel_enabled, separable_conv2d
 from .forms import FORMS, run_form
 from .padding import TF_SAME, PaddingSpec, is_symmetric, tf_same_pad
 
@@ -69,9 +68,6 @@ class DepthwiseSeparableConv2d(nn.Module):
             groups=in_channels, bias=False, padding_mode=padding_mode if conv_padding != (0, 0) else "zeros",
             **factory)
         self.pointwise = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **factory)
-        # what the fused CUDA kernel computes: symmetric zero padding, an ungrouped pointwise conv
-        self._fusable = groups == 1 and self._explicit_pad is None and padding != TF_SAME and (
-            padding_mode == "zeros" or conv_padding == (0, 0))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -104,10 +100,6 @@ class DepthwiseSeparableConv2d(nn.Module):
         return F.pad(x, (pw, pw, ph, ph), mode=_PAD_MODES[self.padding_mode]) if ph or pw else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and self._fusable and self.pinned_form is None and not torch.is_grad_enabled()
-                and fused_kernel_enabled()):
-            return separable_conv2d(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias,
-                                    self.stride, self.depthwise.padding, self.dilation)
         return run_form(self, self._pad(x))
 
     def kept_weights(self, form: str, make: Callable[["DepthwiseSeparableConv2d"], Tuple[torch.Tensor, ...]]

@@ -17,16 +17,16 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..layers.forms import candidate_forms
+from ..layers.forms import candidate_forms, static_form
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import call_shapes, eval_mode
 from . import cache
-from .runtimes import prepare_step
+from .runtimes import on_device, prepare_step
 from .settings import DTYPES, BenchmarkSettings
 from .stats import LatencyStats
 
 __all__ = ["measure", "measure_layer", "time_module", "model_latency", "layer_latency",
-           "pin_onnxruntime_forms", "environment"]
+           "pin_onnxruntime_forms", "chosen_forms", "environment"]
 
 
 @contextlib.contextmanager
@@ -167,6 +167,21 @@ def _with_onnxruntime_forms(module: nn.Module, input_shape: Sequence[int], setti
     module = copy.deepcopy(module)
     pin_onnxruntime_forms(module, input_shape, settings)
     return module
+
+
+def chosen_forms(model: nn.Module, input_shape: Sequence[int], settings: BenchmarkSettings) -> Dict[str, str]:
+    """The form (:mod:`dsd.layers.forms`) each separable layer of ``model`` computes in when it runs as
+    ``settings`` say, name -> form: in eager PyTorch and CUDA graphs the fastest measured on a copy run once on
+    a random input of ``input_shape``; in ONNX Runtime the pinned forms of the export; under torch.compile the
+    static rule."""
+    if settings.runtime == "onnxruntime":
+        model = _with_onnxruntime_forms(model, input_shape, settings)
+    elif settings.runtime != "compile":
+        model = on_device(model, settings)
+        with _measuring(settings):
+            model(_input(input_shape, settings))
+    return {name: layer.pinned_form or next(iter(layer.tuned_forms().values()), None) or static_form(layer)
+            for name, layer in model.named_modules() if isinstance(layer, DepthwiseSeparableConv2d)}
 
 
 def time_module(module: nn.Module, input_shape: Sequence[int], settings: BenchmarkSettings) -> LatencyStats:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .settings import BenchmarkSettings
 
-__all__ = ["Step", "RUNTIME_HANDLERS", "prepare_step", "export_onnx_model", "onnxruntime_session"]
+__all__ = ["Step", "RUNTIME_HANDLERS", "prepare_step", "on_device", "export_onnx_model", "onnxruntime_session"]
 
 Step = Callable[[], Any]
 Handler = Callable[[nn.Module, torch.Tensor, BenchmarkSettings], Step]
@@ -34,7 +34,8 @@ def prepare_step(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings
     return RUNTIME_HANDLERS[settings.runtime](module, x, settings)
 
 
-def _on_device(module: nn.Module, settings: BenchmarkSettings) -> nn.Module:
+def on_device(module: nn.Module, settings: BenchmarkSettings) -> nn.Module:
+    """An eval-mode copy of ``module`` on the settings' device, in their memory format."""
     # Copied outside inference mode, as a user's model is made: weights copied inside it would be inference
     # tensors, which run differently (a rank-r layer cannot keep its weight layout between calls).
     with torch.inference_mode(False):
@@ -44,13 +45,13 @@ def _on_device(module: nn.Module, settings: BenchmarkSettings) -> nn.Module:
 
 @_runtime("eager")
 def _eager(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
-    module = _on_device(module, settings)
+    module = on_device(module, settings)
     return lambda: module(x)
 
 
 @_runtime("compile")
 def _compiled(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
-    module = torch.compile(_on_device(module, settings))
+    module = torch.compile(on_device(module, settings))
     return lambda: module(x)
 
 
@@ -58,7 +59,7 @@ def _compiled(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -
 def _cuda_graph(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
     """Capture one forward on a static input (after warm-up on a side stream, as PyTorch's docs do) and
     return its replay: no Python and no kernel-launch overhead, as in a reduce-overhead or TensorRT engine."""
-    module = _on_device(module, settings)
+    module = on_device(module, settings)
     current = torch.cuda.current_stream(settings.device)
     side = torch.cuda.Stream(settings.device)
     side.wait_stream(current)

@@ -1,0 +1,99 @@
+"""The fused kernel compiled for a real GPU: exact against the float64 definition in every dtype and block
+configuration, every output element written, and as a separable layer's form under autocast and CUDA graphs.
+Skipped without CUDA (CI has none; the kernel's arithmetic is tested there under Triton's interpreter)."""
+import pytest
+import torch
+
+from dsd.kernels import separable_conv2d
+from dsd.kernels.separable_op import reference_separable_conv2d
+from dsd.layers import DepthwiseSeparableConv2d
+from dsd.layers.forms import FORMS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CASES = [  # batch, channels, out, size, rank, kernel, stride, padding, dilation, bias
+    (2, 4, 5, 11, 1, 3, 1, 1, 1, True),
+    (3, 40, 70, 13, 2, 3, 2, 1, 2, True),
+    (2, 64, 64, 28, 1, 3, 1, 1, 1, False),
+    (2, 96, 200, 14, 3, 5, 1, 2, 1, True),
+    (4, 256, 256, 14, 1, 3, 2, 1, 1, False),
+    (2, 512, 512, 7, 2, 3, 1, 1, 1, True),
+    (1, 3, 64, 32, 4, 7, 2, 3, 1, False),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, against float64
+
+
+def _inputs(case, dtype):
+    n, c, m, size, r, k, _, _, _, bias = case
+    x = torch.randn(n, c, size, size, device="cuda").to(dtype)
+    dw, pw = torch.randn(c * r, 1, k, k, device="cuda"), torch.randn(m, c * r, 1, 1, device="cuda")
+    b = torch.randn(m, device="cuda") if bias else None
+    return x, dw.to(dtype), pw.to(dtype), b.to(dtype) if b is not None else None
+
+
+def _error(got, x, dw, pw, b, case):
+    *_, s, p, d, _ = case
+    ref = reference_separable_conv2d(*(t.double() if t is not None else None for t in (x, dw, pw, b)),
+                                     (s, s), (p, p), (d, d))
+    assert got.shape == ref.shape and not got.isnan().any()
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the float32 tolerance is IEEE's; tf32 is tested on its own
+    yield
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("case", CASES)
+def test_the_autotuned_kernel_matches_the_definition(case, dtype):
+    torch.manual_seed(0)
+    x, dw, pw, b = _inputs(case, dtype)
+    *_, s, p, d, _ = case
+    # freed NaNs where the output will be allocated: an element the kernel does not write stays NaN
+    poison = torch.full((x.shape[0] * pw.shape[0] * x.shape[2] * x.shape[3] * 2,), float("nan"), device="cuda",
+                        dtype=dtype)
+    del poison
+    assert _error(separable_conv2d(x, dw, pw, b, s, p, d), x, dw, pw, b, case) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_block_configuration_matches_the_definition(dtype):
+    from dsd.kernels.separable_triton import CONFIGS, launch_separable_conv2d
+    torch.manual_seed(0)
+    case = CASES[1]
+    x, dw, pw, b = _inputs(case, dtype)
+    *_, s, p, d, _ = case
+    for config in CONFIGS:
+        got = launch_separable_conv2d(x, dw, pw, b, (s, s), (p, p), (d, d), config)
+        assert _error(got, x, dw, pw, b, case) < TOLERANCE[dtype], config
+
+
+def test_float32_follows_the_tf32_switch():
+    torch.manual_seed(0)
+    case = CASES[3]
+    x, dw, pw, b = _inputs(case, torch.float32)
+    torch.backends.cudnn.allow_tf32 = True
+    assert _error(separable_conv2d(x, dw, pw, b, 1, 2, 1), x, dw, pw, b, case) < 5e-3
+
+
+def test_the_fused_form_under_autocast_and_a_cuda_graph():
+    torch.manual_seed(0)
+    layer = DepthwiseSeparableConv2d(64, 96, 3, rank=2, padding=((1, 1), (1, 1))).cuda().eval()
+    x = torch.randn(8, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        want = FORMS["multiplier"](layer, x)
+        assert FORMS["fused"](layer, x).dtype == torch.bfloat16
+        torch.testing.assert_close(FORMS["fused"](layer, x), want, rtol=2e-2, atol=2e-2)
+        layer.pin_form("fused")
+        static = x.clone()
+        layer(static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(static)
+        static.copy_(torch.randn_like(static))
+        graph.replay()
+        torch.testing.assert_close(out, FORMS["multiplier"](layer, static), rtol=2e-2, atol=2e-2)
