@@ -28,8 +28,8 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "recovery": "Accuracy vs cost on real digits",
     "latency": "Latency in every runtime on this CPU",
     "runtime_decisions": "Decided in onnxruntime: compare, only-if-faster and target latency, checked independently",
-    "latency_gpu": "Latency on a GPU (fused kernel among the timed forms)",
-    "latency_gpu_unfused": "Latency on a GPU, fused kernel off",
+    "latency_gpu": "Latency on a GPU: CUDA-graph replay",
+    "latency_gpu_eager": "Latency on a GPU: eager PyTorch",
     "kernels": "Separable layers vs dense convs: rank-r layout, fused kernel, end to end",
     "kernels_gpu": "Separable layers vs dense convs on a GPU: fused kernel, rank-r forms",
     "kernels_default_malloc": "Separable layers vs dense convs, glibc's default malloc settings",
@@ -40,6 +40,7 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "budgets_latency": "Latency budgets (only-if-faster, target latency) on this CPU",
     "conversion_time": "Conversion time, in forward passes",
     "decouple_speed": "Decoupling speed: Gram eigendecomposition vs SVD",
+    "onnx_forms": "ONNX export: each layer's form timed in ONNX Runtime vs the static rule",
 }
 
 
@@ -55,6 +56,8 @@ def environment() -> Dict[str, Any]:
         "python": platform.python_version(),
         # the C allocator decides whether every large intermediate page-faults on a CPU (see README)
         "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        # dsd's switches (DSD_FUSED_KERNEL, DSD_AUTOTUNE_FORMS, ...) change what the timed layers run
+        "dsd_env": {k: v for k, v in os.environ.items() if k.startswith("DSD_") and k != "DSD_BENCHMARK_RESULTS"},
     }
 
 
@@ -83,7 +86,8 @@ def render_results() -> str:
                   f"`{env.get('command', '?')}` · {env.get('date', '?')} · {env.get('processor', '?')}, "
                   f"{env.get('cpu_threads', '?')} CPU threads" + (f", {env['cuda']}" if env.get("cuda") else "")
                   + f" · torch {env.get('torch', '?')} · results/{name}.json"
-                  + (f" · environment {env['allocator_env']}" if env.get("allocator_env") else ""), ""]
+                  + (f" · environment {env['allocator_env']}" if env.get("allocator_env") else "")
+                  + (f" · dsd switches {env['dsd_env']}" if env.get("dsd_env") else ""), ""]
         lines.append(data["markdown"] if "markdown" in data else _table(data.get("rows", [])))
     return "\n".join(lines).rstrip() + "\n"
 

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # The GPU figures in one call (a lent GPU machine runs the checkout from source, no install; run
-# ../shared/tools/gpu-pack first where its image lacks fvcore): the fused kernel's exactness on the device,
-# then benchmarks/kernels.py's GPU rows and benchmarks/latency.py on a GPU with the fused kernel among the
-# timed forms and without it. Each step has its own time limit, so one that overruns leaves the others'
-# results. Logs and result files go to $OUT (default: benchmarks/results/gpu-run).
+# ../shared/tools/gpu-pack first where its image lacks fvcore): benchmarks/latency.py as CUDA-graph replays and
+# in eager PyTorch, benchmarks/kernels.py's GPU rows (the fused kernel among the timed forms), then the tests
+# that need a GPU (tests/test_cuda.py: the fused kernel compiles each block configuration, minutes on a cold
+# Triton cache). Each step has its own time limit, so one that overruns leaves the others' results. Logs and
+# result files go to $OUT (default: benchmarks/results/gpu-run). On an H100 the first three steps took about
+# 40 s, 35 s and 140 s.
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-results/gpu-run}; mkdir -p "$out"
 export PYTHONPATH=$PWD/..:$PWD/../.gpu-deps${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+models=(timm:resnet18 timm:resnet50 timm:vgg16)
 step() { local limit=$1; shift; echo "== $* (limit ${limit}s)"; timeout "$limit" "$@"; echo "== exit $?"; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  $py -c "import torch, triton, onnxruntime as o; print(torch.__version__, triton.__version__, o.__version__, o.get_available_providers())"
-  step 120 $py -m pytest -q -p no:cacheprovider -x ../tests/test_kernels_cuda.py ../tests/test_forms.py
-  DSD_FUSED_KERNEL=1 step 150 $py kernels.py --devices cuda --models --iters 20 --result-name kernels_gpu
-  DSD_FUSED_KERNEL=1 step 180 $py latency.py --models timm:resnet18 timm:resnet50 timm:vgg16 --iters 20 \
-    --runtimes cudagraph-bf16-cl eager-bf16-cl eager
-  DSD_FUSED_KERNEL=0 step 70 $py latency.py --models timm:resnet18 timm:resnet50 timm:vgg16 --iters 20 \
-    --runtimes cudagraph-bf16-cl --result-name latency_gpu_unfused
+  $py -c "import torch, triton; print(torch.__version__, triton.__version__)"
+  step 100 $py latency.py --models "${models[@]}" --iters 20 --runtimes cudagraph-bf16-cl
+  step 100 $py latency.py --models "${models[@]}" --iters 20 --runtimes eager-bf16-cl eager \
+    --result-name latency_gpu_eager
+  DSD_FUSED_KERNEL=1 step 200 $py kernels.py --devices cuda --models --iters 20 --result-name kernels_gpu
+  step 240 $py -m pytest -q -p no:cacheprovider ../tests/test_cuda.py
 } 2>&1 | tee "$out/gpu.log"
-cp results/kernels_gpu.json results/latency_gpu.json results/latency_gpu_unfused.json "$out"/ 2>/dev/null
+cp results/latency_gpu.json results/latency_gpu_eager.json results/kernels_gpu.json "$out"/ 2>/dev/null
 true

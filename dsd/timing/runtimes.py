@@ -70,7 +70,13 @@ def _cuda_graph(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         module(x)
-    return graph.replay
+
+    def replay():
+        # the graph reads the copy's weights by address: the step holds the copy, or the next capture's
+        # empty_cache unmaps them (an illegal memory access when models are timed interleaved)
+        module.training  # noqa: B018 - keeps ``module`` in this closure
+        graph.replay()
+    return replay
 
 
 def export_onnx_model(module: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = False) -> None:
