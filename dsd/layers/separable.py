@@ -102,9 +102,10 @@ class DepthwiseSeparableConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_form(self, self._pad(x))
 
-    def kept_weights(self, form: str, make: Callable[["DepthwiseSeparableConv2d"], Tuple[torch.Tensor, ...]]
-                     ) -> Tuple[torch.Tensor, ...]:
-        """``make(self)``: the weights laid out for ``form``, kept between calls where autograd does not record.
+    def kept_weights(self, form: str, make: Callable[["DepthwiseSeparableConv2d"], Tuple[torch.Tensor, ...]],
+                     layout: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
+        """``make(self)``: the weights laid out for ``form``, kept between calls where autograd does not record;
+        ``layout`` tells apart layouts of one form (made anew when it changes).
 
         Making them on every call cost up to a third of a rank-2 layer's time (512 channels at 7x7, batch 8,
         CPU). They are renewed when the weights change (a new version or storage: optimizer steps,
@@ -116,7 +117,7 @@ class DepthwiseSeparableConv2d(nn.Module):
         if (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or dw.is_inference() or pw.is_inference()):
             return make(self)
-        key = (dw._version, pw._version, dw.data_ptr(), pw.data_ptr(), dw.device, dw.dtype)
+        key = (dw._version, pw._version, dw.data_ptr(), pw.data_ptr(), dw.device, dw.dtype, layout)
         if self._kept is None:
             self._kept = {}
         if form not in self._kept or self._kept[form][0] != key:
