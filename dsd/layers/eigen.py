@@ -15,6 +15,7 @@ __all__ = ["eigh", "eigvalsh", "dominant_eigenvector", "SQUARINGS"]
 
 SQUARINGS = 24  # G^(2^24): eigenvalues more than ~1e-6 below the top one decay to nothing
 _RENORMALISE_EVERY = 4  # a trace-normalised PSD matrix has top eigenvalue >= 1/n: 4 squarings stay above n^-16
+_FLOAT32_SQUARING_SIZE = 128  # 128^-16 = 2e-34: still a normal float32
 _MIN_SPLIT = 64  # matrices per thread below which one LAPACK loop is quicker than handing work to a thread
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
@@ -57,17 +58,22 @@ def dominant_eigenvector(gram: torch.Tensor) -> torch.Tensor:
     A component whose eigenvalue is a share rho of the top one keeps weight rho^N, so only eigenvalues within
     about 1e-6 of the top one survive in the vector, and mixing those in (tied or nearly tied leading
     eigenvalues) costs less than that share: the captured energy ``v' G v`` is within 1e-6 of the top eigenvalue,
-    as good as the eigenvector for a best rank-1 approximation of float32 weights. A zero matrix gives a zero
-    vector.
+    as good as the eigenvector for a best rank-1 approximation of float32 weights. The squarings run in float32
+    up to 128x128 (a trace-normalised matrix stays above 128^-16 between renormalisations): rounding the
+    vector to 1e-7 moves the captured energy by its square. A zero matrix gives a zero vector.
     """
+    n = gram.shape[-1]
     tiny = torch.finfo(gram.dtype).tiny
     power = gram / _trace(gram).clamp_min(tiny)
+    if n <= _FLOAT32_SQUARING_SIZE:
+        power = power.to(torch.float32)
+    small = torch.finfo(power.dtype).tiny
     spare = torch.empty_like(power)  # the squares alternate between two buffers: no allocation per step
     for step in range(1, SQUARINGS + 1):
         torch.matmul(power, power, out=spare)
         power, spare = spare, power
         if step % _RENORMALISE_EVERY == 0:
-            power.div_(_trace(power).clamp_min(tiny))
+            power.div_(_trace(power).clamp_min(small))
     column = power.diagonal(dim1=-2, dim2=-1).argmax(-1, keepdim=True)
-    vector = power.gather(-1, column[..., None, :].expand(*power.shape[:-1], 1)).squeeze(-1)
+    vector = power.gather(-1, column[..., None, :].expand(*power.shape[:-1], 1)).squeeze(-1).to(gram.dtype)
     return vector / vector.norm(dim=-1, keepdim=True).clamp_min(tiny)
