@@ -39,16 +39,17 @@ def test_split_eigh_equals_lapack(shape, split_everything):
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 25), gap=st.sampled_from([0.0, 1e-9, 3e-8, 1e-7, 1e-6, 1e-3, 0.5]),
-       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]), seed=st.integers(0, 2 ** 16))
-def test_dominant_eigenvector_captures_the_top_eigenvalue(n, gap, scale, seed):
-    """Tied, nearly tied and well separated leading eigenvalues, at any scale: the vector's Rayleigh quotient is
-    the top eigenvalue to within the bound the docstring gives (1e-6 of it)."""
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]), seed=st.integers(0, 2 ** 16),
+       precision=st.sampled_from([torch.float64, torch.float32]))
+def test_dominant_eigenvector_captures_the_top_eigenvalue(n, gap, scale, seed, precision):
+    """Tied, nearly tied and well separated leading eigenvalues, at any scale, squared in either precision: the
+    vector's Rayleigh quotient is the top eigenvalue to within the bound the docstring gives (1e-6 of it)."""
     torch.manual_seed(seed)
     values = torch.rand(n, dtype=torch.float64) * 0.9
     values[0], values[-1] = 1.0, 1.0 - gap if n > 1 else 1.0
     gram = _psd_with_spectrum(values * scale, batch=3)
-    vector = eigen.dominant_eigenvector(gram)
-    assert vector.shape == (3, n)
+    vector = eigen.dominant_eigenvector(gram, precision)
+    assert vector.shape == (3, n) and vector.dtype == torch.float64
     torch.testing.assert_close(vector.norm(dim=-1), torch.ones(3, dtype=torch.float64))
     captured = torch.einsum("bi,bij,bj->b", vector, gram, vector)
     assert (captured >= scale * (1 - 1e-6)).all() and (captured <= scale * (1 + 1e-12)).all()

@@ -75,7 +75,7 @@ def factorize(a: torch.Tensor, rank: int) -> Factors:
     tall = m >= n
     gram = (a.mT @ a if tall else a @ a.mT).to(torch.float64)
     if rank == 1:
-        vectors = dominant_eigenvector(gram)[..., None]
+        vectors = dominant_eigenvector(gram, a.dtype)[..., None]
         energy = (vectors.mT @ gram @ vectors)[..., 0]
     else:
         energy, vectors = eigh(gram)  # ascending

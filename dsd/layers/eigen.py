@@ -51,21 +51,22 @@ def _trace(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
 
 
-def dominant_eigenvector(gram: torch.Tensor) -> torch.Tensor:
+def dominant_eigenvector(gram: torch.Tensor, precision: torch.dtype = torch.float64) -> torch.Tensor:
     """A unit leading eigenvector (..., n) of each positive semi-definite matrix in ``gram`` (..., n, n), float64.
 
     The column of ``G^N`` (N = 2^SQUARINGS, by repeated squaring) at its largest diagonal entry, normalised.
     A component whose eigenvalue is a share rho of the top one keeps weight rho^N, so only eigenvalues within
     about 1e-6 of the top one survive in the vector, and mixing those in (tied or nearly tied leading
     eigenvalues) costs less than that share: the captured energy ``v' G v`` is within 1e-6 of the top eigenvalue,
-    as good as the eigenvector for a best rank-1 approximation of float32 weights. The squarings run in float32
-    up to 128x128 (a trace-normalised matrix stays above 128^-16 between renormalisations): rounding the
-    vector to 1e-7 moves the captured energy by its square. A zero matrix gives a zero vector.
+    as good as the eigenvector for a best rank-1 approximation of float32 weights. ``precision=torch.float32``
+    (the Gram matrices of float32 weights) squares in float32 up to 128x128 (a trace-normalised matrix stays
+    above 128^-16 between renormalisations): the vector is then as precise as those weights. A zero matrix
+    gives a zero vector.
     """
     n = gram.shape[-1]
     tiny = torch.finfo(gram.dtype).tiny
     power = gram / _trace(gram).clamp_min(tiny)
-    if n <= _FLOAT32_SQUARING_SIZE:
+    if precision == torch.float32 and n <= _FLOAT32_SQUARING_SIZE:
         power = power.to(torch.float32)
     small = torch.finfo(power.dtype).tiny
     spare = torch.empty_like(power)  # the squares alternate between two buffers: no allocation per step

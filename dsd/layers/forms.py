@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from ..kernels import FUSED_DTYPES, fused_kernel_enabled, separable_conv2d
 
-__all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms", "choose_form", "run_form",
-           "autotune_forms", "forms_autotuned", "static_forms"]
+__all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms", "fused_applies", "choose_form",
+           "run_form", "autotune_forms", "forms_autotuned", "static_forms"]
 
 # Up to this many input channels, rank r runs as one depthwise conv with depth multiplier r when not timed:
 # with so few groups it is a (grouped) dense conv on the fast kernels, where r rank-1 slices would cost r conv
@@ -169,8 +169,7 @@ def static_form(layer) -> str:
 def fused_applies(layer, x: torch.Tensor) -> bool:
     """Whether the fused kernel is worth timing for ``layer`` on ``x``: CUDA, a dtype it takes, an ungrouped
     pointwise conv, and the kernel switched on."""
-    return (fused_kernel_enabled() and x.is_cuda and layer.groups == 1
-            and _autocast_dtype(x) in FUSED_DTYPES and layer.pinned_form is None)
+    return fused_kernel_enabled() and x.is_cuda and layer.groups == 1 and _autocast_dtype(x) in FUSED_DTYPES
 
 
 def candidate_forms(layer, x: Optional[torch.Tensor] = None) -> Tuple[str, ...]:
