@@ -230,3 +230,15 @@ def test_calibration_runs_with_the_static_forms():
     with torch.no_grad(), pytest.raises(AssertionError, match="was timed"), mock.patch.object(
             forms, "_fastest_runs", never):
         converted[0](batches[0])  # while a user's inference does time them
+
+
+def test_the_dense_kernel_is_kept_in_the_inputs_memory_format():
+    """An NCHW kernel on an NHWC input costs a layout change on every call: the recomposed kernel follows the
+    input, and the output is the same either way."""
+    sep, x = _layer().pin_form("dense"), torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        nchw = sep(x)
+        assert sep._kept["dense"][1][0].is_contiguous()
+        nhwc = sep(x.contiguous(memory_format=torch.channels_last))
+        assert sep._kept["dense"][1][0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, nchw)

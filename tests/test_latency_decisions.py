@@ -410,3 +410,37 @@ def test_a_model_that_fixes_its_batch_is_exported_at_the_examples_batch_with_a_w
         assert dsd.export_onnx(BatchOfTwo().eval(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx") < 1e-4
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[0] == 2
+
+
+def test_chosen_forms_in_each_runtime(monkeypatch):
+    """Eager: what each layer measured fastest on a copy (the model given is left untimed); onnxruntime: the pinned
+    forms of the export; compile: the static rule. Layers never called report their static form."""
+    from dsd.layers import forms
+    from dsd.timing import chosen_forms
+    monkeypatch.setattr(forms, "_fastest_runs", lambda layer, x, names: {n: float(n != "dense") for n in names})
+    model, shape = Stack(), (2, 3, 10, 10)
+    eager = chosen_forms(model, shape, BenchmarkSettings(batch_size=2))
+    assert eager == {"one": "dense", "three": "dense", "pinned": "multiplier", "unused": "slices"}
+    assert all(not layer.tuned_forms() for layer in (model.one, model.three))
+
+    def fake_measure_layer(variants, input_shape, settings):
+        return [_stats({"multiplier": 1.0, "slices": 2.0, "dense": 3.0}[v.pinned_form]) for v in variants]
+    monkeypatch.setattr("dsd.timing.latency.measure_layer", fake_measure_layer)
+    in_ort = chosen_forms(model, shape, BenchmarkSettings(runtime="onnxruntime", batch_size=2))
+    assert in_ort == {"one": "multiplier", "three": "multiplier", "pinned": "multiplier", "unused": "slices"}
+    assert model.three.pinned_form is None
+    compiled = chosen_forms(model, shape, BenchmarkSettings(runtime="compile", batch_size=2))
+    assert compiled == {"one": "multiplier", "three": "slices", "pinned": "multiplier", "unused": "slices"}
+
+
+def test_timed_inputs_come_in_the_autocast_dtype():
+    """A layer inside a model gets a half-precision input under autocast: so does the timed one (ONNX Runtime's
+    files take float32)."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(x.dtype)
+            return x
+    measure([Probe()], (1, 3, 4, 4), BenchmarkSettings(dtype="bfloat16", warmup=0, iters=1))
+    assert seen == [torch.bfloat16]
