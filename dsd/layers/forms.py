@@ -93,7 +93,7 @@ def dense_weight(layer) -> Tuple[torch.Tensor]:
     kh, kw = layer.kernel_size
     with torch.autocast(dw.device.type, enabled=False):
         weight = torch.einsum("gmcr,gcrk->gmck", pw.reshape(g, m // g, c // g, r), dw.reshape(g, c // g, r, kh * kw))
-    return (weight.reshape(m, c // g, kh, kw),)
+    return (weight.reshape(m, c // g, kh, kw).contiguous(),)  # einsum may return a permuted view
 
 
 def multiplier_forward(layer, x: torch.Tensor) -> torch.Tensor:
