@@ -52,7 +52,7 @@ def _measuring(settings: BenchmarkSettings) -> Iterator[None]:
 def _input(shape: Sequence[int], settings: BenchmarkSettings) -> torch.Tensor:
     """A random input in the settings' memory format and, under autocast, its dtype: a layer inside a model
     gets its input from a layer before it, already in half precision, and casting a float32 input would be
-    timed as part of the layer (at 64 channels 56x56, batch 64, on a GPU more than the depthwise conv itself).
+    timed as part of the layer (at 64 channels 56x56, batch 64, on an H100 nearly what its depthwise conv takes).
     ONNX Runtime's files take float32."""
     dtype = DTYPES[settings.dtype] if settings.runtime != "onnxruntime" else torch.float32
     x = torch.randn(*shape, device=settings.device, dtype=dtype)
