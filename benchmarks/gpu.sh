@@ -5,7 +5,7 @@
 # that need a GPU (tests/test_cuda.py: the fused kernel compiles each block configuration, minutes on a cold
 # Triton cache). Each step has its own time limit, so one that overruns leaves the others' results. Logs and
 # result files go to $OUT (default: benchmarks/results/gpu-run). On an H100 the first three steps took about
-# 35 s, 35 s and 100 s (the third with a warm Triton cache for none of its kernels).
+# 35 s, 35 s and 100 s (the third on a cold Triton cache).
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-results/gpu-run}; mkdir -p "$out"
