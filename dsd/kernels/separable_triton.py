@@ -118,6 +118,7 @@ def launch_separable_conv2d(x: torch.Tensor, depthwise_weight: torch.Tensor, poi
     args = (x_nhwc, dw, pw, bias if bias is not None else pw, out, n, h, w, c, ho, wo, m,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kh, kw, rank, bias is not None,
             dot_fp32, tf32)
+
     def grid(meta):
         return triton.cdiv(n * ho * wo, meta["BLOCK_P"]), triton.cdiv(m, meta["BLOCK_M"])
     if config is None and interpreted:

@@ -194,23 +194,27 @@ def _input_kind(x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.dtype, x.device, _is_nhwc(x), autocast, torch.get_num_threads()
 
 
+def _runs(layer, x: torch.Tensor, name: str) -> bool:
+    """Run ``name`` once, untimed; False where the fused kernel does not build here (it is then no candidate)."""
+    try:
+        FORMS[name](layer, x)
+    except Exception as error:  # noqa: BLE001 - only the fused kernel may fail to build
+        if name != "fused":
+            raise
+        warnings.warn(f"dsd's fused kernel failed on this machine ({type(error).__name__}: {error}); "
+                      "separable layers use the other forms", RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
 def _fastest_runs(layer, x: torch.Tensor, names: Tuple[str, ...]) -> Dict[str, float]:
     """Each form's fastest run in seconds, after one untimed run each (it makes the kept weights and lets the
     backend pick its kernels). The forms take turns, so that a passing slowdown of the machine does not
     fall on one form's runs alone."""
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
-    for name in names:
-        try:
-            FORMS[name](layer, x)
-        except Exception as error:  # noqa: BLE001 - a kernel that does not build here is no candidate
-            if name != "fused":
-                raise
-            warnings.warn(f"dsd's fused kernel failed on this machine ({type(error).__name__}: {error}); "
-                          "separable layers use the other forms", RuntimeWarning, stacklevel=3)
-            names = tuple(n for n in names if n != "fused")
-    best = dict.fromkeys(names, math.inf)
+    best = {name: math.inf for name in names if _runs(layer, x, name)}
     for _ in range(TIMED_ROUNDS):
-        for name in names:
+        for name in best:
             sync()
             start = time.perf_counter()
             FORMS[name](layer, x)

@@ -179,6 +179,8 @@ def chosen_forms(model: nn.Module, input_shape: Sequence[int], settings: Benchma
     ``settings`` say, name -> form: in eager PyTorch and CUDA graphs the fastest measured on a copy run once on
     a random input of ``input_shape``; in ONNX Runtime the pinned forms of the export; under torch.compile the
     static rule."""
+    if not any(isinstance(m, DepthwiseSeparableConv2d) for m in model.modules()):
+        return {}  # nothing to copy and run
     if settings.runtime == "onnxruntime":
         model = _with_onnxruntime_forms(model, input_shape, settings)
     elif settings.runtime != "compile":

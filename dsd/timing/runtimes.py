@@ -70,13 +70,18 @@ def _cuda_graph(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         module(x)
+    return _GraphReplay(graph, module)
 
-    def replay():
-        # the graph reads the copy's weights by address: the step holds the copy, or the next capture's
-        # empty_cache unmaps them (an illegal memory access when models are timed interleaved)
-        module.training  # noqa: B018 - keeps ``module`` in this closure
-        graph.replay()
-    return replay
+
+class _GraphReplay:
+    """A captured graph's replay, holding the module whose weights the graph reads by address: let go, the next
+    capture's ``empty_cache`` unmaps them (an illegal memory access when models are timed interleaved)."""
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", module: nn.Module):
+        self.graph, self.module = graph, module
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 def export_onnx_model(module: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = False) -> None:
