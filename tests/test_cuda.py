@@ -10,7 +10,7 @@ import dsd
 from dsd.kernels import separable_conv2d
 from dsd.kernels.separable_op import reference_separable_conv2d
 from dsd.layers import DepthwiseSeparableConv2d
-from dsd.layers.forms import FORMS
+from dsd.layers.forms import FORMS, forms_timed_as_cuda_graphs
 from dsd.timing import BenchmarkSettings, measure
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -66,6 +66,7 @@ def test_the_autotuned_kernel_matches_the_definition(case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_block_configuration_matches_the_definition(dtype):
+    from dsd.kernels.separable_op import arrange_weights
     from dsd.kernels.separable_triton import CONFIGS, launch_separable_conv2d
     torch.manual_seed(0)
     case = CASES[1]
@@ -75,7 +76,8 @@ def test_every_block_configuration_matches_the_definition(dtype):
     ran = 0
     for config in CONFIGS:
         try:
-            got = launch_separable_conv2d(x, dw, pw, b, (s, s), (p, p), (d, d), config)
+            got = launch_separable_conv2d(x, *arrange_weights(dw, pw, x.shape[1]), b, dw.shape[2:], (s, s), (p, p),
+                                          (d, d), config)
         except OutOfResources:  # too large for this GPU in this dtype: the autotuner skips it too
             continue
         assert _error(got, x, dw, pw, b, case) < TOLERANCE[dtype], config
@@ -120,3 +122,33 @@ def test_models_timed_interleaved_as_cuda_graphs():
     stats = measure([original, converted], (64, 3, 224, 224), settings)
     torch.cuda.synchronize()
     assert all(s.median_ms > 0 for s in stats)
+
+
+def test_forms_timed_as_cuda_graph_replays():
+    """Inside forms_timed_as_cuda_graphs a layer times its forms as replays, keeps that choice apart from the
+    eager one, and computes the same function in what it chose, captured in a graph as well."""
+    torch.manual_seed(0)
+    layer = DepthwiseSeparableConv2d(128, 128, 3, rank=2, padding=((1, 1), (1, 1))).cuda().eval()
+    x = torch.randn(16, 128, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = FORMS["multiplier"](layer, layer._pad(x))
+        eager = layer(x)
+        with forms_timed_as_cuda_graphs():
+            replayed = layer(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = layer(x)
+            graph.replay()
+    assert len(layer.tuned_forms()) == 2
+    for got in (eager, replayed, out):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_autotuner_keeps_to_this_gpus_shared_memory():
+    """float32 at 256 channels, batch 64: the largest blocks need more shared memory than an H100 has."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    dw, pw = torch.randn(256, 1, 3, 3, device="cuda"), torch.randn(256, 256, 1, 1, device="cuda")
+    got = separable_conv2d(x, dw, pw, None, 1, 1, 1)
+    case = (64, 256, 256, 14, 1, 3, 1, 1, 1, False)
+    assert _error(got, x, dw, pw, None, case) < TOLERANCE[torch.float32]

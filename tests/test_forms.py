@@ -9,7 +9,8 @@ import torch
 import dsd
 from dsd.kernels import use_fused_kernel
 from dsd.layers import forms
-from dsd.layers.forms import FORMS, autotune_forms, candidate_forms, choose_form, multiplier_forward, static_form
+from dsd.layers.forms import (FORMS, autotune_forms, candidate_forms, choose_form, forms_timed_as_cuda_graphs,
+                             multiplier_forward, static_form)
 from dsd.layers.separable import DepthwiseSeparableConv2d
 
 
@@ -34,7 +35,7 @@ def test_kept_weights_follow_the_weights():
                 torch.testing.assert_close(form(sep, sep._pad(inputs)), _textbook(sep, inputs),
                                            rtol=tolerance, atol=tolerance)
     check()
-    assert set(sep._kept) == {"slices", "dense"}
+    assert set(sep._kept) == {"slices", "dense", "fused"}
     sep(x).square().sum().backward()  # autograd records: no kept layout involved, gradients reach the weights
     assert sep.depthwise.weight.grad.abs().sum() > 0 and sep.pointwise.weight.grad.abs().sum() > 0
     optimizer.step()
@@ -242,3 +243,14 @@ def test_the_dense_kernel_is_kept_in_the_inputs_memory_format():
         nhwc = sep(x.contiguous(memory_format=torch.channels_last))
         assert sep._kept["dense"][1][0].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(nhwc, nchw)
+
+
+def test_timing_as_cuda_graphs_leaves_cpu_layers_as_they_are():
+    """forms_timed_as_cuda_graphs concerns CUDA inputs: a CPU layer keeps one choice inside and outside."""
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        outside = sep(x)
+        with forms_timed_as_cuda_graphs():
+            inside = sep(x)
+    assert len(sep.tuned_forms()) == 1
+    torch.testing.assert_close(inside, outside)

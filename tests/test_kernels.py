@@ -20,10 +20,12 @@ CASES = [  # channels, out, rank, kernel, stride, padding, dilation, bias, dtype
     (8, 8, 2, 3, 1, 1, 1, True, "float16"),
     (5, 4, 1, 3, 2, 0, 1, True, "bfloat16"),
     (4, 4, 4, 7, 3, 3, 1, False, "float16"),
+    (64, 24, 2, 3, 1, 1, 1, True, "float32"),  # channels in whole blocks: the loads without a channel mask
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}  # relative, against float64
 
-# every block configuration the autotuner may pick, on a layer with partial blocks of input and output channels
+# every block configuration the autotuner may pick (runs of pixels and 2-D tiles), on a layer with partial blocks
+# of input and output channels and an image that no tile divides
 CONFIG_CASE = (40, 70, 2, 3, 2, 1, 2, True, "float32")
 
 SCRIPT = """

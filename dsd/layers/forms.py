@@ -18,7 +18,8 @@ Which is fastest depends on the channels, the spatial size, the memory format, t
 device: on a 2-core CPU an RGB stem at rank 10 runs 1.9x faster than its dense conv as a multiplier conv in
 channels_last and 2x slower in NCHW. So at inference in eager mode a layer times its candidate forms on its
 first call with each kind of input and keeps the fastest, as ``torch.backends.cudnn.benchmark`` does for
-cuDNN's algorithms; a CUDA graph capture, which cannot time, uses what its warm-up runs measured. Training,
+cuDNN's algorithms; a CUDA graph capture, which cannot time, uses what its warm-up runs measured (time them as
+replays inside :func:`forms_timed_as_cuda_graphs`: launch overhead, which a graph does not pay, counts in eager). Training,
 tracing, scripting, compiling, exporting and ``torch.use_deterministic_algorithms`` take the static rule
 (:func:`static_form`) instead; so does everything after ``autotune_forms(False)`` (or with
 ``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's calibration and fine-tuning, which must give
@@ -37,10 +38,10 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels import FUSED_DTYPES, fused_kernel_enabled, separable_conv2d
+from ..kernels import FUSED_DTYPES, arrange_weights, arranged_separable_conv2d, fused_kernel_enabled
 
 __all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms", "fused_applies", "choose_form",
-           "run_form", "autotune_forms", "forms_autotuned", "static_forms"]
+           "run_form", "autotune_forms", "forms_autotuned", "static_forms", "forms_timed_as_cuda_graphs"]
 
 # Up to this many input channels, rank r runs as one depthwise conv with depth multiplier r when not timed:
 # with so few groups it is a (grouped) dense conv on the fast kernels, where r rank-1 slices would cost r conv
@@ -49,7 +50,7 @@ __all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms"
 MULTIPLIER_FORM_CHANNELS = 8
 TIMED_ROUNDS = 3  # each candidate runs once per round, after one untimed run; its fastest run counts
 
-_AUTOTUNE = {"enabled": os.environ.get("DSD_AUTOTUNE_FORMS", "1") != "0"}
+_AUTOTUNE = {"enabled": os.environ.get("DSD_AUTOTUNE_FORMS", "1") != "0", "replayed": False}
 
 
 def autotune_forms(enabled: bool = True) -> None:
@@ -72,6 +73,21 @@ def static_forms() -> Iterator[None]:
         yield
     finally:
         _AUTOTUNE["enabled"] = previous
+
+
+@contextlib.contextmanager
+def forms_timed_as_cuda_graphs() -> Iterator[None]:
+    """Inside, layers on CUDA time their forms as CUDA-graph replays, the GPU's time without launch overhead:
+    what a model runs as when it is replayed as a CUDA graph (dsd's ``cudagraph`` runtime warms up in here;
+    wrap the first call before ``torch.cuda.graph`` in it). Timed in eager, every kernel launch counts, which
+    favours one dense kernel over two separable ones even where these take less GPU time (resnet18 at rank 1,
+    bf16, batch 64 on an H100: 16 of 17 layers dense)."""
+    previous = _AUTOTUNE["replayed"]
+    _AUTOTUNE["replayed"] = True
+    try:
+        yield
+    finally:
+        _AUTOTUNE["replayed"] = previous
 
 
 def _is_nhwc(t: torch.Tensor) -> bool:
@@ -148,12 +164,21 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _arranged_weights(dtype: torch.dtype) -> Callable[[torch.nn.Module], Tuple[torch.Tensor, torch.Tensor]]:
+    def make(layer) -> Tuple[torch.Tensor, torch.Tensor]:
+        taps, rows = arrange_weights(layer.depthwise.weight, layer.pointwise.weight, layer.in_channels)
+        return taps.to(dtype), rows.to(dtype)
+    return make
+
+
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """The fused kernel; autocast does not reach a custom op, so its dtype is applied here."""
-    dw = layer.depthwise
+    """The fused kernel on weights kept in its layout and the input's dtype; autocast does not reach a custom
+    op, so its dtype is applied here."""
+    dw, dtype = layer.depthwise, _autocast_dtype(x)
     x, padding = _zero_padded(dw, x)
-    return separable_conv2d(x.to(_autocast_dtype(x)), dw.weight, layer.pointwise.weight, layer.pointwise.bias,
-                            dw.stride, padding, dw.dilation)
+    taps, rows = layer.kept_weights("fused", _arranged_weights(dtype), layout=str(dtype))
+    return arranged_separable_conv2d(x.to(dtype), taps, rows, layer.pointwise.bias, dw.kernel_size, dw.stride,
+                                     padding, dw.dilation)
 
 
 Form = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
@@ -191,7 +216,8 @@ def _tunable(x: torch.Tensor) -> bool:
 def _input_kind(x: torch.Tensor) -> tuple:
     device = x.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return tuple(x.shape), x.dtype, x.device, _is_nhwc(x), autocast, torch.get_num_threads()
+    replayed = _AUTOTUNE["replayed"] and x.is_cuda
+    return tuple(x.shape), x.dtype, x.device, _is_nhwc(x), autocast, torch.get_num_threads(), replayed
 
 
 def _runs(layer, x: torch.Tensor, name: str) -> bool:
@@ -213,6 +239,8 @@ def _fastest_runs(layer, x: torch.Tensor, names: Tuple[str, ...]) -> Dict[str, f
     fall on one form's runs alone."""
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
     best = {name: math.inf for name in names if _runs(layer, x, name)}
+    if x.is_cuda and _AUTOTUNE["replayed"]:
+        return _fastest_replays(layer, x, tuple(best))
     for _ in range(TIMED_ROUNDS):
         for name in best:
             sync()
@@ -223,9 +251,29 @@ def _fastest_runs(layer, x: torch.Tensor, names: Tuple[str, ...]) -> Dict[str, f
     return best
 
 
+def _fastest_replays(layer, x: torch.Tensor, names: Tuple[str, ...]) -> Dict[str, float]:
+    """Each form captured alone in a CUDA graph; its fastest replay in seconds (CUDA events), taking turns."""
+    graphs = {}
+    for name in names:
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            FORMS[name](layer, x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = {name: math.inf for name in names}
+    for _ in range(TIMED_ROUNDS):
+        for name, graph in graphs.items():
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            best[name] = min(best[name], start.elapsed_time(end) / 1000)
+    return best
+
+
 def choose_form(layer, x: torch.Tensor) -> str:
     """The form ``layer`` computes ``x`` in: at eager inference, the fastest measured for this kind of input
-    (shape, dtype, device, memory format, autocast, threads), timed on its first call; else :func:`static_form`.
+    (shape, dtype, device, memory format, autocast, threads; on CUDA, whether inside
+    :func:`forms_timed_as_cuda_graphs`), timed on its first call; else :func:`static_form`.
     A CUDA graph capture uses what its warm-up runs measured (it cannot time). A pinned form always wins."""
     if layer.pinned_form is not None:
         return layer.pinned_form

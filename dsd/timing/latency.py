@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..layers.forms import candidate_forms, static_form
+from ..layers.forms import candidate_forms, forms_timed_as_cuda_graphs, static_form
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import call_shapes, eval_mode
 from . import cache
@@ -31,7 +31,8 @@ __all__ = ["measure", "measure_layer", "time_module", "model_latency", "layer_la
 
 @contextlib.contextmanager
 def _measuring(settings: BenchmarkSettings) -> Iterator[None]:
-    """Inference mode, autocast, cudnn.benchmark and the thread count for the whole measurement."""
+    """Inference mode, autocast, cudnn.benchmark and the thread count for the whole measurement; CUDA graphs
+    have their layers' forms timed as replays."""
     autocast = contextlib.nullcontext()
     if settings.dtype != "float32" and settings.runtime != "onnxruntime":
         # a captured CUDA graph must not hold autocast's cached weight casts
@@ -42,7 +43,8 @@ def _measuring(settings: BenchmarkSettings) -> Iterator[None]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        with torch.inference_mode(), autocast:
+        replayed = forms_timed_as_cuda_graphs() if settings.runtime == "cudagraph" else contextlib.nullcontext()
+        with torch.inference_mode(), autocast, replayed:
             yield
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
