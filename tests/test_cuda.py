@@ -51,8 +51,43 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = allowed
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCE))
-@pytest.mark.parametrize("case", CASES)
+def test_forms_timed_as_cuda_graph_replays():
+    """Inside forms_timed_as_cuda_graphs a layer times its forms as replays, keeps that choice apart from the
+    eager one, and computes the same function in what it chose, captured in a graph as well."""
+    torch.manual_seed(0)
+    layer = DepthwiseSeparableConv2d(128, 128, 3, rank=2, padding=((1, 1), (1, 1))).cuda().eval()
+    x = torch.randn(16, 128, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = FORMS["multiplier"](layer, layer._pad(x))
+        eager = layer(x)
+        with forms_timed_as_cuda_graphs():
+            replayed = layer(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = layer(x)
+            graph.replay()
+    assert len(layer.tuned_forms()) == 2
+    for got in (eager, replayed, out):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_autotuner_keeps_to_this_gpus_shared_memory():
+    """float32 at 256 channels, batch 64: the largest blocks need more shared memory than an H100 has."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    dw, pw = torch.randn(256, 1, 3, 3, device="cuda"), torch.randn(256, 256, 1, 1, device="cuda")
+    got = separable_conv2d(x, dw, pw, None, 1, 1, 1)
+    case = (64, 256, 256, 14, 1, 3, 1, 1, 1, False)
+    assert _error(got, x, dw, pw, None, case) < TOLERANCE[torch.float32]
+
+
+# every case in bf16 (what the kernel is for), two in the other dtypes: each case compiles up to ten block
+# configurations per dtype, minutes in all on a cold Triton cache
+AUTOTUNED = [(case, torch.bfloat16) for case in CASES] + [(case, dtype) for case in CASES[1:4:2]
+                                                          for dtype in (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("case, dtype", AUTOTUNED)
 def test_the_autotuned_kernel_matches_the_definition(case, dtype):
     torch.manual_seed(0)
     x, dw, pw, b = _inputs(case, dtype)
@@ -123,32 +158,3 @@ def test_models_timed_interleaved_as_cuda_graphs():
     torch.cuda.synchronize()
     assert all(s.median_ms > 0 for s in stats)
 
-
-def test_forms_timed_as_cuda_graph_replays():
-    """Inside forms_timed_as_cuda_graphs a layer times its forms as replays, keeps that choice apart from the
-    eager one, and computes the same function in what it chose, captured in a graph as well."""
-    torch.manual_seed(0)
-    layer = DepthwiseSeparableConv2d(128, 128, 3, rank=2, padding=((1, 1), (1, 1))).cuda().eval()
-    x = torch.randn(16, 128, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        want = FORMS["multiplier"](layer, layer._pad(x))
-        eager = layer(x)
-        with forms_timed_as_cuda_graphs():
-            replayed = layer(x)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = layer(x)
-            graph.replay()
-    assert len(layer.tuned_forms()) == 2
-    for got in (eager, replayed, out):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_the_autotuner_keeps_to_this_gpus_shared_memory():
-    """float32 at 256 channels, batch 64: the largest blocks need more shared memory than an H100 has."""
-    torch.manual_seed(0)
-    x = torch.randn(64, 256, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
-    dw, pw = torch.randn(256, 1, 3, 3, device="cuda"), torch.randn(256, 256, 1, 1, device="cuda")
-    got = separable_conv2d(x, dw, pw, None, 1, 1, 1)
-    case = (64, 256, 256, 14, 1, 3, 1, 1, 1, False)
-    assert _error(got, x, dw, pw, None, case) < TOLERANCE[torch.float32]

@@ -66,6 +66,9 @@ def test_the_op_computes_the_definition_off_cuda():
     x, dw, pw, b = torch.randn(2, 4, 9, 9), torch.randn(8, 1, 3, 3), torch.randn(6, 8, 1, 1), torch.randn(6)
     torch.testing.assert_close(separable_conv2d(x, dw, pw, b, 2, 1, 1),
                                reference_separable_conv2d(x, dw, pw, b, (2, 2), (1, 1), (1, 1)))
+    grouped = torch.randn(6, 4, 1, 1)  # a pointwise conv in two groups: the kernel does not take it
+    torch.testing.assert_close(separable_conv2d(x, dw, grouped, b, 1, 1, 1),
+                               reference_separable_conv2d(x, dw, grouped, b, (1, 1), (1, 1), (1, 1)))
     with pytest.raises(ValueError, match="depthwise_weight must be"):
         separable_conv2d(x, torch.randn(6, 1, 3, 3), pw)
 

@@ -38,7 +38,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels import FUSED_DTYPES, arrange_weights, arranged_separable_conv2d, fused_kernel_enabled
+from ..kernels import (FUSED_DTYPES, arrange_weights, arranged_separable_conv2d, fused_kernel_enabled,
+                       separable_conv2d)
 
 __all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms", "fused_applies", "choose_form",
            "run_form", "autotune_forms", "forms_autotuned", "static_forms", "forms_timed_as_cuda_graphs"]
@@ -176,6 +177,9 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     op, so its dtype is applied here."""
     dw, dtype = layer.depthwise, _autocast_dtype(x)
     x, padding = _zero_padded(dw, x)
+    if layer.groups != 1:  # the kernel takes an ungrouped pointwise conv; the op computes the definition
+        return separable_conv2d(x.to(dtype), dw.weight, layer.pointwise.weight, layer.pointwise.bias, dw.stride,
+                                padding, dw.dilation)
     taps, rows = layer.kept_weights("fused", _arranged_weights(dtype), layout=str(dtype))
     return arranged_separable_conv2d(x.to(dtype), taps, rows, layer.pointwise.bias, dw.kernel_size, dw.stride,
                                      padding, dw.dilation)
