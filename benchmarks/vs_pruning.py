@@ -6,8 +6,9 @@
 dsd converts at rank 1; Torch-Pruning's MagnitudePruner (L2 magnitude, the classifier kept) prunes every conv
 by one ratio, found by bisection so that its conv multiply-adds match dsd's within 2%. BatchNorm is folded in
 all three models. Timed side by side (alternating rounds): eager NCHW, eager channels_last, ONNX Runtime
-(CPU provider, as many threads as torch). Accuracy is not compared here: both start from the same weights and
-both need fine-tuning at this compression.
+(CPU provider, as many threads as torch). In eager PyTorch each model's operator time is also split (torch.profiler,
+one forward): the share in convolutions and in max pooling. Accuracy is not compared here: both start from the
+same weights and both need fine-tuning at this compression.
 """
 from __future__ import annotations
 
@@ -52,6 +53,27 @@ def pruned_to(model: nn.Module, example: torch.Tensor, target: int) -> nn.Module
         else:
             high = middle
     return prune(high)
+
+
+OP_KINDS = {"conv": ("convolution",), "max pool": ("max_pool",)}  # aten op names containing these
+
+
+def op_shares(model: nn.Module, shape, channels_last: bool) -> Dict[str, float]:
+    """Shares of one eager forward's operator time (torch.profiler, self CPU time) spent in each of
+    :data:`OP_KINDS`, after two warm-up calls."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(*shape)
+    if channels_last:
+        model, x = deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            model(x)
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return {f"{kind} share": sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys)) / total
+            for kind, keys in OP_KINDS.items()}
 
 
 def ort_latency_ms(model: nn.Module, batch: torch.Tensor, iters: int, folder: Path, name: str) -> float:
@@ -105,8 +127,10 @@ def main() -> None:
         base = statistics.median(per_round["original"])
         for name, times in per_round.items():
             ms = statistics.median(times)
+            shares = {} if runtime == "onnxruntime" else op_shares(models[name], shape, runtime.endswith("last"))
             rows.append({"model": args.model, "variant": name, "runtime": runtime, "batch": args.batch_size,
-                         "conv_macs_share": macs[name] / macs["original"], "median_ms": ms, "speedup": base / ms})
+                         "conv_macs_share": macs[name] / macs["original"], "median_ms": ms, "speedup": base / ms,
+                         **shares})
             print(f"{runtime:20} {name:14} conv MACs {macs[name] / macs['original']:6.3f}  {ms:8.2f} ms  "
                   f"{base / ms:5.2f}x", flush=True)
     path = write("vs_pruning", rows)
