@@ -64,7 +64,8 @@ def op_shares(model: nn.Module, shape, channels_last: bool) -> Dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
     x = torch.randn(*shape)
     if channels_last:
-        model, x = deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        model = deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(2):
             model(x)

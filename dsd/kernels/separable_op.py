@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-__all__ = ["separable_conv2d", "arranged_separable_conv2d", "arrange_weights", "standard_weights", "fused_supported", "reference_separable_conv2d", "interpreted_separable_conv2d",
-           "FUSED_DTYPES", "use_fused_kernel", "fused_kernel_enabled"]
+__all__ = ["separable_conv2d", "arranged_separable_conv2d", "arrange_weights", "standard_weights", "fused_supported",
+           "reference_separable_conv2d", "interpreted_separable_conv2d", "FUSED_DTYPES", "use_fused_kernel",
+           "fused_kernel_enabled"]
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Off until benchmarks/kernels.py measures it faster on a GPU: a kernel of this design measured 0.67-0.88x of

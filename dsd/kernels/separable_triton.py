@@ -134,10 +134,10 @@ def launch_separable_conv2d(x: torch.Tensor, depthwise_taps: torch.Tensor, point
                             bias: Optional[torch.Tensor], kernel_size: Sequence[int], stride: Sequence[int],
                             padding: Sequence[int], dilation: Sequence[int],
                             config: Optional[triton.Config] = None) -> torch.Tensor:
-    """Run the kernel on weights laid out by :func:`dsd.kernels.separable_op.arrange_weights` (in ``x``'s dtype); returns an NCHW-shaped
-    tensor in the channels_last memory format. A float32 product follows ``torch.backends.cudnn.allow_tf32``, as
-    the convolutions it replaces do. ``config`` (one of :data:`CONFIGS`) runs those blocks instead of the
-    autotuned ones (the interpreter's default: the first)."""
+    """Run the kernel on weights laid out by :func:`dsd.kernels.separable_op.arrange_weights` (in ``x``'s dtype);
+    returns an NCHW-shaped tensor in the channels_last memory format. A float32 product follows
+    ``torch.backends.cudnn.allow_tf32``, as the convolutions it replaces do. ``config`` (one of :data:`CONFIGS`)
+    runs those blocks instead of the autotuned ones (the interpreter's default: the first)."""
     n, c, h, w = x.shape
     (kh, kw), (rank, _, m) = kernel_size, pointwise_rows.shape
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

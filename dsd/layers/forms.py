@@ -19,9 +19,9 @@ device: on a 2-core CPU an RGB stem at rank 10 runs 1.9x faster than its dense c
 channels_last and 2x slower in NCHW. So at inference in eager mode a layer times its candidate forms on its
 first call with each kind of input and keeps the fastest, as ``torch.backends.cudnn.benchmark`` does for
 cuDNN's algorithms; a CUDA graph capture, which cannot time, uses what its warm-up runs measured (time them as
-replays inside :func:`forms_timed_as_cuda_graphs`: launch overhead, which a graph does not pay, counts in eager). Training,
-tracing, scripting, compiling, exporting and ``torch.use_deterministic_algorithms`` take the static rule
-(:func:`static_form`) instead; so does everything after ``autotune_forms(False)`` (or with
+replays inside :func:`forms_timed_as_cuda_graphs`: launch overhead, which a graph does not pay, counts in
+eager). Training, tracing, scripting, compiling, exporting and ``torch.use_deterministic_algorithms`` take the
+static rule (:func:`static_form`) instead; so does everything after ``autotune_forms(False)`` (or with
 ``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's calibration and fine-tuning, which must give
 the same weights on every run). A layer pinned to a form (``layer.pin_form``; the ONNX export pins each layer
 to what runs fastest in ONNX Runtime) computes in that form everywhere.
