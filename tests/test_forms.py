@@ -254,3 +254,22 @@ def test_timing_as_cuda_graphs_leaves_cpu_layers_as_they_are():
             inside = sep(x)
     assert len(sep.tuned_forms()) == 1
     torch.testing.assert_close(inside, outside)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_under_autocast_weights_are_kept_in_its_dtype(channels_last):
+    """Under autocast the dense and slices forms keep their weights in its dtype (cast once, not on every call)
+    and compute what autocast's own casts of the float32 weights give."""
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    if channels_last:
+        sep, x = sep.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    dw = sep.depthwise
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (weight,) = forms.dense_weight(sep)
+        want = torch.nn.functional.conv2d(x, weight, sep.pointwise.bias, dw.stride, dw.padding, dw.dilation)
+        assert torch.equal(FORMS["dense"](sep, x), want)
+        torch.testing.assert_close(FORMS["slices"](sep, x), FORMS["multiplier"](sep, x), rtol=2e-2, atol=2e-2)
+    assert {w.dtype for form in ("dense", "slices") for w in sep._kept[form][1]} == {torch.bfloat16}
+    with torch.no_grad():  # autocast off: float32 kept again
+        torch.testing.assert_close(FORMS["dense"](sep, x), _textbook(sep, x), rtol=1e-5, atol=1e-5)
+    assert sep._kept["dense"][1][0].dtype == torch.float32
