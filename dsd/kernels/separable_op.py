@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-__all__ = ["separable_conv2d", "arranged_separable_conv2d", "arrange_weights", "standard_weights", "fused_supported",
+__all__ = ["separable_conv2d", "arranged_separable_conv2d", "arrange_weights", "standard_weights",
            "reference_separable_conv2d", "interpreted_separable_conv2d", "FUSED_DTYPES", "use_fused_kernel",
            "fused_kernel_enabled"]
 
@@ -64,12 +64,6 @@ def standard_weights(depthwise_taps: torch.Tensor, pointwise_rows: torch.Tensor,
     _, rank, c = depthwise_taps.shape
     return (depthwise_taps.permute(2, 1, 0).reshape(c * rank, 1, *kernel_size),
             pointwise_rows.permute(2, 1, 0).reshape(pointwise_rows.shape[2], c * rank, 1, 1))
-
-
-def fused_supported(x: torch.Tensor, pointwise_weight: torch.Tensor, depthwise_weight: torch.Tensor) -> bool:
-    """Whether the fused kernel runs for these tensors (else the two-conv definition does)."""
-    return (x.is_cuda and x.dtype in FUSED_DTYPES and x.dim() == 4
-            and pointwise_weight.shape[1] == depthwise_weight.shape[0])  # ungrouped pointwise
 
 
 @torch.library.custom_op("dsd::separable_conv2d", mutates_args=())

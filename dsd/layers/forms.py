@@ -144,17 +144,34 @@ def _zero_padded(dw: torch.nn.Conv2d, x: torch.Tensor) -> Tuple[torch.Tensor, Tu
     return x, dw.padding
 
 
-def _kept_in_compute_dtype(layer, form: str, make: Callable[[torch.nn.Module], Tuple[torch.Tensor, ...]],
-                           x: torch.Tensor, layout: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
-    """``layer.kept_weights(form, make, layout)``, kept in autocast's dtype where autocast would cast them for
-    ``x``: autocast caches its casts of leaf parameters at most, so a kept float32 weight was cast again on
-    every call (on this CPU in bf16, a 256-channel 14x14 dense-form layer at batch 1 took 1.4x as long)."""
-    device, weight = x.device.type, layer.depthwise.weight
-    # autocast leaves float64 alone; meta tensors (dsd's shape runs) have no autocast
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device) or weight.dtype == torch.float64:
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast computes ops on ``x`` in; None where it is off (or has no such device: meta tensors)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) \
+        else None
+
+
+Make = Callable[[torch.nn.Module], Tuple[torch.Tensor, ...]]
+
+
+def _kept_in(layer, form: str, make: Make, dtype: torch.dtype,
+             layout: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
+    """``layer.kept_weights(form, make, layout)``, in ``dtype``."""
+    if dtype == layer.depthwise.weight.dtype:
         return layer.kept_weights(form, make, layout)
-    dtype = torch.get_autocast_dtype(device)
     return layer.kept_weights(form, lambda module: tuple(w.to(dtype) for w in make(module)), f"{layout}, {dtype}")
+
+
+def _kept_in_compute_dtype(layer, form: str, make: Make, x: torch.Tensor,
+                           layout: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
+    """The kept weights in autocast's dtype where autocast would cast them for ``x``: autocast caches its casts
+    of leaf parameters at most, so a kept float32 weight was cast again on every call (on this CPU in bf16, a
+    256-channel 14x14 dense-form layer at batch 1 took 1.4x as long)."""
+    weight_dtype = layer.depthwise.weight.dtype
+    dtype = _autocast_dtype(x)
+    if dtype is None or weight_dtype == torch.float64:  # autocast leaves float64 alone
+        dtype = weight_dtype
+    return _kept_in(layer, form, make, dtype, layout)
 
 
 def _channels_last_dense_weight(layer) -> Tuple[torch.Tensor]:
@@ -173,27 +190,19 @@ def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, weight, layer.pointwise.bias, dw.stride, padding, dw.dilation, layer.groups)
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _arranged_weights(dtype: torch.dtype) -> Callable[[torch.nn.Module], Tuple[torch.Tensor, torch.Tensor]]:
-    def make(layer) -> Tuple[torch.Tensor, torch.Tensor]:
-        taps, rows = arrange_weights(layer.depthwise.weight, layer.pointwise.weight, layer.in_channels)
-        return taps.to(dtype), rows.to(dtype)
-    return make
+def _arranged_weights(layer) -> Tuple[torch.Tensor, torch.Tensor]:
+    return arrange_weights(layer.depthwise.weight, layer.pointwise.weight, layer.in_channels)
 
 
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The fused kernel on weights kept in its layout and the input's dtype; autocast does not reach a custom
     op, so its dtype is applied here."""
-    dw, dtype = layer.depthwise, _autocast_dtype(x)
+    dw, dtype = layer.depthwise, _autocast_dtype(x) or x.dtype
     x, padding = _zero_padded(dw, x)
     if layer.groups != 1:  # the kernel takes an ungrouped pointwise conv; the op computes the definition
         return separable_conv2d(x.to(dtype), dw.weight, layer.pointwise.weight, layer.pointwise.bias, dw.stride,
                                 padding, dw.dilation)
-    taps, rows = layer.kept_weights("fused", _arranged_weights(dtype), layout=str(dtype))
+    taps, rows = _kept_in(layer, "fused", _arranged_weights, dtype)
     return arranged_separable_conv2d(x.to(dtype), taps, rows, layer.pointwise.bias, dw.kernel_size, dw.stride,
                                      padding, dw.dilation)
 
@@ -211,7 +220,8 @@ def static_form(layer) -> str:
 def fused_applies(layer, x: torch.Tensor) -> bool:
     """Whether the fused kernel is worth timing for ``layer`` on ``x``: CUDA, a dtype it takes, an ungrouped
     pointwise conv, and the kernel switched on."""
-    return fused_kernel_enabled() and x.is_cuda and layer.groups == 1 and _autocast_dtype(x) in FUSED_DTYPES
+    dtype = _autocast_dtype(x) or x.dtype
+    return fused_kernel_enabled() and x.is_cuda and layer.groups == 1 and dtype in FUSED_DTYPES
 
 
 def candidate_forms(layer, x: Optional[torch.Tensor] = None) -> Tuple[str, ...]:
@@ -231,10 +241,8 @@ def _tunable(x: torch.Tensor) -> bool:
 
 
 def _input_kind(x: torch.Tensor) -> tuple:
-    device = x.device.type
-    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     replayed = _AUTOTUNE["replayed"] and x.is_cuda
-    return tuple(x.shape), x.dtype, x.device, _is_nhwc(x), autocast, torch.get_num_threads(), replayed
+    return tuple(x.shape), x.dtype, x.device, _is_nhwc(x), _autocast_dtype(x), torch.get_num_threads(), replayed
 
 
 def _runs(layer, x: torch.Tensor, name: str) -> bool:
