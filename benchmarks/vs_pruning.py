@@ -5,8 +5,8 @@
 
 dsd converts at rank 1; Torch-Pruning's MagnitudePruner (L2 magnitude, the classifier kept) prunes every conv
 by one ratio, found by bisection so that its conv multiply-adds match dsd's within 2%. BatchNorm is folded in
-all three models. Timed side by side (alternating rounds): eager NCHW, eager channels_last, ONNX Runtime
-(CPU provider, as many threads as torch). In eager PyTorch each model's operator time is also split (torch.profiler,
+all three models. Timed side by side (alternating rounds): eager NCHW, eager channels_last, torch.compile
+(inductor, channels_last), ONNX Runtime (CPU provider, as many threads as torch). In eager PyTorch each model's operator time is also split (torch.profiler,
 one forward): the share in convolutions and in max pooling. Accuracy is not compared here: both start from the
 same weights and both need fine-tuning at this compression.
 """
@@ -113,7 +113,7 @@ def main() -> None:
     macs = {name: conv_macs(m, example) for name, m in models.items()}
     shape = (args.batch_size, 3, 224, 224)
     rows = []
-    for runtime in ("eager NCHW", "eager channels_last", "onnxruntime"):
+    for runtime in ("eager NCHW", "eager channels_last", "compile channels_last", "onnxruntime"):
         per_round: Dict[str, list] = {name: [] for name in models}
         with tempfile.TemporaryDirectory() as folder:
             for _ in range(args.rounds):
@@ -122,13 +122,14 @@ def main() -> None:
                         ms = ort_latency_ms(model, torch.randn(*shape), args.iters, Path(folder), name.replace(" ", "_"))
                     else:
                         settings = BenchmarkSettings(batch_size=args.batch_size, warmup=2, iters=args.iters,
-                                                     channels_last=runtime.endswith("channels_last"))
+                                                     channels_last=runtime.endswith("channels_last"),
+                                                     runtime=runtime.split()[0])
                         ms = time_module(model, shape, settings).median_ms
                     per_round[name].append(ms)
         base = statistics.median(per_round["original"])
         for name, times in per_round.items():
             ms = statistics.median(times)
-            shares = {} if runtime == "onnxruntime" else op_shares(models[name], shape, runtime.endswith("last"))
+            shares = {} if not runtime.startswith("eager") else op_shares(models[name], shape, runtime.endswith("last"))
             rows.append({"model": args.model, "variant": name, "runtime": runtime, "batch": args.batch_size,
                          "conv_macs_share": macs[name] / macs["original"], "median_ms": ms, "speedup": base / ms,
                          **shares})
