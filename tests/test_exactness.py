@@ -132,3 +132,49 @@ def test_factorization_matches_lapack_svd(shape, rank):
     best = (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
     assert rel_error(left @ right, best) < 1e-9
     torch.testing.assert_close(left.norm(dim=-2), right.norm(dim=-1))  # singular values split evenly
+
+
+def test_decoupling_many_layers_together_equals_one_at_a_time():
+    """``decouple_many`` solves the eigenproblems of every layer together, grouped by Gram size, solver and
+    precision; each layer gets what it gets alone: tall and wide, grouped, 1x1 to 7x7 kernels, ranks 1 to full,
+    float32 and float64 weights."""
+    from dsd.layers.decouple import decouple_many
+    torch.manual_seed(0)
+    layers = [(torch.randn(16, 8, 3, 3), 1, 1), (torch.randn(32, 4, 3, 3), 2, 1),
+              (torch.randn(4, 6, 3, 3, dtype=torch.float64), 1, 2), (torch.randn(12, 3, 7, 7), 1, 1),
+              (torch.randn(16, 8, 3, 3, dtype=torch.float64), 1, 1), (torch.randn(12, 8, 3, 3), 1, 9),
+              (torch.randn(8, 5, 5, 5), 1, 3), (torch.randn(6, 6, 1, 1), 1, 1)]
+    together = decouple_many(layers)
+    for (weight, groups, rank), (depthwise, pointwise, error) in zip(layers, together):
+        alone = decouple(weight, groups, rank)
+        assert depthwise.dtype == pointwise.dtype == weight.dtype
+        torch.testing.assert_close(depthwise, alone[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pointwise, alone[1], rtol=1e-12, atol=1e-12)
+        assert error == pytest.approx(alone[2], rel=1e-12, abs=1e-15)
+
+
+def test_building_layers_together_runs_each_initializer_on_its_layers(monkeypatch):
+    """``build_layers`` initialises a conversion's layers in one call per initialiser: dsd's svd batched, any
+    other (here one a user registered) layer by layer; each layer as ``build_layer`` builds it alone."""
+    from dsd.layers.create import build_layer, build_layers, layer_spec
+    from dsd.layers.decouple import _INITIALIZERS
+    calls = []
+
+    def halves(sep, weight, bias):
+        calls.append(sep)
+        for conv in (sep.depthwise, sep.pointwise):
+            conv.weight.data.fill_(0.5)
+        sep.pointwise.bias.data.zero_()
+        return None
+    monkeypatch.setitem(_INITIALIZERS, "halves", halves)
+    convs = [nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2, groups=2), nn.Conv2d(8, 6, 3)]
+    specs = [layer_spec(convs[0], 1, None, False, "svd"), layer_spec(convs[1], 2, None, False, "halves"),
+             layer_spec(convs[2], 3, None, False, "svd")]
+    built = build_layers(list(zip(convs, specs)))
+    assert len(calls) == 1
+    x = torch.randn(2, 4, 9, 9)
+    for conv, spec, (layer, built_spec) in zip(convs, specs, built):
+        alone, alone_spec = build_layer(conv, spec)
+        assert built_spec == alone_spec and (spec.init == "halves") == (built_spec.init_error is None)
+        torch.testing.assert_close(layer.state_dict(), alone.state_dict(), rtol=0, atol=0)
+    assert rel_error(built[0][0](x), convs[0](x)) < 0.9

@@ -22,7 +22,7 @@ from ..calibration import (PatchStats, data_aware_layers, output_sensitivity, pa
                            take_batches)
 from ..errors import DsdError
 from ..flops import count_flops
-from ..layers.create import DATA_INIT, SkipLayer, build_layer
+from ..layers.create import DATA_INIT, SkipLayer, build_layers
 from ..layers.spec import LayerSpec
 from ..modes import output_shape
 from ..module_tree import copy_sharing_convs, own_parameters, swap_modules
@@ -269,8 +269,8 @@ def initialise_layers(eligible: Eligible, records: Dict[str, LayerRecord], optio
             specs.append(spec.with_error(weight_error))
             records[site.name].output_error = output_error ** 0.5  # relative, on the weight error's scale
     else:
-        for site, spec in tqdm(eligible, desc="converting", unit="conv", disable=not progress):
-            layers[site.name], spec = build_layer(site.module, spec)
+        for (site, _), (layer, spec) in zip(eligible, build_layers([(site.module, spec) for site, spec in eligible])):
+            layers[site.name] = layer
             specs.append(spec)
     for (site, _), spec in zip(eligible, specs):
         records[site.name].convert(spec)

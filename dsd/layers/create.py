@@ -1,19 +1,19 @@
 """Plan and build the separable replacement of one conv: ``from_conv`` and the pieces it is made of."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..errors import DsdError
 from .adapters import get_conv_adapter
-from .decouple import full_rank, get_initializer, list_initializers, resample_taps
+from .decouple import full_rank, initialize, list_initializers, resample_taps
 from .padding import conv_padding, matched_padding
 from .separable import DepthwiseSeparableConv2d
 from .spec import LayerSpec
 
-__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "from_conv", "shrink_kernel", "check_layer_args", "check_weight", "effective_weight",
+__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "build_layers", "from_conv", "shrink_kernel", "check_layer_args", "check_weight", "effective_weight",
            "FULL_RANK"]
 
 FULL_RANK = "full"
@@ -130,14 +130,25 @@ def effective_weight(conv: nn.Module, spec: LayerSpec) -> torch.Tensor:
     return resample_taps(get_conv_adapter(conv).effective_weight(conv), spec.tap_step)
 
 
-@torch.no_grad()
 def build_layer(conv: nn.Module, spec: LayerSpec) -> Tuple[DepthwiseSeparableConv2d, LayerSpec]:
     """Build ``spec``'s layer on ``conv``'s device and dtype, initialised from ``conv``'s effective weight."""
-    weight = effective_weight(conv, spec)
+    return build_layers([(conv, spec)])[0]
+
+
+@torch.no_grad()
+def build_layers(pairs: Sequence[Tuple[nn.Module, LayerSpec]]) -> List[Tuple[DepthwiseSeparableConv2d, LayerSpec]]:
+    """:func:`build_layer` for each ``(conv, spec)``, each initialiser run once over all its layers (``svd``
+    decouples them in one batched computation)."""
     # built on meta, then allocated: the initialiser writes every weight, so PyTorch's random init is skipped
-    module = spec.build(device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
-    error = get_initializer(spec.init)(module, weight, conv.bias)
-    return module, spec.with_error(error)
+    modules = [spec.build(device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
+               for conv, spec in pairs]
+    errors: List[Optional[float]] = [None] * len(pairs)
+    for init in dict.fromkeys(spec.init for _, spec in pairs):
+        members = [i for i, (_, spec) in enumerate(pairs) if spec.init == init]
+        triples = [(modules[i], effective_weight(*pairs[i]), pairs[i][0].bias) for i in members]
+        for i, error in zip(members, initialize(init, triples)):
+            errors[i] = error
+    return [(module, spec.with_error(error)) for module, (_, spec), error in zip(modules, pairs, errors)]
 
 
 def from_conv(
