@@ -2,6 +2,7 @@
 floating-point outputs."""
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
@@ -11,11 +12,22 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["eval_mode", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes", "output_shape",
+__all__ = ["eval_mode", "full_precision", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes",
+           "output_shape",
            "floating_outputs", "CallShapes"]
 
 Shape = Tuple[int, ...]
 CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, output shape) per call
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """Autocast off (CPU and CUDA) inside: a conversion run under a caller's autocast would decouple the weights
+    in bfloat16 (a full-rank conversion 4e-3 off its conv instead of 1e-7)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 @contextmanager

@@ -345,3 +345,20 @@ def test_one_error_figure_per_layer_named_by_its_kind():
     stem = records(data)["stem"]
     assert stem.error == stem.output_error and stem.error_kind == "output" and 0 <= stem.error < 1
     assert "(output)" in data.to_markdown() and records(data)["proj"].error is None
+
+
+@pytest.mark.parametrize("init", ["svd", "data"])
+def test_a_conversion_under_autocast_decouples_in_full_precision(init):
+    """A caller's autocast does not reach the decoupling: the same layers as without it (a bfloat16 Gram product
+    put a full-rank conversion 4e-3 off its conv)."""
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(4, 3, 16, 16)
+    kwargs = dict(rank="full", only_if_cheaper=False, init=init)
+    if init == "data":
+        kwargs["calibration_data"] = [x]
+    plain, _ = dsd.convert_model(model, x, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under, _ = dsd.convert_model(model, x, **kwargs)
+    assert torch.is_autocast_enabled("cpu") is False
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(under.state_dict()[key], value, rtol=0, atol=0, msg=key)

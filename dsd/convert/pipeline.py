@@ -24,7 +24,7 @@ from ..errors import DsdError
 from ..flops import count_flops
 from ..layers.create import DATA_INIT, SkipLayer, build_layers
 from ..layers.spec import LayerSpec
-from ..modes import output_shape
+from ..modes import full_precision, output_shape
 from ..module_tree import copy_sharing_convs, own_parameters, swap_modules
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
@@ -48,6 +48,7 @@ class PlanMismatch(DsdError):
     """A conversion plan names layers the model does not have, or has with another geometry."""
 
 
+@full_precision()
 def convert_model(
         model: nn.Module,
         example_inputs: Any = None,
@@ -327,7 +328,8 @@ def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
         problem = spec.fits(conv)
         if problem:
             raise PlanMismatch(f"layer {spec.name!r} {problem}: the plan was made for another model")
-        replacements[spec.name] = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.inference_mode(False):  # as build_layers: weights whose changes a layer can see
+            replacements[spec.name] = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
     swap_modules(model, replacements)
     try:
         return apply_folding(model, plan.folded_batchnorm, with_statistics=False)

@@ -7,13 +7,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import DsdError
+from ..modes import full_precision
 from .adapters import get_conv_adapter
 from .decouple import full_rank, initialize, list_initializers, resample_taps
 from .padding import conv_padding, matched_padding
 from .separable import DepthwiseSeparableConv2d
 from .spec import LayerSpec
 
-__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "build_layers", "from_conv", "shrink_kernel", "check_layer_args", "check_weight", "effective_weight",
+__all__ = ["DATA_INIT", "SkipLayer", "layer_spec", "build_layer", "build_layers", "from_conv", "shrink_kernel",
+           "check_layer_args", "check_weight", "effective_weight",
            "FULL_RANK"]
 
 FULL_RANK = "full"
@@ -136,12 +138,16 @@ def build_layer(conv: nn.Module, spec: LayerSpec) -> Tuple[DepthwiseSeparableCon
 
 
 @torch.no_grad()
+@full_precision()
 def build_layers(pairs: Sequence[Tuple[nn.Module, LayerSpec]]) -> List[Tuple[DepthwiseSeparableConv2d, LayerSpec]]:
     """:func:`build_layer` for each ``(conv, spec)``, each initialiser run once over all its layers (``svd``
     decouples them in one batched computation)."""
-    # built on meta, then allocated: the initialiser writes every weight, so PyTorch's random init is skipped
-    modules = [spec.build(device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
-               for conv, spec in pairs]
+    # built on meta, then allocated: the initialiser writes every weight, so PyTorch's random init is skipped.
+    # Never as inference tensors (a conversion under torch.inference_mode): with no version counter to say when
+    # they change, a layer could not keep its weights' layouts between calls (its dense form ran 1.4x slower)
+    with torch.inference_mode(False):
+        modules = [spec.build(device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
+                   for conv, spec in pairs]
     errors: List[Optional[float]] = [None] * len(pairs)
     for init in dict.fromkeys(spec.init for _, spec in pairs):
         members = [i for i, (_, spec) in enumerate(pairs) if spec.init == init]
