@@ -41,6 +41,8 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "real_weights": "Pretrained weights without fine-tuning: allocation and initialisation compared",
     "budgets_latency": "Latency budgets (only-if-faster, target latency) on this CPU",
     "conversion_time": "Conversion time, in forward passes",
+    "call_overhead": "Host time per call: a separable layer vs the conv it replaced",
+    "call_overhead_gpu": "Host time per call on a GPU: a separable layer vs the conv it replaced",
     "decouple_speed": "Decoupling speed: Gram eigendecomposition vs SVD",
     "onnx_forms": "ONNX export: each layer's form timed in ONNX Runtime vs the static rule",
 }

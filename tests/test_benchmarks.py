@@ -12,6 +12,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 CASES = {
     "conversion_time": ["--models", "resnet18", "--size", "64", "--repeats", "1"],
     "decouple_speed": ["--repeats", "1"],
+    "call_overhead": ["--calls", "10"],
     "finetune_digits": ["--epochs", "1", "--seeds", "0", "--configs", "rank1"],
     "budgets_digits": ["--budgets", "0.5", "--finetune-epochs", "1", "--latency-models"],
     "budgets_latency": ["--budgets", "--latency-models", "resnet18", "--target-latency", "0.8"],

@@ -273,3 +273,27 @@ def test_under_autocast_weights_are_kept_in_its_dtype(channels_last):
     with torch.no_grad():  # autocast off: float32 kept again
         torch.testing.assert_close(FORMS["dense"](sep, x), _textbook(sep, x), rtol=1e-5, atol=1e-5)
     assert sep._kept["dense"][1][0].dtype == torch.float32
+
+
+def test_under_autocast_float64_weights_stay_float64():
+    """Autocast leaves float64 alone; so do the kept weights."""
+    sep, x = _layer(dtype=torch.float64), torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FORMS["dense"](sep, x)
+    assert out.dtype == torch.float64 and sep._kept["dense"][1][0].dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(out, _textbook(sep, x))
+
+
+def test_a_conversion_under_inference_mode_keeps_weight_layouts():
+    """Layers converted (or rebuilt from a plan) under torch.inference_mode get ordinary parameters, whose
+    version counters let them keep their weight layouts between calls; inference tensors have none."""
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+    with torch.inference_mode():
+        converted, report = dsd.convert_model(torch.nn.Sequential(conv), rank=3)
+        rebuilt = dsd.apply_plan(torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, padding=1)), report.plan)
+    for sep in (converted[0], rebuilt[0]):
+        assert not sep.depthwise.weight.is_inference() and not sep.pointwise.weight.is_inference()
+        with torch.inference_mode():
+            FORMS["dense"](sep, torch.randn(1, 16, 5, 5))
+        assert "dense" in sep._kept

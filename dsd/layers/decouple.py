@@ -16,7 +16,9 @@ from .eigen import dominant_eigenvector, eigh, eigvalsh
 from .separable import DepthwiseSeparableConv2d
 
 __all__ = [
-    "decouple", "decouple_many", "Factors", "factorize", "factorize_many", "initialize", "channel_slices", "separable_weights", "relative_error", "load_factors", "rank_errors", "energy_rank", "full_rank", "resample_taps", "register_initializer",
+    "decouple", "decouple_many", "Factors", "factorize", "factorize_many", "initialize", "channel_slices",
+    "separable_weights", "relative_error", "load_factors", "rank_errors", "energy_rank", "full_rank", "resample_taps",
+    "register_initializer",
     "get_initializer", "list_initializers",
 ]
 

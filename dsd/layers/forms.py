@@ -154,24 +154,12 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 Make = Callable[[torch.nn.Module], Tuple[torch.Tensor, ...]]
 
 
-def _kept_in(layer, form: str, make: Make, dtype: torch.dtype,
-             layout: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
-    """``layer.kept_weights(form, make, layout)``, in ``dtype``."""
-    if dtype == layer.depthwise.weight.dtype:
-        return layer.kept_weights(form, make, layout)
-    return layer.kept_weights(form, lambda module: tuple(w.to(dtype) for w in make(module)), f"{layout}, {dtype}")
-
-
 def _kept_in_compute_dtype(layer, form: str, make: Make, x: torch.Tensor,
                            layout: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
     """The kept weights in autocast's dtype where autocast would cast them for ``x``: autocast caches its casts
     of leaf parameters at most, so a kept float32 weight was cast again on every call (on this CPU in bf16, a
     256-channel 14x14 dense-form layer at batch 1 took 1.4x as long)."""
-    weight_dtype = layer.depthwise.weight.dtype
-    dtype = _autocast_dtype(x)
-    if dtype is None or weight_dtype == torch.float64:  # autocast leaves float64 alone
-        dtype = weight_dtype
-    return _kept_in(layer, form, make, dtype, layout)
+    return layer.kept_weights(form, make, layout, _autocast_dtype(x))
 
 
 def _channels_last_dense_weight(layer) -> Tuple[torch.Tensor]:
@@ -202,7 +190,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.groups != 1:  # the kernel takes an ungrouped pointwise conv; the op computes the definition
         return separable_conv2d(x.to(dtype), dw.weight, layer.pointwise.weight, layer.pointwise.bias, dw.stride,
                                 padding, dw.dilation)
-    taps, rows = _kept_in(layer, "fused", _arranged_weights, dtype)
+    taps, rows = layer.kept_weights("fused", _arranged_weights, dtype=dtype)
     return arranged_separable_conv2d(x.to(dtype), taps, rows, layer.pointwise.bias, dw.kernel_size, dw.stride,
                                      padding, dw.dilation)
 
