@@ -376,6 +376,19 @@ def test_export_onnx_writes_each_layer_in_its_fastest_form_for_any_batch(tmp_pat
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def test_export_onnx_under_autocast_writes_the_models_precision(tmp_path):
+    """A caller's autocast does not reach the export: float32 convs, as ONNX Runtime's CPU provider takes them."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    torch.manual_seed(0)
+    model, _ = dsd.convert_model(Net().eval(), torch.randn(1, 3, 16, 16), rank=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dsd.export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", forms="static") < 1e-4
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    types = {t.data_type for t in graph.initializer}
+    assert onnx.TensorProto.FLOAT in types and not types & {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16}
+
+
 def test_a_rank_r_candidate_in_onnxruntime_counts_as_its_fastest_form(monkeypatch):
     """measure_layer times each form an unpinned rank-r layer may be exported in and keeps the fastest; a dense
     conv, a rank-1 layer and a pinned layer are timed as they are; other runtimes time the layer as it is."""

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..convert.fold_bn import fold_batchnorm
 from ..errors import DsdError
 from ..fileio import atomic_path
-from ..modes import eval_mode
+from ..modes import eval_mode, full_precision
 from ..timing.latency import pin_onnxruntime_forms
 from ..timing.runtimes import export_onnx_model
 from ..timing.settings import BenchmarkSettings
@@ -24,6 +24,7 @@ FORM_CHOICES = ("timed", "static")
 
 
 @torch.no_grad()
+@full_precision()
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike],
                 rtol: float = 1e-3, atol: float = 1e-4, fold_bn: bool = True, forms: str = "timed",
                 dynamic_batch: bool = True, progress: bool = False) -> float:
@@ -34,7 +35,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
     ``example``'s shape (:func:`dsd.timing.pin_onnxruntime_forms`; each layer timed alone, through the
     layer-timing cache); ``"static"`` exports the static rule's forms. Layers pinned already keep their form.
     ``dynamic_batch``: the file takes any batch size (a model that does not export so is exported at
-    ``example``'s batch, with a warning)."""
+    ``example``'s batch, with a warning). A caller's autocast is off inside: the file computes in the model's own
+    precision (under bfloat16 autocast the export had bfloat16 convs, which ONNX Runtime's CPU provider refuses)."""
     if forms not in FORM_CHOICES:
         raise DsdError(f"forms must be one of {list(FORM_CHOICES)}, got {forms!r}")
     try:

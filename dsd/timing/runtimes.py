@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..modes import full_precision
 from .settings import BenchmarkSettings
 
 __all__ = ["Step", "RUNTIME_HANDLERS", "prepare_step", "on_device", "export_onnx_model", "onnxruntime_session"]
@@ -84,6 +85,7 @@ class _GraphReplay:
         self.graph.replay()
 
 
+@full_precision()  # an export under a caller's autocast would write its dtype's convs into the file
 def export_onnx_model(module: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = False) -> None:
     """``torch.onnx.export`` (the dynamo exporter, weights inside the file), quietly; ``dynamic_batch``: the
     first input dimension symbolic, so the file runs at any batch size."""
