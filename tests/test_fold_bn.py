@@ -97,3 +97,16 @@ def test_fold_bn_on_the_command_line_reloads_exactly(tmp_path, monkeypatch):
     with torch.no_grad():
         assert _relative(converted(x), reloaded(x)) < 1e-5
     assert not any(isinstance(m, nn.BatchNorm2d) for m in reloaded.modules())
+
+
+def test_folding_under_inference_mode_keeps_weight_layouts():
+    """Folded under torch.inference_mode, a separable layer's weights are still ordinary tensors (inference
+    tensors have no version counter, so its forms could not keep their weight layouts)."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)).eval()
+    converted, _ = dsd.convert_model(model, torch.randn(1, 8, 6, 6), rank=2)
+    with torch.inference_mode():
+        folded = dsd.fold_batchnorm(converted)
+        layer = folded[0]
+        assert not any(p.is_inference() for p in layer.parameters())
+        layer.pin_form("dense")(torch.randn(1, 8, 6, 6))
+    assert "dense" in layer._kept

@@ -99,11 +99,14 @@ def apply_folding(model: nn.Module, pairs: Sequence[Pair], with_statistics: bool
     return swap_modules(model, replacements)
 
 
+@torch.inference_mode(False)
 def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every eval-mode BatchNorm that directly follows a conv (dense or separable) into that conv.
 
     The outputs stay those of the unfolded model in eval mode (within float rounding); the model is copied
     unless ``inplace``. ``find_foldable(model)`` tells which pairs this folds and what could not be traced.
+    Under ``torch.inference_mode`` too, the weights it makes are ordinary tensors: a separable layer keeps its
+    weights' layouts only where their version counters tell it when they change.
     """
     model = model if inplace else copy.deepcopy(model)
     return apply_folding(model, find_foldable(model).pairs)
