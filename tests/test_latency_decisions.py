@@ -457,3 +457,19 @@ def test_timed_inputs_come_in_the_autocast_dtype():
             return x
     measure([Probe()], (1, 3, 4, 4), BenchmarkSettings(dtype="bfloat16", warmup=0, iters=1))
     assert seen == [torch.bfloat16]
+
+
+def test_float32_timing_is_float32_under_a_callers_autocast():
+    """``measure`` in float32 settings times float32 even where the caller has autocast on."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), (x @ x.mT).dtype))
+            return x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measure([Probe()], (1, 4, 4), BenchmarkSettings(warmup=0, iters=1))
+        float32_calls = len(seen)
+        measure([Probe()], (1, 4, 4), BenchmarkSettings(warmup=0, iters=1, dtype="bfloat16"))
+    assert float32_calls and set(seen[:float32_calls]) == {(False, torch.float32)}
+    assert set(seen[float32_calls:]) == {(True, torch.bfloat16)}

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..layers.forms import candidate_forms, forms_timed_as_cuda_graphs, static_form
 from ..layers.separable import DepthwiseSeparableConv2d
-from ..modes import call_shapes, eval_mode
+from ..modes import call_shapes, eval_mode, full_precision
 from . import cache
 from .runtimes import on_device, prepare_step
 from .settings import DTYPES, BenchmarkSettings
@@ -33,7 +33,7 @@ __all__ = ["measure", "measure_layer", "time_module", "model_latency", "layer_la
 def _measuring(settings: BenchmarkSettings) -> Iterator[None]:
     """Inference mode, autocast, cudnn.benchmark and the thread count for the whole measurement; CUDA graphs
     have their layers' forms timed as replays."""
-    autocast = contextlib.nullcontext()
+    autocast = full_precision()  # float32 means float32 under a caller's autocast too
     if settings.dtype != "float32" and settings.runtime != "onnxruntime":
         # a captured CUDA graph must not hold autocast's cached weight casts
         autocast = torch.autocast(torch.device(settings.device).type, dtype=DTYPES[settings.dtype],
