@@ -1,5 +1,5 @@
-"""Looking at a model without changing it: eval mode, recorded call shapes, a forward on meta tensors, its
-floating-point outputs."""
+"""Looking at a model without changing it: eval mode, autocast off, recorded call shapes, a forward on meta
+tensors, its floating-point outputs."""
 from __future__ import annotations
 
 import contextlib
