@@ -60,6 +60,7 @@ def test_distillation_loss_terms():
     assert distillation_loss(teacher, labels, cfg, teacher).kd.abs() < 1e-6
 
 
+@pytest.mark.slow  # about a minute each on a 2-core CPU: CI's slow pass runs it
 def test_resume_reaches_the_same_result(tmp_path, digits_cache):
     straight = finetune(recipe(tmp_path / "a", "schedule.epochs=2"), progress=False)
     finetune(recipe(tmp_path / "b", "schedule.epochs=2"), progress=False, stop_after_epoch=1)
@@ -217,6 +218,7 @@ def test_batchnorm_recalibration_changes_running_stats_only():
             torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # about a minute each on a 2-core CPU: CI's slow pass runs it
 def test_demo_end_to_end(tmp_path, digits_cache):
     result = subprocess.run([str(BIN / "dsd"), "demo", "--epochs", "1", "--output-dir", str(tmp_path / "demo")],
                             capture_output=True, text=True, env={**os.environ, "DSD_CACHE": str(digits_cache)},
