@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import dsd
 from _results import write
-from dsd.layers.forms import candidate_forms
+from dsd.layers.forms import candidate_forms, choose_form
 
 
 def per_call_us(call: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
@@ -42,25 +42,24 @@ def rows_for(device: str, calls: int) -> List[Dict[str, object]]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1).eval().to(device)
+    layers = {rank: dsd.convert_model(nn.Sequential(conv), rank=rank)[0][0] for rank in (1, 2)}
     x = torch.randn(1, 16, 4, 4, device=device)
     rows = []
     for dtype in ("float32", "bfloat16"):
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
         with torch.inference_mode(), autocast:
-            dense_us = per_call_us(lambda: conv(x), calls, sync)
-            for rank in (1, 2):
-                layer, _ = dsd.convert_model(nn.Sequential(conv), rank=rank)
-                layer = layer[0]
+            conv_us = per_call_us(lambda: conv(x), calls, sync)
+            for rank, layer in layers.items():
                 for form in (None, *candidate_forms(layer, x)):
                     layer.pin_form(form)
                     layer(x)
-                    chosen = form or next(iter(layer.tuned_forms().values()))
+                    chosen = choose_form(layer, x)  # the pinned form, or the one timed fastest for this input
                     us = per_call_us(lambda: layer(x), calls, sync)
                     rows.append({"device": device, "dtype": dtype, "rank": rank,
-                                 "form": form or f"timed ({chosen})", "conv_us": dense_us, "layer_us": us,
-                                 "overhead_us": us - dense_us})
-                    print(f"{device:5} {dtype:9} rank {rank} {rows[-1]['form']:20} conv {dense_us:7.1f} us  "
-                          f"layer {us:7.1f} us  +{us - dense_us:6.1f}", flush=True)
+                                 "form": form or f"timed ({chosen})", "conv_us": conv_us, "layer_us": us,
+                                 "overhead_us": us - conv_us})
+                    print(f"{device:5} {dtype:9} rank {rank} {rows[-1]['form']:20} conv {conv_us:7.1f} us  "
+                          f"layer {us:7.1f} us  +{us - conv_us:6.1f}", flush=True)
     return rows
 
 

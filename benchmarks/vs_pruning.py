@@ -6,8 +6,8 @@
 dsd converts at rank 1; Torch-Pruning's MagnitudePruner (L2 magnitude, the classifier kept) prunes every conv
 by one ratio, found by bisection so that its conv multiply-adds match dsd's within 2%. BatchNorm is folded in
 all three models. Timed side by side (alternating rounds): eager NCHW, eager channels_last, torch.compile
-(inductor, channels_last), ONNX Runtime (CPU provider, as many threads as torch). In eager PyTorch each model's operator time is also split (torch.profiler,
-one forward): the share in convolutions and in max pooling. Accuracy is not compared here: both start from the
+(inductor, channels_last), ONNX Runtime (CPU provider, as many threads as torch). In eager PyTorch each model's
+operator time is also split (torch.profiler, one forward): the share in convolutions and in max pooling. Accuracy is not compared here: both start from the
 same weights and both need fine-tuning at this compression.
 """
 from __future__ import annotations
@@ -129,7 +129,8 @@ def main() -> None:
         base = statistics.median(per_round["original"])
         for name, times in per_round.items():
             ms = statistics.median(times)
-            shares = {} if not runtime.startswith("eager") else op_shares(models[name], shape, runtime.endswith("last"))
+            eager = runtime.startswith("eager")
+            shares = op_shares(models[name], shape, runtime.endswith("last")) if eager else {}
             rows.append({"model": args.model, "variant": name, "runtime": runtime, "batch": args.batch_size,
                          "conv_macs_share": macs[name] / macs["original"], "median_ms": ms, "speedup": base / ms,
                          **shares})

@@ -2,8 +2,7 @@
 tensors, its floating-point outputs."""
 from __future__ import annotations
 
-import contextlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
@@ -13,8 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["eval_mode", "full_precision", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes",
-           "output_shape",
-           "floating_outputs", "CallShapes"]
+           "output_shape", "floating_outputs", "CallShapes"]
 
 Shape = Tuple[int, ...]
 CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, output shape) per call
@@ -24,7 +22,7 @@ CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, outpu
 def full_precision() -> Iterator[None]:
     """Autocast off (CPU and CUDA) inside: a conversion run under a caller's autocast would decouple the weights
     in bfloat16 (a full-rank conversion 4e-3 off its conv instead of 1e-7)."""
-    with contextlib.ExitStack() as stack:
+    with ExitStack() as stack:
         for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
             stack.enter_context(torch.autocast(device, enabled=False))
         yield
