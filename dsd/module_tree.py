@@ -8,11 +8,12 @@ stays shared.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
 
-__all__ = ["swap_modules", "copy_sharing_convs", "own_parameters"]
+__all__ = ["swap_modules", "copy_sharing_convs", "deepcopy_module", "own_parameters"]
 
 
 def swap_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> nn.Module:
@@ -35,7 +36,52 @@ def copy_sharing_convs(model: nn.Module) -> Tuple[nn.Module, Dict[int, nn.Parame
     in place, and :func:`own_parameters` gives the copy its own of those it still holds.
     """
     shared = {id(p): p for module in model.modules() if isinstance(module, nn.Conv2d) for p in module.parameters()}
-    return copy.deepcopy(model, dict(shared)), shared
+    return deepcopy_module(model, dict(shared)), shared
+
+
+_ATOMIC = (bool, int, float, str, type(None))
+_CONTAINERS = (dict, OrderedDict, set)
+
+
+def _copies_as_a_plain_module(cls: type) -> bool:
+    """Whether ``copy.deepcopy`` copies instances of ``cls`` as it copies any ``nn.Module``: no copy or pickle
+    protocol of its own."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
+            and cls.__setstate__ is nn.Module.__setstate__)
+
+
+def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, about twice as fast on a module tree.
+
+    ``deepcopy`` reconstructs each module through its pickle protocol, a dozen empty hook dicts included
+    (resnet18: 5,000 calls). For a module whose class keeps the default protocol the state is copied here
+    directly: children recursively, parameters and buffers one by one, empty containers and plain values made
+    or kept as they are, everything else by ``deepcopy`` with the same ``memo`` (so sharing and ties are kept).
+    Any other module is left to ``deepcopy``.
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if not _copies_as_a_plain_module(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            value = type(value)((name, child if child is None else deepcopy_module(child, memo))
+                                for name, child in value.items())
+        elif key in ("_parameters", "_buffers"):
+            value = type(value)((name, copy.deepcopy(tensor, memo)) for name, tensor in value.items())
+        elif type(value) in _CONTAINERS and not value:  # one new container per original, as deepcopy shares it
+            value = memo.setdefault(id(value), type(value)())
+        elif type(value) not in _ATOMIC:
+            value = copy.deepcopy(value, memo)
+        state[key] = value
+    new.__dict__.update(state)
+    return new
 
 
 def own_parameters(model: nn.Module, shared: Dict[int, nn.Parameter]) -> None:
