@@ -9,7 +9,7 @@ import torch.nn as nn
 from ..errors import DsdError
 from ..modes import full_precision
 from .adapters import get_conv_adapter
-from .decouple import full_rank, initialize, list_initializers, resample_taps
+from .decouple import assigns_parameters, full_rank, initialize, list_initializers, resample_taps
 from .padding import conv_padding, matched_padding
 from .separable import DepthwiseSeparableConv2d
 from .spec import LayerSpec
@@ -142,18 +142,22 @@ def build_layer(conv: nn.Module, spec: LayerSpec) -> Tuple[DepthwiseSeparableCon
 def build_layers(pairs: Sequence[Tuple[nn.Module, LayerSpec]]) -> List[Tuple[DepthwiseSeparableConv2d, LayerSpec]]:
     """:func:`build_layer` for each ``(conv, spec)``, each initialiser run once over all its layers (``svd``
     decouples them in one batched computation)."""
-    # built on meta, then allocated: the initialiser writes every weight, so PyTorch's random init is skipped.
-    # Never as inference tensors (a conversion under torch.inference_mode): with no version counter to say when
-    # they change, a layer could not keep its weights' layouts between calls (its dense form ran 1.4x slower)
-    with torch.inference_mode(False):
-        modules = [spec.build(device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
-                   for conv, spec in pairs]
+    # built on meta; svd gives them the decoupled tensors as parameters, other initialisers get them allocated and
+    # write every weight (PyTorch's random init is skipped either way). Never as inference tensors (a conversion
+    # under torch.inference_mode): with no version counter to say when they change, a layer could not keep its
+    # weights' layouts between calls (its dense form ran 1.4x slower)
     errors: List[Optional[float]] = [None] * len(pairs)
-    for init in dict.fromkeys(spec.init for _, spec in pairs):
-        members = [i for i, (_, spec) in enumerate(pairs) if spec.init == init]
-        triples = [(modules[i], effective_weight(*pairs[i]), pairs[i][0].bias) for i in members]
-        for i, error in zip(members, initialize(init, triples)):
-            errors[i] = error
+    with torch.inference_mode(False):
+        modules = [spec.build(device="meta", dtype=conv.weight.dtype) for conv, spec in pairs]
+        for init in dict.fromkeys(spec.init for _, spec in pairs):
+            members = [i for i, (_, spec) in enumerate(pairs) if spec.init == init]
+            assign = assigns_parameters(init)
+            if not assign:
+                for i in members:
+                    modules[i] = modules[i].to_empty(device=pairs[i][0].weight.device)
+            triples = [(modules[i], effective_weight(*pairs[i]), pairs[i][0].bias) for i in members]
+            for i, error in zip(members, initialize(init, triples, assign)):
+                errors[i] = error
     return [(module, spec.with_error(error)) for module, (_, spec), error in zip(modules, pairs, errors)]
 
 

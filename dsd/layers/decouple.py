@@ -17,7 +17,8 @@ from .separable import DepthwiseSeparableConv2d
 
 __all__ = [
     "decouple", "decouple_many", "Factors", "factorize", "factorize_many", "initialize", "channel_slices",
-    "separable_weights", "relative_error", "load_factors", "rank_errors", "energy_rank", "full_rank", "resample_taps",
+    "separable_weights", "relative_error", "load_factors", "assigns_parameters", "rank_errors", "energy_rank",
+    "full_rank", "resample_taps",
     "register_initializer",
     "get_initializer", "list_initializers",
 ]
@@ -200,20 +201,32 @@ def resample_taps(weight: torch.Tensor, step: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def load_factors(sep: DepthwiseSeparableConv2d, depthwise: torch.Tensor, pointwise: torch.Tensor,
-                 bias: Optional[torch.Tensor]) -> None:
-    """Copy decoupled weights into ``sep``; the dense conv's bias (or zeros) goes to the pointwise conv."""
-    sep.depthwise.weight.copy_(depthwise)
-    sep.pointwise.weight.copy_(pointwise)
+                 bias: Optional[torch.Tensor], assign: bool = False) -> None:
+    """Copy decoupled weights into ``sep``; the dense conv's bias (or zeros) goes to the pointwise conv.
+
+    ``assign=True`` makes them ``sep``'s parameters instead (its own copy of the bias), as
+    ``load_state_dict(assign=True)`` does: ``sep`` may then be a layer built on the meta device.
+    """
+    if not assign:
+        sep.depthwise.weight.copy_(depthwise)
+        sep.pointwise.weight.copy_(pointwise)
+        if sep.pointwise.bias is not None:
+            sep.pointwise.bias.copy_(bias if bias is not None else torch.zeros_like(sep.pointwise.bias))
+        return
+    sep.depthwise.weight = nn.Parameter(depthwise)
+    sep.pointwise.weight = nn.Parameter(pointwise)
     if sep.pointwise.bias is not None:
-        sep.pointwise.bias.copy_(bias if bias is not None else torch.zeros_like(sep.pointwise.bias))
+        own = pointwise.new_zeros(sep.out_channels) if bias is None else bias.detach().to(pointwise.dtype, copy=True)
+        sep.pointwise.bias = nn.Parameter(own)
 
 
-def svd_layers(layers: Sequence[Tuple[DepthwiseSeparableConv2d, torch.Tensor, Optional[torch.Tensor]]]
-               ) -> List[float]:
-    """The ``svd`` initialiser over many layers at once (:func:`decouple_many`)."""
+def svd_layers(layers: Sequence[Tuple[DepthwiseSeparableConv2d, torch.Tensor, Optional[torch.Tensor]]],
+               assign: bool = False) -> List[float]:
+    """The ``svd`` initialiser over many layers at once (:func:`decouple_many`); ``assign``: as in
+    :func:`load_factors`."""
     decoupled = decouple_many([(weight, sep.groups, sep.rank) for sep, weight, _ in layers])
     for (sep, _, bias), (depthwise, pointwise, _) in zip(layers, decoupled):
-        load_factors(sep, depthwise, pointwise, bias)
+        load_factors(sep, depthwise, pointwise, bias, assign)
     return [error for _, _, error in decoupled]
 
 
@@ -222,12 +235,18 @@ def svd_init(sep: DepthwiseSeparableConv2d, weight: torch.Tensor, bias: Optional
     return svd_layers([(sep, weight, bias)])[0]
 
 
-def initialize(name: str, layers: Sequence[Tuple[DepthwiseSeparableConv2d, torch.Tensor, Optional[torch.Tensor]]]
-               ) -> List[Optional[float]]:
+def assigns_parameters(name: str) -> bool:
+    """Whether :func:`initialize` with ``assign=True`` gives initialiser ``name``'s layers new parameters (dsd's
+    ``svd``: its layers may be built on the meta device and never allocated twice) instead of writing them."""
+    return _INITIALIZERS.get(name) is svd_init
+
+
+def initialize(name: str, layers: Sequence[Tuple[DepthwiseSeparableConv2d, torch.Tensor, Optional[torch.Tensor]]],
+               assign: bool = False) -> List[Optional[float]]:
     """Initialiser ``name`` over ``(separable, weight, bias)`` triples; the errors it returns, in order. dsd's
-    ``svd`` decouples them all in one batched computation."""
-    if _INITIALIZERS.get(name) is svd_init:
-        return svd_layers(layers)
+    ``svd`` decouples them all in one batched computation (and with ``assign``, see :func:`assigns_parameters`)."""
+    if assigns_parameters(name):
+        return svd_layers(layers, assign)
     initializer = get_initializer(name)
     return [initializer(*layer) for layer in layers]
 

@@ -75,6 +75,6 @@ def dominant_eigenvector(gram: torch.Tensor, precision: torch.dtype = torch.floa
         power, spare = spare, power
         if step % _RENORMALISE_EVERY == 0:
             power.div_(_trace(power).clamp_min(small))
-    column = power.diagonal(dim1=-2, dim2=-1).argmax(-1, keepdim=True)
+    column = power.diagonal(dim1=-2, dim2=-1).contiguous().argmax(-1, keepdim=True)  # 6x slower on the strided view
     vector = power.gather(-1, column[..., None, :].expand(*power.shape[:-1], 1)).squeeze(-1).to(gram.dtype)
     return vector / vector.norm(dim=-1, keepdim=True).clamp_min(tiny)
