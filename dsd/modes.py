@@ -2,8 +2,9 @@
 tensors, its floating-point outputs."""
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack, contextmanager
-from typing import Any, Dict, Iterator, List, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -90,12 +91,82 @@ def _inference_batch_norm(func, args: tuple, kwargs: dict) -> bool:
         args[5] if len(args) > 5 else kwargs.get("training", True))
 
 
-class _ShapeOnlyBatchNorm(TorchDispatchMode):
-    """Inference BatchNorm on meta tensors as what it is, a shape-preserving op.
+INPLACE, OUT_OF_PLACE = "in place", "out of place"
+_UNTAGGED_ELEMENTWISE = {"aten::hardswish", "aten::hardswish_"}  # element-wise, not tagged pointwise in ATen
 
-    PyTorch computes its meta result through the Python decomposition of the whole normalisation: three
-    quarters of a meta forward of resnet18, which then cost as much as a real forward at batch 1. Batch
-    statistics (training, or no running statistics) take PyTorch's own path.
+
+@functools.lru_cache(maxsize=None)
+def _elementwise(func) -> Optional[str]:
+    """:data:`INPLACE` or :data:`OUT_OF_PLACE` for an element-wise ATen op with one result (its shape: the
+    broadcast of its inputs', or its ``self``'s in place), else None. An in-place op is element-wise where it
+    or its out-of-place twin is tagged so (``hardswish_`` is not, ``hardswish`` is)."""
+    tags = set(func.tags)
+    if func._schema.name in _UNTAGGED_ELEMENTWISE:
+        tags.add(torch.Tag.pointwise)
+    if len(func._schema.returns) != 1 or torch.Tag.out in tags:
+        return None
+    if torch.Tag.inplace in tags:
+        twin = getattr(getattr(torch.ops.aten, func._schema.name.split("::")[-1].rstrip("_"), None),
+                       func._overloadname, None)
+        return INPLACE if torch.Tag.pointwise in tags or (twin is not None and _elementwise(twin) == OUT_OF_PLACE) \
+            else None
+    return OUT_OF_PLACE if torch.Tag.pointwise in tags and not func._schema.is_mutable else None
+
+
+def _signature(value: Any) -> Any:
+    """What an element-wise op's result dtype depends on: tensors' dtypes (and their dimensions: a 0-dim tensor
+    promotes like a scalar), scalars' types."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.dim()
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    return type(value)
+
+
+_result_dtypes: Dict[tuple, torch.dtype] = {}
+
+
+def _result_dtype(func, args: tuple, kwargs: dict) -> torch.dtype:
+    """The dtype of ``func(*args, **kwargs)``, found once per op and signature on one-element CPU tensors (the
+    real kernel: microseconds, where many ops' meta kernels are Python decompositions of a millisecond)."""
+    key = (func, _signature(args), tuple((k, _signature(v)) for k, v in sorted(kwargs.items())))
+    if key not in _result_dtypes:
+        def tiny(t):
+            return torch.ones((1,) * t.dim(), dtype=t.dtype) if isinstance(t, torch.Tensor) else t
+        _result_dtypes[key] = func(*tree_map(tiny, args), **tree_map(tiny, kwargs)).dtype
+    return _result_dtypes[key]
+
+
+def _elementwise_on_meta(func, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """An element-wise op's result on meta tensors without its meta kernel (None: not such an op, or not on meta)."""
+    kind = _elementwise(func)
+    if kind is None:
+        return None
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    if not tensors or not all(t.device.type == "meta" or t.dim() == 0 for t in tensors) \
+            or not any(t.device.type == "meta" for t in tensors):
+        return None
+    if kind == INPLACE:
+        return args[0] if isinstance(args[0], torch.Tensor) and args[0].device.type == "meta" else None
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    try:
+        dtype = _result_dtype(func, args, kwargs)
+    except Exception:  # no CPU kernel for these dtypes: the meta kernel decides
+        return None
+    like = next((t for t in tensors if t.shape == shape and t.device.type == "meta"), None)
+    if like is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.empty_like(like, dtype=dtype, memory_format=kwargs.get("memory_format", torch.preserve_format))
+
+
+class _ShapeOnly(TorchDispatchMode):
+    """Inference BatchNorm and element-wise ops on meta tensors as what they are, shape-preserving or broadcasting.
+
+    PyTorch computes many of their meta results through Python decompositions: the whole normalisation (three
+    quarters of a meta forward of resnet18, which then cost as much as a real forward at batch 1), and ``relu``,
+    ``hardswish``, ``hardtanh``, ``gelu``, ``add`` at 0.2-3 ms a call (mobilenetv3_large_100's meta forward took
+    77 ms, four times its real one). Batch statistics (training, or no running statistics) and every other op
+    take PyTorch's own path.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -104,7 +175,8 @@ class _ShapeOnlyBatchNorm(TorchDispatchMode):
             x = args[0]
             statistic = x.new_empty((x.shape[1],))  # the saved statistics, as the meta kernel shapes them
             return torch.empty_like(x), statistic, statistic
-        return func(*args, **kwargs)
+        result = _elementwise_on_meta(func, args, kwargs)
+        return func(*args, **kwargs) if result is None else result
 
 
 @torch.no_grad()
@@ -117,7 +189,7 @@ def run_on_meta(model: nn.Module, args: Tuple[Any, ...]) -> bool:
     """
     with attributes_kept(model):
         try:
-            with _ShapeOnlyBatchNorm():
+            with _ShapeOnly():
                 functional_call(model, _meta_state(model), tree_map(_meta, args), strict=True)
         except Exception:  # any failure on meta tensors: the real run decides
             return False
@@ -137,7 +209,7 @@ def call_shapes(model: nn.Module, args: Tuple[Any, ...], modules: Mapping[str, n
 def output_shape(module: nn.Module, input_shape: Shape) -> Shape:
     """The shape of ``module(x)`` for ``x`` of ``input_shape`` (in the module's dtype), computed on meta tensors."""
     x = torch.empty(input_shape, dtype=next(module.parameters()).dtype, device="meta")
-    with _ShapeOnlyBatchNorm():
+    with _ShapeOnly():
         return tuple(functional_call(module, _meta_state(module), (x,)).shape)
 
 

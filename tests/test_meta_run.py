@@ -1,4 +1,5 @@
 """Shapes from a forward on meta tensors: the same as a real run's, and never a trace left on the model."""
+import pytest
 import timm
 import torch
 import torch.nn as nn
@@ -103,3 +104,48 @@ def test_output_shape_of_a_separable_layer_is_its_dense_convs():
     conv = nn.Conv2d(16, 32, 5, stride=2, padding=3, dilation=2)
     layer, _ = dsd.convert_model(nn.Sequential(conv), torch.randn(1, 16, 20, 20), rank=2)
     assert output_shape(layer[0], (3, 16, 21, 17)) == tuple(conv(torch.randn(3, 16, 21, 17)).shape)
+
+
+A = torch.ops.aten
+ELEMENTWISE_CALLS = [  # (op, argument shapes and dtypes, other arguments): broadcasts, promotions, bool results
+    (A.add.Tensor, [((2, 1, 5), torch.float32), ((3, 1), torch.float16)], {}),
+    (A.add.Tensor, [((4, 3), torch.bfloat16), ((), torch.float32)], {}),  # a 0-dim tensor promotes as a scalar
+    (A.mul.Tensor, [((4, 3), torch.int64), ((3,), torch.float16)], {}),
+    (A.div.Tensor, [((4, 3), torch.int32), ((4, 3), torch.int32)], {}),  # integers to float
+    (A.eq.Tensor, [((2, 3), torch.float32), ((2, 1), torch.float32)], {}),  # bool
+    (A.where.self, [((2, 1), torch.bool), ((2, 3), torch.float16), ((3,), torch.float32)], {}),
+    (A.relu.default, [((2, 3, 4), torch.bfloat16)], {}),
+    (A.hardswish.default, [((2, 3, 4), torch.float32)], {}),  # not tagged element-wise in ATen
+    (A.hardtanh.default, [((2, 3), torch.float32)], {"min_val": 0.0, "max_val": 6.0}),
+    (A.gelu.default, [((2, 3), torch.float32)], {"approximate": "tanh"}),
+    (A.add.Scalar, [((2, 3), torch.int64)], {"other": 2.5}),
+    (A.clone.default, [((2, 3, 4, 5), torch.float32)], {"memory_format": torch.channels_last}),
+]
+
+
+@pytest.mark.parametrize("op, tensors, others", ELEMENTWISE_CALLS, ids=lambda v: str(v) if callable(v) else None)
+def test_elementwise_ops_short_cut_on_meta_give_their_meta_kernels_shape_dtype_and_layout(op, tensors, others):
+    from dsd.modes import _elementwise_on_meta
+    args = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in tensors]
+    ours = _elementwise_on_meta(op, tuple(args), others)
+    theirs = op(*args, **others)
+    assert ours is not None
+    assert (ours.shape, ours.dtype, ours.stride(), ours.is_meta) == (theirs.shape, theirs.dtype, theirs.stride(), True)
+
+
+def test_in_place_elementwise_ops_short_cut_on_meta_return_their_input():
+    from dsd.modes import _elementwise_on_meta
+    x, y = torch.empty(2, 3, 4, device="meta"), torch.empty(3, 1, device="meta")
+    for op, args in ((A.hardswish_.default, (x,)), (A.add_.Tensor, (x, y)), (A.relu_.default, (x,))):
+        assert _elementwise_on_meta(op, args, {}) is x
+    assert _elementwise_on_meta(A.mean.dim, (x, [1]), {}) is None  # a reduction: PyTorch's own meta kernel
+    assert _elementwise_on_meta(A.add.Tensor, (torch.ones(2), torch.ones(2)), {}) is None  # real tensors: computed
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "efficientnet_b0", "regnety_016", "convnext_tiny"])
+def test_meta_run_of_models_with_many_elementwise_ops_gives_a_real_runs_shapes(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 64, 72)
+    with record_shapes(_convs(model)) as calls:
+        assert run_on_meta(model, (x,))
+    assert calls == _real_shapes(model, x)
