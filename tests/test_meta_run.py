@@ -107,7 +107,7 @@ def test_output_shape_of_a_separable_layer_is_its_dense_convs():
 
 
 A = torch.ops.aten
-ELEMENTWISE_CALLS = [  # (op, argument shapes and dtypes, other arguments): broadcasts, promotions, bool results
+SHORT_CUT_CALLS = [  # (op, argument shapes and dtypes, other arguments): broadcasts, promotions, bool results
     (A.add.Tensor, [((2, 1, 5), torch.float32), ((3, 1), torch.float16)], {}),
     (A.add.Tensor, [((4, 3), torch.bfloat16), ((), torch.float32)], {}),  # a 0-dim tensor promotes as a scalar
     (A.mul.Tensor, [((4, 3), torch.int64), ((3,), torch.float16)], {}),
@@ -120,26 +120,33 @@ ELEMENTWISE_CALLS = [  # (op, argument shapes and dtypes, other arguments): broa
     (A.gelu.default, [((2, 3), torch.float32)], {"approximate": "tanh"}),
     (A.add.Scalar, [((2, 3), torch.int64)], {"other": 2.5}),
     (A.clone.default, [((2, 3, 4, 5), torch.float32)], {"memory_format": torch.channels_last}),
+    (A.mean.dim, [((2, 3, 4, 5), torch.float32)], {"dim": [-1, 2], "keepdim": True}),
+    (A.mean.dim, [((2, 3, 4, 5), torch.bfloat16)], {"dim": [1]}),
+    (A.sum.dim_IntList, [((2, 3, 4), torch.int32)], {"dim": None}),  # every dim; integers sum to int64
+    (A.amax.default, [((2, 3, 4), torch.float16)], {"dim": [0, 2]}),
+    (A.var.correction, [((2, 3, 4), torch.float32)], {"dim": [1], "correction": 0, "keepdim": True}),
+    (A.any.dim, [((2, 3, 4), torch.float32)], {"dim": -2}),  # one dim, bool result
 ]
 
 
-@pytest.mark.parametrize("op, tensors, others", ELEMENTWISE_CALLS, ids=lambda v: str(v) if callable(v) else None)
-def test_elementwise_ops_short_cut_on_meta_give_their_meta_kernels_shape_dtype_and_layout(op, tensors, others):
-    from dsd.modes import _elementwise_on_meta
+@pytest.mark.parametrize("op, tensors, others", SHORT_CUT_CALLS, ids=lambda v: str(v) if callable(v) else None)
+def test_ops_short_cut_on_meta_give_their_meta_kernels_shape_dtype_and_layout(op, tensors, others):
+    from dsd.modes import _result_on_meta
     args = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in tensors]
-    ours = _elementwise_on_meta(op, tuple(args), others)
+    ours = _result_on_meta(op, tuple(args), others)
     theirs = op(*args, **others)
     assert ours is not None
     assert (ours.shape, ours.dtype, ours.stride(), ours.is_meta) == (theirs.shape, theirs.dtype, theirs.stride(), True)
 
 
-def test_in_place_elementwise_ops_short_cut_on_meta_return_their_input():
-    from dsd.modes import _elementwise_on_meta
+def test_in_place_elementwise_ops_short_cut_on_meta_return_their_input_and_other_ops_are_left_alone():
+    from dsd.modes import _result_on_meta
     x, y = torch.empty(2, 3, 4, device="meta"), torch.empty(3, 1, device="meta")
     for op, args in ((A.hardswish_.default, (x,)), (A.add_.Tensor, (x, y)), (A.relu_.default, (x,))):
-        assert _elementwise_on_meta(op, args, {}) is x
-    assert _elementwise_on_meta(A.mean.dim, (x, [1]), {}) is None  # a reduction: PyTorch's own meta kernel
-    assert _elementwise_on_meta(A.add.Tensor, (torch.ones(2), torch.ones(2)), {}) is None  # real tensors: computed
+        assert _result_on_meta(op, args, {}) is x
+    assert _result_on_meta(A.max.dim, (x, 1), {}) is None  # two results
+    assert _result_on_meta(A.convolution.default, (x,) * 2 + (None, [1], [0], [1], False, [0], 1), {}) is None
+    assert _result_on_meta(A.add.Tensor, (torch.ones(2), torch.ones(2)), {}) is None  # real tensors: computed
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_large_100", "efficientnet_b0", "regnety_016", "convnext_tiny"])
@@ -149,3 +156,14 @@ def test_meta_run_of_models_with_many_elementwise_ops_gives_a_real_runs_shapes(n
     with record_shapes(_convs(model)) as calls:
         assert run_on_meta(model, (x,))
     assert calls == _real_shapes(model, x)
+
+
+def test_short_cut_results_keep_the_layout_the_meta_kernel_gives():
+    from dsd.modes import _result_on_meta
+    channels_last = torch.empty(2, 3, 4, 5, device="meta").to(memory_format=torch.channels_last)
+    transposed = torch.empty(3, 4, 5, device="meta").transpose(0, 2)
+    expanded = torch.empty(3, 1, 5, device="meta").expand(3, 4, 5)
+    for x in (channels_last, transposed, expanded):
+        for op, args in ((A.relu.default, (x,)), (A.add.Tensor, (x, x)), (A.mul.Tensor, (x, torch.tensor(2.0)))):
+            ours, theirs = _result_on_meta(op, args, {}), op(*args)
+            assert (ours.shape, ours.stride(), ours.dtype) == (theirs.shape, theirs.stride(), theirs.dtype)
