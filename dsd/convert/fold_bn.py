@@ -18,7 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..module_tree import swap_modules
-from .trace import trace
+from .trace import trace_graph
 
 __all__ = ["FoldPlan", "find_foldable", "apply_folding", "fold_batchnorm"]
 
@@ -50,7 +50,7 @@ def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
     """Every (conv, BatchNorm) pair where the norm's only input is the conv and the conv's only user the norm."""
     plan = FoldPlan()
     try:
-        gm = trace(model)
+        graph = trace_graph(model)
     except Exception:  # data-dependent control flow: look inside each child instead
         children = list(model.named_children())
         if not children:
@@ -58,15 +58,15 @@ def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
         for name, child in children:
             plan.add(find_foldable(child, f"{prefix}{name}."))
         return plan
-    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
-    for node in gm.graph.nodes:
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for node in graph.nodes:
         if node.op != "call_module":
             continue
-        module = gm.get_submodule(node.target)
+        module = model.get_submodule(node.target)
         source = node.args[0] if node.args else None
         if _foldable_norm(module) and not module.training and calls[node.target] == 1 \
                 and getattr(source, "op", None) == "call_module" and calls[source.target] == 1 \
-                and len(source.users) == 1 and _foldable_conv(gm.get_submodule(source.target)):
+                and len(source.users) == 1 and _foldable_conv(model.get_submodule(source.target)):
             plan.pairs.append((prefix + source.target, prefix + node.target))
         elif next(module.children(), None) is not None and not _foldable_conv(module):
             plan.add(find_foldable(module, f"{prefix}{node.target}."))  # a leaf module of the tracer

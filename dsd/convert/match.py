@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..errors import DsdError
 from ..modes import CallShapes, call_shapes, eval_mode
-from .trace import trace
+from .trace import GraphRunner, trace_graph
 
 __all__ = ["ConvSite", "ModelAnalysis", "analyze", "FOUND_BY_GRAPH", "FOUND_BY_MODULES", "as_args"]
 
@@ -95,17 +95,17 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
     modules = {site.name: site.module for site in sites}
     with eval_mode(model):
         try:
-            gm = trace(model)
+            graph = trace_graph(model)
             if example_inputs is not None:
-                _set_calls(sites, call_shapes(gm, as_args(example_inputs), modules))
+                _set_calls(sites, call_shapes(GraphRunner(model, graph), as_args(example_inputs), modules))
                 analysis.ran = True
             analysis.traced = True
         except Exception as error:  # any tracing or graph-execution failure means: use the module tree
             analysis.trace_error = _short_error(error)
         if analysis.traced:
-            called = [node.target for node in gm.graph.nodes if node.op == "call_module"]
+            called = [node.target for node in graph.nodes if node.op == "call_module"]
             for target in called:
-                site = by_id.get(id(gm.get_submodule(target)))
+                site = by_id.get(id(model.get_submodule(target)))
                 if site is not None:
                     site.found_by = FOUND_BY_GRAPH
                     if not analysis.ran:
