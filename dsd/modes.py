@@ -3,6 +3,7 @@ tensors, its floating-point outputs."""
 from __future__ import annotations
 
 import functools
+import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -138,7 +139,9 @@ def _result_dtype(func, args: tuple, kwargs: dict) -> torch.dtype:
     if key not in _result_dtypes:
         def tiny(t):
             return torch.ones((1,) * t.dim(), dtype=t.dtype) if isinstance(t, torch.Tensor) else t
-        _result_dtypes[key] = func(*tree_map(tiny, args), **tree_map(tiny, kwargs)).dtype
+        with warnings.catch_warnings():  # what one element says of itself (std: "degrees of freedom <= 0")
+            warnings.simplefilter("ignore")
+            _result_dtypes[key] = func(*tree_map(tiny, args), **tree_map(tiny, kwargs)).dtype
     return _result_dtypes[key]
 
 
@@ -147,7 +150,7 @@ def _reduced_shape(func, args: tuple, kwargs: dict) -> Shape:
     bound = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value if a.has_default_value()
                                                                 else None) for i, a in enumerate(arguments)}
     x, dims, keepdim = bound["self"], bound["dim"], bound["keepdim"]
-    dims = range(x.dim()) if dims is None or dims == [] else [dims] if isinstance(dims, int) else dims
+    dims = [dims] if isinstance(dims, int) else range(x.dim()) if dims is None or len(dims) == 0 else dims
     reduced = {d % x.dim() for d in dims}
     return tuple(1 if i in reduced else size for i, size in enumerate(x.shape) if keepdim or i not in reduced)
 
