@@ -92,15 +92,15 @@ def _inference_batch_norm(func, args: tuple, kwargs: dict) -> bool:
         args[5] if len(args) > 5 else kwargs.get("training", True))
 
 
-INPLACE, BROADCAST, REDUCTION = "in place", "broadcast", "reduction"
+_INPLACE, _BROADCAST, _REDUCTION = "in place", "broadcast", "reduction"
 _UNTAGGED_ELEMENTWISE = {"aten::hardswish", "aten::hardswish_"}  # element-wise, not tagged pointwise in ATen
 
 
 @functools.lru_cache(maxsize=None)
 def _shape_rule(func) -> Optional[str]:
     """How an ATen op with one result shapes it from its inputs, where that is all there is to its shape:
-    :data:`INPLACE` (an element-wise op on its ``self``), :data:`BROADCAST` (element-wise: the broadcast of its
-    inputs), :data:`REDUCTION` (over ``dim``, ``keepdim``), else None. An in-place op is element-wise where it or
+    ``in place`` (an element-wise op on its ``self``), ``broadcast`` (element-wise: the broadcast of its
+    inputs), ``reduction`` (over ``dim``, ``keepdim``), else None. An in-place op is element-wise where it or
     its out-of-place twin is tagged so (``hardswish_`` is not, ``hardswish`` is)."""
     tags, schema = set(func.tags), func._schema
     if schema.name in _UNTAGGED_ELEMENTWISE:
@@ -109,13 +109,14 @@ def _shape_rule(func) -> Optional[str]:
         return None
     if torch.Tag.inplace in tags:
         twin = getattr(getattr(torch.ops.aten, schema.name.split("::")[-1].rstrip("_"), None), func._overloadname, None)
-        return INPLACE if torch.Tag.pointwise in tags or (twin is not None and _shape_rule(twin) == BROADCAST) else None
+        elementwise = torch.Tag.pointwise in tags or (twin is not None and _shape_rule(twin) == _BROADCAST)
+        return _INPLACE if elementwise else None
     if schema.is_mutable:
         return None
     if torch.Tag.pointwise in tags:
-        return BROADCAST
+        return _BROADCAST
     names = [argument.name for argument in schema.arguments]
-    return REDUCTION if torch.Tag.reduction in tags and names[:1] == ["self"] and {"dim", "keepdim"} <= set(names) \
+    return _REDUCTION if torch.Tag.reduction in tags and names[:1] == ["self"] and {"dim", "keepdim"} <= set(names) \
         else None
 
 
@@ -189,15 +190,15 @@ def _result_on_meta(func, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     if not tensors or not all(t.device.type == "meta" or t.dim() == 0 for t in tensors) \
             or not any(t.device.type == "meta" for t in tensors):
         return None
-    if rule == INPLACE:
+    if rule == _INPLACE:
         return args[0] if isinstance(args[0], torch.Tensor) and args[0].device.type == "meta" else None
-    if rule == REDUCTION and tensors[0].dim() == 0:
+    if rule == _REDUCTION and tensors[0].dim() == 0:
         return None
     try:
         dtype = _result_dtype(func, args, kwargs)
     except Exception:  # no CPU kernel for these dtypes: the meta kernel decides
         return None
-    if rule == REDUCTION:
+    if rule == _REDUCTION:
         return _empty_meta(_reduced_shape(func, args, kwargs), dtype)
     shapes = {t.shape for t in tensors}
     shape = shapes.pop() if len(shapes) == 1 else torch.broadcast_shapes(*shapes)

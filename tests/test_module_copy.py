@@ -26,7 +26,8 @@ def assert_copied(copied: nn.Module, original: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("build", [lambda: timm.create_model("resnet18"), lambda: timm.create_model("efficientnet_b0"),
-                                   lambda: torchvision.models.mobilenet_v3_small(), lambda: torchvision.models.vgg11_bn()],
+                                   lambda: torchvision.models.mobilenet_v3_small(),
+                                   lambda: torchvision.models.vgg11_bn()],
                          ids=["timm-resnet18", "timm-efficientnet_b0", "tv-mobilenet_v3_small", "tv-vgg11_bn"])
 def test_real_models_copy_as_deepcopy_does(build):
     torch.manual_seed(0)
