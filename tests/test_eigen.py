@@ -58,6 +58,33 @@ def test_dominant_eigenvector_captures_the_top_eigenvalue(n, gap, scale, seed, p
         torch.testing.assert_close((vector * expected).sum(-1).abs(), torch.ones(3, dtype=torch.float64))
 
 
+def test_dominant_eigenvector_stops_squaring_the_converged_matrices(monkeypatch):
+    """In one batch, well separated spectra stop after a few squarings and tied, nearly tied and zero matrices run
+    all of them; every vector still captures the top eigenvalue to the docstring's bound, at its place in the
+    batch."""
+    squared = []
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b, **kw: squared.append(a.shape[0]) or matmul(a, b, **kw))
+    torch.manual_seed(0)
+    separated = torch.tensor([1.0, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    tied = torch.tensor([1.0, 1.0 - 1e-7, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    grams = torch.cat([_psd_with_spectrum(separated, 5), _psd_with_spectrum(tied, 2),
+                       torch.zeros(1, 9, 9, dtype=torch.float64), _psd_with_spectrum(separated * 1e-3, 4)])
+    order = torch.randperm(len(grams))
+    grams = grams[order].reshape(3, 4, 9, 9)
+    vector = eigen.dominant_eigenvector(grams, torch.float32)
+    assert vector.shape == (3, 4, 9)
+    top = torch.linalg.eigvalsh(grams)[..., -1]
+    captured = torch.einsum("...i,...ij,...j->...", vector, grams, vector)
+    assert (captured >= top * (1 - 1e-6)).all()
+    assert len(squared) == eigen.SQUARINGS and squared[0] == 12 and squared[-1] == 3  # ties and zero: every step
+    assert sum(squared) <= 12 * 9 + 3 * (eigen.SQUARINGS - 9)  # the separated ones stop by the ninth squaring
+    well_separated = (order < 5) | (order >= 8)
+    expected = torch.linalg.eigh(grams)[1][..., -1].reshape(12, 9)[well_separated]
+    torch.testing.assert_close((vector.reshape(12, 9)[well_separated] * expected).sum(-1).abs(),
+                               torch.ones(int(well_separated.sum()), dtype=torch.float64))
+
+
 def test_dominant_eigenvector_of_a_zero_matrix_is_zero():
     vector = eigen.dominant_eigenvector(torch.zeros(2, 4, 9, 9, dtype=torch.float64))
     assert vector.shape == (2, 4, 9) and not vector.any()

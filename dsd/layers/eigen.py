@@ -15,6 +15,7 @@ __all__ = ["eigh", "eigvalsh", "dominant_eigenvector", "SQUARINGS"]
 
 SQUARINGS = 24  # G^(2^24): eigenvalues more than ~1e-6 below the top one decay to nothing
 _RENORMALISE_EVERY = 4  # a trace-normalised PSD matrix has top eigenvalue >= 1/n: 4 squarings stay above n^-16
+_CONVERGED = 1e-6  # 1 - trace(P^2) of a converged P (float32 squaring's rounding: ~1e-7 of it)
 _FLOAT32_SQUARING_SIZE = 128  # 128^-16 = 2e-34: still a normal float32
 _MIN_SPLIT = 64  # matrices per thread below which one LAPACK loop is quicker than handing work to a thread
 _pool: Optional[ThreadPoolExecutor] = None
@@ -62,19 +63,34 @@ def dominant_eigenvector(gram: torch.Tensor, precision: torch.dtype = torch.floa
     (the Gram matrices of float32 weights) squares in float32 up to 128x128 (a trace-normalised matrix stays
     above 128^-16 between renormalisations): the vector is then as precise as those weights. A zero matrix
     gives a zero vector.
+
+    A matrix stops squaring once its trace-normalised power P is a rank-1 projection to within
+    ``1 - trace(P^2) <= _CONVERGED`` (the trace of the next square, looked at after each renormalisation): its column
+    then captures all but about n * 1e-12 of the top eigenvalue. Well separated spectra get there in 5 to 13
+    squarings; tied or nearly tied ones run all ``SQUARINGS``.
     """
-    n = gram.shape[-1]
+    n, batch = gram.shape[-1], gram.shape[:-2]
     tiny = torch.finfo(gram.dtype).tiny
-    power = gram / _trace(gram).clamp_min(tiny)
+    power = (gram / _trace(gram).clamp_min(tiny)).reshape(-1, n, n)
     if precision == torch.float32 and n <= _FLOAT32_SQUARING_SIZE:
         power = power.to(torch.float32)
     small = torch.finfo(power.dtype).tiny
+    result, pending = torch.empty_like(power), torch.arange(power.shape[0], device=power.device)
     spare = torch.empty_like(power)  # the squares alternate between two buffers: no allocation per step
     for step in range(1, SQUARINGS + 1):
         torch.matmul(power, power, out=spare)
         power, spare = spare, power
         if step % _RENORMALISE_EVERY == 0:
             power.div_(_trace(power).clamp_min(small))
-    column = power.diagonal(dim1=-2, dim2=-1).contiguous().argmax(-1, keepdim=True)  # 6x slower on the strided view
-    vector = power.gather(-1, column[..., None, :].expand(*power.shape[:-1], 1)).squeeze(-1).to(gram.dtype)
-    return vector / vector.norm(dim=-1, keepdim=True).clamp_min(tiny)
+        elif step % _RENORMALISE_EVERY == 1 and 1 < step < SQUARINGS:  # the square of a trace-one matrix
+            converged = power.diagonal(dim1=-2, dim2=-1).sum(-1) >= 1 - _CONVERGED
+            if converged.any():
+                result[pending[converged]] = power[converged]
+                power, pending = power[~converged], pending[~converged]
+                spare = torch.empty_like(power)
+                if not len(pending):
+                    break
+    result[pending] = power
+    column = result.diagonal(dim1=-2, dim2=-1).contiguous().argmax(-1, keepdim=True)  # 6x slower on the strided view
+    vector = result.gather(-1, column[..., None, :].expand(*result.shape[:-1], 1)).squeeze(-1).to(gram.dtype)
+    return (vector / vector.norm(dim=-1, keepdim=True).clamp_min(tiny)).reshape(*batch, n)
