@@ -101,3 +101,20 @@ def test_rank_one_decoupling_is_the_best_rank_one_approximation(shape):
     assert error == pytest.approx(best, rel=1e-6, abs=1e-7)
     approximation = pointwise.double()[:, :, 0, 0].T[:, :, None] * depthwise.double().reshape(shape[1], 1, -1)
     assert ((w - approximation).norm() / w.norm()).item() == pytest.approx(best, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 9])
+def test_decoupling_zero_and_rank_deficient_channels(rank):
+    """A channel of zero weights and channels of rank 2 (zero singular values at ranks above 2): finite factors,
+    zero for the dead channel, and the reconstruction exact wherever the rank covers the channel's own."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 4, 3, 3, dtype=torch.float64)
+    weight[:, 1] = 0
+    weight[:, 2:] = (torch.randn(2, 16, 2, dtype=torch.float64) @ torch.randn(2, 2, 9, dtype=torch.float64)
+                     ).permute(1, 0, 2).reshape(16, 2, 3, 3)
+    depthwise, pointwise, _ = decouple(weight, 1, rank)
+    assert torch.isfinite(depthwise).all() and torch.isfinite(pointwise).all()
+    assert not depthwise.reshape(4, rank, 9)[1].any() and not pointwise.reshape(16, 4, rank)[:, 1].any()
+    approximation = torch.einsum("ocr,crk->ock", pointwise.reshape(16, 4, rank), depthwise.reshape(4, rank, 9))
+    exact = [1, 2, 3] if rank >= 2 else [1]
+    torch.testing.assert_close(approximation[:, exact], weight.reshape(16, 4, 9)[:, exact], rtol=0, atol=1e-10)

@@ -51,8 +51,9 @@ def full_rank(out_channels: int, groups: int, kernel_size: Sequence[int]) -> int
 
 
 def _safe_divide(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """x / d where d > 0, else 0 (a zero singular value's component carries nothing)."""
-    return torch.where(d > 0, x / d.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(x))
+    """x / d where d > 0, else 0 (a zero singular value's component carries nothing); ``d`` broadcasts to ``x``
+    and is the smaller: its reciprocal is taken there, so ``x`` is read once."""
+    return x * torch.where(d > 0, d.clamp_min(torch.finfo(d.dtype).tiny).reciprocal(), 0)
 
 
 class Factors(NamedTuple):
