@@ -6,11 +6,13 @@ table stays cheap as it grows: add a row for every error found later.
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 
 from dsd.cli.main import convert_main, main
@@ -28,6 +30,12 @@ def _state_dict_files(folder: Path) -> None:
     nan["layer1.0.conv1.weight"] = torch.full_like(nan["layer1.0.conv1.weight"], float("nan"))
     torch.save(nan, folder / "nan.pt")
     torch.save(timm.create_model("resnet18"), folder / "whole.pt")
+    (folder / "cut.pt").write_bytes((folder / "r18.pt").read_bytes()[:(folder / "r18.pt").stat().st_size // 2])
+    torch.save([1, 2, 3], folder / "list.pt")
+    with warnings.catch_warnings():  # TorchScript is deprecated; users still hold such archives
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3))).save(str(folder / "scripted.pt"))
+    torch.save(nn.Sequential(nn.Linear(4, 4)).state_dict(), folder / "mlp.pt")
     (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     (folder / "empty.pt").write_bytes(b"")
     (folder / "model.onnx").write_bytes(b"onnx")
@@ -48,12 +56,15 @@ def _plans(folder: Path) -> None:
     (folder / "noweights.plan.json").write_text(json.dumps(base))
     (folder / "list.yaml").write_text("- 1\n- 2\n")
     (folder / "broken.yaml").write_text("data: [unclosed\n")
-    (folder / "mynets.py").write_text("import torch.nn as nn\ndef small():\n    return nn.Conv2d(3, 4, 3)\n")
+    (folder / "mynets.py").write_text("import torch.nn as nn\ndef small():\n    return nn.Conv2d(3, 4, 3)\n"
+                                      "def mlp():\n    return nn.Sequential(nn.Linear(4, 4))\n")
 
 
-CONVERT = [  # dsd-convert arguments, a fragment of the one-line error
+CONVERT = [  # dsd-convert arguments, a fragment (or a tuple of fragments) of the one-line error
     (["timm:resnet18", "--rank", "0"], "must be at least 1"),
+    (["timm:resnet18", "--rank", "-2"], "must be at least 1"),
     (["timm:resnet18", "--rank", "x"], "is not an integer"),
+    (["timm:resnet18", "--rank", "1.5"], "is not an integer"),
     (["timm:resnet18", "--dilation", "0"], "dilation must be an integer >= 1"),
     (["timm:resnet18", "--init", "zeros"], "unknown init 'zeros'"),
     (["timm:resnet18", "--init", "data"], "need calibration data: add --calib"),
@@ -82,15 +93,24 @@ CONVERT = [  # dsd-convert arguments, a fragment of the one-line error
     (["timm:resnet18", "--batch-size", "0"], "batch_size must be an integer >= 1"),
     (["timm:resnet18", "--calib", "no_such_folder"], "not a folder"),
     (["timm:resnt18"], "timm has no model 'resnt18'"),
+    (["timm:resnet51"], ("timm has no model 'resnet51'", "resnet50")),
     (["torchvision:resnt18"], "torchvision has no model 'resnt18'"),
+    (["torchvision:resnet_18"], ("torchvision has no model", "resnet18")),
     (["dsd:nope"], "no built-in model 'nope'"),
     (["timm:"], "names no model"),
     (["missing.pt"], "no such file"),
     (["a_dir"], "is a directory"),
     (["empty.pt"], "is empty"),
-    (["model.onnx"], "unsupported file type '.onnx'"),
+    (["model.onnx"], ("unsupported file type '.onnx'", "supported:")),
+    (["scripted.pt"], "TorchScript archive"),
+    (["cut.pt", "--arch", "timm:resnet18"], "truncated or corrupt"),
+    (["list.pt"], "holds a list, not a state dict or a model"),
     (["r18.pt"], "say which model it belongs to with --arch"),
     (["r18.pt", "--arch", "timm:resnet50"], "does not fit timm:resnet50"),
+    (["r18.pt", "--arch", "timm:resnet34"], ("does not fit timm:resnet34", "missing: layer1.2.conv1.weight")),
+    (["r18.pt", "--arch", "timm:resnet18", "--arch-kwarg", "num_classes=10"],
+     ("wrong shape: fc.weight", "num_classes")),
+    (["mlp.pt", "--arch", "mynets:mlp", "--trust-code", "--input-size", "1", "1", "4"], "has no nn.Conv2d layers"),
     (["r18.pt", "--arch", "nonsense"], "is not of the form"),
     (["int.pt", "--arch", "timm:resnet18"], "holds torch.int64 values"),
     (["nan.pt", "--arch", "timm:resnet18"], "NaN or inf weight values"),
@@ -107,11 +127,13 @@ CONVERT = [  # dsd-convert arguments, a fragment of the one-line error
     (["noweights.plan.json"], "are missing"),
     (["timm:resnet18", "-o", "x.pt"], "give a *.safetensors path"),
     (["timm:resnet18", "-o", "r18.pt/x.safetensors"], "is not a writable directory"),
+    (["timm:resnet18", "-o", "/proc/x.safetensors"], "not writable"),
+    (["existing.safetensors", "--arch", "timm:resnet18", "-o", "existing.safetensors", "--force"], "is also an input"),
     (["timm:resnet18", "-o", "existing.safetensors"], "exists; pass --force"),
     (["timm:resnet18", "--json", "r.json", "--md", "r.json", "--force"], "named for two outputs"),
     (["timm:resnet18", "--json", "resnet18_dsd.plan.json", "--force"], "named for two outputs"),
     (["r18.pt", "--arch", "timm:resnet18", "--json", "r18.pt", "--force"], "is also an input"),
-    (["timm:resnet18", "--input-size", "1", "32", "32"], "does not run on example inputs"),
+    (["timm:resnet18", "--input-size", "1", "32", "32"], "does not run on example inputs of shape (1, 1, 32, 32)"),
 ]
 
 DSD = [  # dsd arguments
@@ -159,10 +181,14 @@ def _run(entry, argv, folder, monkeypatch, capsys):
     return code, err, {p: t for p, t in before.items() if "__pycache__" not in p.parts}, after
 
 
+def _fragments(fragment):
+    return fragment if isinstance(fragment, tuple) else (fragment,)
+
+
 @pytest.mark.parametrize("argv,fragment", CONVERT)
 def test_dsd_convert_refuses(workdir, monkeypatch, capsys, argv, fragment):
     code, err, before, after = _run(convert_main, [*SMALL, *argv], workdir, monkeypatch, capsys)
-    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert code == 2 and len(err) == 1 and all(f in err[0] for f in _fragments(fragment)), err
     assert after == before, "a refused run wrote, changed or removed files"
     assert not (workdir / "code_ran").exists()
 

@@ -1,4 +1,5 @@
-"""The installed console scripts, run as a user would: every input format, every bad input, no stray files."""
+"""The installed console scripts, run as a user would: every input format, their refusals, no stray files (the table
+of bad inputs runs in-process: tests/test_bad_inputs.py)."""
 import os
 import pathlib
 import subprocess
@@ -8,7 +9,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 import dsd
@@ -141,21 +141,11 @@ def test_keep_receptive_field_skips_small_kernels_with_a_reason(tmp_path):
 
 # -- bad input: exit 2, one line, nothing written ----------------------------------------------------
 
-def test_missing_file_directory_empty_truncated(tmp_path, resnet_state_dict):
+def test_console_script_refuses_in_one_line_with_exit_2(tmp_path):
+    """The installed script's refusal as a user meets it; every other bad input is in test_bad_inputs.py's table,
+    run in-process through the same entry point."""
     assert_refused(run(tmp_path / "nope.pt", *SMALL, cwd=tmp_path), "no such file")
-    (tmp_path / "adir.pt").mkdir()
-    assert_refused(run(tmp_path / "adir.pt", *SMALL, cwd=tmp_path), "is a directory")
-    (tmp_path / "empty.pt").write_bytes(b"")
-    assert_refused(run(tmp_path / "empty.pt", *SMALL, cwd=tmp_path), "is empty")
-    data = resnet_state_dict.read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    assert_refused(run(tmp_path / "cut.pt", "--arch", "timm:resnet18", *SMALL, cwd=tmp_path), "truncated or corrupt")
-    assert files(tmp_path) == ["adir.pt", "cut.pt", "empty.pt", "weights.pt"]
-
-
-def test_pickle_holding_no_model(tmp_path):
-    torch.save([1, 2, 3], tmp_path / "list.pt")
-    assert_refused(run(tmp_path / "list.pt", *SMALL, cwd=tmp_path), "holds a list, not a state dict or a model")
+    assert files(tmp_path) == []
 
 
 class Marker:
@@ -172,72 +162,6 @@ def test_malicious_pickle_does_not_execute(tmp_path):
     assert not marker.exists()
     assert_refused(run(tmp_path / "evil.pt", *SMALL, cwd=tmp_path), "--trust-pickle")
     assert not marker.exists()
-
-
-def test_state_dict_without_arch_or_not_fitting(tmp_path, resnet_state_dict):
-    assert_refused(run(resnet_state_dict, *SMALL, cwd=tmp_path), "--arch")
-    assert_refused(run(resnet_state_dict, "--arch", "timm:resnet34", *SMALL, cwd=tmp_path),
-                   "does not fit timm:resnet34", "missing: layer1.2.conv1.weight")
-    assert_refused(run(resnet_state_dict, "--arch", "timm:resnet18", "--arch-kwarg", "num_classes=10", *SMALL,
-                       cwd=tmp_path), "wrong shape: fc.weight", "num_classes")
-
-
-def test_unknown_names_suggest_close_ones(tmp_path):
-    assert_refused(run("timm:resnet51", *SMALL, cwd=tmp_path), "timm has no model 'resnet51'", "resnet50")
-    assert_refused(run("torchvision:resnet_18", *SMALL, cwd=tmp_path), "torchvision has no model", "resnet18")
-
-
-def test_unsupported_formats(tmp_path):
-    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3)))
-    scripted.save(str(tmp_path / "scripted.pt"))
-    assert_refused(run(tmp_path / "scripted.pt", *SMALL, cwd=tmp_path), "TorchScript archive")
-    (tmp_path / "model.onnx").write_bytes(b"x")
-    assert_refused(run(tmp_path / "model.onnx", *SMALL, cwd=tmp_path), "unsupported file type '.onnx'", "supported:")
-
-
-def test_model_without_conv2d_is_an_error(tmp_path):
-    """Documented choice: nothing to convert is exit 2 (the input was probably not the intended model)."""
-    torch.save(nn.Sequential(nn.Linear(4, 4)).state_dict(), tmp_path / "mlp.pt")
-    (tmp_path / "mlps.py").write_text("import torch.nn as nn\ndef mlp():\n    return nn.Sequential(nn.Linear(4, 4))\n")
-    result = run(tmp_path / "mlp.pt", "--arch", "mlps:mlp", "--trust-code", "--input-size", "1", "1", "4", "--quiet", cwd=tmp_path,
-                 env={"PYTHONPATH": str(tmp_path)})
-    assert_refused(result, "has no nn.Conv2d layers")
-    assert files(tmp_path) == ["mlp.pt", "mlps.py"]
-
-
-@pytest.mark.parametrize("args,fragment", [
-    (["--rank", "0"], "must be at least 1"), (["--rank", "-2"], "must be at least 1"),
-    (["--rank", "1.5"], "is not an integer"), (["--dilation", "0"], "dilation must be an integer >= 1"),
-    (["--init", "zeros"], "unknown init 'zeros'"), (["--target-flops", "1.5"], "must be a fraction in (0, 1]"),
-    (["--exclude", "re:(["], "not a valid regular expression"), (["--iters", "0"], "iters must be an integer >= 1"),
-])
-def test_bad_options(tmp_path, args, fragment):
-    result = run("timm:resnet18", *args, *SMALL, cwd=tmp_path)
-    assert result.returncode == 2 and fragment in result.stderr
-    assert files(tmp_path) == []
-
-
-def test_wrong_input_size(tmp_path):
-    assert_refused(run("timm:resnet18", "--input-size", "1", "32", "32", "--quiet", cwd=tmp_path),
-                   "does not run on example inputs of shape (1, 1, 32, 32)")
-    assert files(tmp_path) == []
-
-
-def test_output_paths_refused(tmp_path, resnet_state_dict):
-    assert_refused(run("timm:resnet18", "-o", tmp_path / "weights.pt" / "x.safetensors", *SMALL, cwd=tmp_path),
-                   "is not a writable directory")
-    assert_refused(run("timm:resnet18", "-o", "/proc/x.safetensors", *SMALL, cwd=tmp_path), "not writable")
-    assert_refused(run("timm:resnet18", "-o", tmp_path / "x.pt", *SMALL, cwd=tmp_path), "*.safetensors")
-    copy = tmp_path / "same.safetensors"
-    save_file(timm.create_model("resnet18").state_dict(), str(copy))
-    assert_refused(run(copy, "--arch", "timm:resnet18", "-o", copy, "--force", *SMALL, cwd=tmp_path),
-                   "is also an input")
-    assert run("timm:resnet18", *SMALL, cwd=tmp_path).returncode == 0
-    before = (tmp_path / "resnet18_dsd.safetensors").stat().st_mtime_ns
-    assert_refused(run("timm:resnet18", *SMALL, cwd=tmp_path), "exists; pass --force")
-    assert (tmp_path / "resnet18_dsd.safetensors").stat().st_mtime_ns == before
-    assert run("timm:resnet18", "--force", *SMALL, cwd=tmp_path).returncode == 0
-    assert files(tmp_path) == ["resnet18_dsd.plan.json", "resnet18_dsd.safetensors", "same.safetensors", "weights.pt"]
 
 
 def test_output_into_a_new_folder_creates_it(tmp_path):
