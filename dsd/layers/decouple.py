@@ -82,8 +82,8 @@ def factorize_many(matrices: Sequence[torch.Tensor], ranks: Sequence[int]) -> Li
     """:func:`factorize` of each batch of matrices at its rank, the eigenproblems of Gram matrices of one size
     solved together: resnet18's 17 layers in one call instead of 17 rounds of small batched matmuls."""
     grams = [_gram(a) for a in matrices]
-    eigenpairs = _leading_eigenpairs(grams, ranks, [a.dtype for a in matrices])
-    return [_factors(a, gram, energy, vectors) for a, gram, (energy, vectors) in zip(matrices, grams, eigenpairs)]
+    spectra = _leading_spectra(grams, ranks, [a.dtype for a in matrices])
+    return [_factors(a, spectrum) for a, spectrum in zip(matrices, spectra)]
 
 
 def _is_tall(a: torch.Tensor) -> bool:
@@ -91,38 +91,49 @@ def _is_tall(a: torch.Tensor) -> bool:
 
 
 def _gram(a: torch.Tensor) -> torch.Tensor:
-    """The smaller Gram matrix of each matrix in ``a``, float64."""
-    return (a.mT @ a if _is_tall(a) else a @ a.mT).to(torch.float64)
+    """The smaller Gram matrix of each matrix in ``a``, in ``a``'s dtype."""
+    return a.mT @ a if _is_tall(a) else a @ a.mT
 
 
-def _leading_eigenpairs(grams: Sequence[torch.Tensor], ranks: Sequence[int], precisions: Sequence[torch.dtype]
-                        ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Each Gram batch's ``rank`` leading eigenvalues (..., r) and eigenvectors (..., n, r), largest first;
-    batches that share a size, a device and a solver (rank 1: :func:`dominant_eigenvector` in its precision;
-    else ``eigh``) are concatenated and solved in one call."""
+class _Spectrum(NamedTuple):
+    """A Gram batch's ``rank`` leading eigenpairs, largest first, float64: ``energy`` (..., r) clamped at zero,
+    ``vectors`` (..., n, r); ``total`` (...) is its trace, all the energy."""
+    energy: torch.Tensor
+    vectors: torch.Tensor
+    total: torch.Tensor
+
+
+def _leading_spectra(grams: Sequence[torch.Tensor], ranks: Sequence[int], precisions: Sequence[torch.dtype]
+                     ) -> List[_Spectrum]:
+    """Each Gram batch's :class:`_Spectrum` at its rank; batches that share a size, a device and a solver (rank 1:
+    :func:`dominant_eigenvector` in its precision; else ``eigh`` in float64) are concatenated and solved in one
+    call, and what follows from the eigenvalues is computed once per such group."""
     groups: Dict[tuple, List[int]] = {}
     for i, (gram, rank, precision) in enumerate(zip(grams, ranks, precisions)):
         key = (gram.shape[-1], gram.device, precision if rank == 1 else None)
         groups.setdefault(key, []).append(i)
-    pairs: List[Tuple[torch.Tensor, torch.Tensor]] = [None] * len(grams)  # type: ignore[list-item]
+    spectra: List[_Spectrum] = [None] * len(grams)  # type: ignore[list-item]
     for (n, _, precision), members in groups.items():
         flat = torch.cat([grams[i].reshape(-1, n, n) for i in members])
+        totals = flat.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)
         if precision is not None:
             vectors = dominant_eigenvector(flat, precision)[..., None]
-            energies = (vectors.mT @ flat @ vectors)[..., 0]
+            top = vectors.to(flat.dtype)
+            energies = (top.mT @ flat @ top)[..., 0].to(torch.float64)
         else:
-            energies, vectors = eigh(flat)  # ascending
+            energies, vectors = eigh(flat.to(torch.float64))  # ascending
+        energies = energies.clamp_min(0)
         sizes = [grams[i][..., 0, 0].numel() for i in members]
-        for i, energy, vector in zip(members, energies.split(sizes), vectors.split(sizes)):
+        for i, energy, vector, total in zip(members, energies.split(sizes), vectors.split(sizes), totals.split(sizes)):
             batch, rank = grams[i].shape[:-2], ranks[i]
-            energy, vector = energy[..., -rank:].flip(-1), vector[..., -rank:].flip(-1)
-            pairs[i] = energy.reshape(*batch, rank), vector.reshape(*batch, n, rank)
-    return pairs
+            if precision is None:
+                energy, vector = energy[..., -rank:].flip(-1), vector[..., -rank:].flip(-1)
+            spectra[i] = _Spectrum(energy.reshape(*batch, rank), vector.reshape(*batch, n, rank), total.reshape(batch))
+    return spectra
 
 
-def _factors(a: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, vectors: torch.Tensor) -> Factors:
-    energy = energy.clamp_min(0)
-    total = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+def _factors(a: torch.Tensor, spectrum: _Spectrum) -> Factors:
+    energy, vectors, total = spectrum
     root = energy.sqrt().sqrt().to(a.dtype)  # sqrt of the singular values
     basis = vectors.to(a.dtype)
     if _is_tall(a):  # basis = right singular vectors V
@@ -161,7 +172,8 @@ def decouple(weight: torch.Tensor, groups: int, rank: int) -> Tuple[torch.Tensor
 
     ``weight`` is a dense conv weight ``(M, C/g, kh, kw)``. Returns the depthwise weight
     ``(C*rank, 1, kh, kw)``, the pointwise weight ``(M, C*rank/g, 1, 1)`` and the relative Frobenius
-    error of the approximation. Computed in float64, batched over all groups and channels.
+    error of the approximation. The Gram products in the weight's precision (at least float32), the eigenvectors
+    in float64, batched over all groups and channels.
     """
     return decouple_many([(weight, groups, rank)])[0]
 

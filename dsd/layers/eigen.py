@@ -53,7 +53,8 @@ def _trace(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def dominant_eigenvector(gram: torch.Tensor, precision: torch.dtype = torch.float64) -> torch.Tensor:
-    """A unit leading eigenvector (..., n) of each positive semi-definite matrix in ``gram`` (..., n, n), float64.
+    """A unit leading eigenvector (..., n) of each positive semi-definite matrix in ``gram`` (..., n, n), float64
+    (``gram`` float32 or float64).
 
     The column of ``G^N`` (N = 2^SQUARINGS, by repeated squaring) at its largest diagonal entry, normalised.
     A component whose eigenvalue is a share rho of the top one keeps weight rho^N, so only eigenvalues within
@@ -70,10 +71,8 @@ def dominant_eigenvector(gram: torch.Tensor, precision: torch.dtype = torch.floa
     squarings; tied or nearly tied ones run all ``SQUARINGS``.
     """
     n, batch = gram.shape[-1], gram.shape[:-2]
-    tiny = torch.finfo(gram.dtype).tiny
-    power = (gram / _trace(gram).clamp_min(tiny)).reshape(-1, n, n)
-    if precision == torch.float32 and n <= _FLOAT32_SQUARING_SIZE:
-        power = power.to(torch.float32)
+    power = (gram / _trace(gram).clamp_min(torch.finfo(gram.dtype).tiny)).reshape(-1, n, n)
+    power = power.to(torch.float32 if precision == torch.float32 and n <= _FLOAT32_SQUARING_SIZE else torch.float64)
     small = torch.finfo(power.dtype).tiny
     result, pending = torch.empty_like(power), torch.arange(power.shape[0], device=power.device)
     spare = torch.empty_like(power)  # the squares alternate between two buffers: no allocation per step
@@ -92,5 +91,5 @@ def dominant_eigenvector(gram: torch.Tensor, precision: torch.dtype = torch.floa
                     break
     result[pending] = power
     column = result.diagonal(dim1=-2, dim2=-1).contiguous().argmax(-1, keepdim=True)  # 6x slower on the strided view
-    vector = result.gather(-1, column[..., None, :].expand(*result.shape[:-1], 1)).squeeze(-1).to(gram.dtype)
-    return (vector / vector.norm(dim=-1, keepdim=True).clamp_min(tiny)).reshape(*batch, n)
+    vector = result.gather(-1, column[..., None, :].expand(*result.shape[:-1], 1)).squeeze(-1).to(torch.float64)
+    return (vector / vector.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)).reshape(*batch, n)
