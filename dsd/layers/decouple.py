@@ -280,7 +280,7 @@ def rank_errors(weight: torch.Tensor, groups: int) -> torch.Tensor:
     calibration inputs: :func:`dsd.calibration.output_rank_errors`.
     """
     w = channel_slices(weight, groups, torch.promote_types(weight.dtype, torch.float32))
-    gram = (w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT).to(torch.float64)  # as decouple() forms it
+    gram = _gram(w).to(torch.float64)  # as decouple() forms it and hands it to eigh
     energy = eigvalsh(gram).flip(-1).clamp_min(0).reshape(-1, gram.shape[-1]).sum(0)
     total = energy.sum()
     if total <= 0:

@@ -82,7 +82,7 @@ def dominant_eigenvector(gram: torch.Tensor, precision: torch.dtype = torch.floa
         if step % _RENORMALISE_EVERY == 0:
             power.div_(_trace(power).clamp_min(small))
         elif step % _RENORMALISE_EVERY == 1 and 1 < step < SQUARINGS:  # the square of a trace-one matrix
-            converged = power.diagonal(dim1=-2, dim2=-1).sum(-1) >= 1 - _CONVERGED
+            converged = _trace(power)[:, 0, 0] >= 1 - _CONVERGED
             if converged.any():
                 result[pending[converged]] = power[converged]
                 power, pending = power[~converged], pending[~converged]
