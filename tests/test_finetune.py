@@ -83,6 +83,21 @@ def test_fresh_run_refuses_an_existing_run(tmp_path, digits_cache):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_forced_run_that_fails_keeps_the_earlier_run(tmp_path, digits_cache):
+    finetune(recipe(tmp_path), progress=False)
+    run = tmp_path / "run"
+    earlier = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert {"metrics.jsonl", "checkpoint.pt", "summary.json"} <= set(earlier)
+
+    def diverges(*args, **kwargs):
+        terms = distillation_loss(*args, **kwargs)
+        terms.total = terms.total * float("nan")
+        return terms
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet|last good checkpoint"):
+        finetune(recipe(tmp_path), progress=False, force=True, loss_fn=diverges)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == earlier
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_cache):
     calls = {"n": 0}
     steps_per_epoch = 1437 // 128

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..convert import ConversionPlan
 from ..errors import DsdError
+from ..fileio import atomic_write_text
 from ..layers.forms import static_forms
 from .checkpoint import CHECKPOINT_NAME, capture_rng, first_non_finite, restore_rng, save_checkpoint
 from .data import Loaders
@@ -26,7 +27,9 @@ from .distributed import DistEnv, all_equal, all_reduce_sum
 from .losses import FeatureTaps, distillation_loss
 from .recipe import Recipe
 
-__all__ = ["train", "evaluate", "TrainingDiverged", "TrainState", "TrainResult"]
+__all__ = ["train", "evaluate", "TrainingDiverged", "TrainState", "TrainResult", "METRICS_NAME"]
+
+METRICS_NAME = "metrics.jsonl"  # one JSON record per epoch
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -238,8 +241,9 @@ def _end_epoch(epoch: int, seconds: float, totals: torch.Tensor, student: nn.Mod
         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
         "ema": parts.ema.state_dict() if parts.ema is not None else None, "rng": capture_rng(),
         "recipe": recipe.to_dict(), "plan": plan.to_dict() if plan is not None else None})
-    with (run_dir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    # the whole history, replaced atomically: always the checkpoint's epochs, and a run started over with --force
+    # replaces the earlier run's metrics only once it has an epoch of its own
+    atomic_write_text(run_dir / METRICS_NAME, "".join(json.dumps(r) + "\n" for r in state.history))
     if writer is not None:
         for key, value in record.items():
             if key != "epoch":

@@ -113,8 +113,6 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
             if not force:
                 raise DsdError(f"output_dir {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
                                "--force to start over, or --set output_dir=... for a new one")
-            if env.is_main:
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         if env.is_main:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
