@@ -43,6 +43,20 @@ def test_default_stem_for_every_kind():
     assert default_stem("dir/m_dsd.plan.json") == Path("dir/m_dsd")
 
 
+@pytest.mark.parametrize("name", sorted(dsd.zoo.MODELS))
+def test_built_in_models_say_what_input_they_take(tmp_path, monkeypatch, name):
+    """As timm's models do (``pretrained_cfg``): ``dsd-convert dsd:NAME`` needs no --input-size."""
+    from dsd.cli.main import convert_main
+    model = dsd.load_model(f"dsd:{name}", arch_kwargs={"in_chans": 3})[0]
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.eval()(x).shape == (2, model.pretrained_cfg["num_classes"])
+    monkeypatch.chdir(tmp_path)
+    assert convert_main([f"dsd:{name}", "--quiet"]) == 0
+    plan = json.loads((tmp_path / f"{name}_dsd.plan.json").read_text())
+    assert plan["layers"]
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "user_nets_for_dsd.py").write_text(NET)

@@ -10,12 +10,14 @@ from torch.utils.data import TensorDataset
 
 from ..errors import DsdError
 
-__all__ = ["digits_splits", "DIGITS_SPLIT_SEED"]
+__all__ = ["digits_splits", "DIGITS_SPLIT_SEED", "DIGITS_IMAGE_SIZE", "DIGITS_MEAN", "DIGITS_STD"]
 
 DIGITS_SPLIT_SEED = 0  # the train/val split is fixed: results are comparable across runs and machines
+DIGITS_IMAGE_SIZE = 32  # the 8x8 images upsampled: room for two poolings and 3x3 convs
+DIGITS_MEAN, DIGITS_STD = 0.5, 0.5  # pixel values in [0, 1] mapped to [-1, 1]
 
 
-def digits_splits(image_size: int = 32, channels: int = 1) -> Tuple[TensorDataset, TensorDataset]:
+def digits_splits(image_size: int = DIGITS_IMAGE_SIZE, channels: int = 1) -> Tuple[TensorDataset, TensorDataset]:
     """scikit-learn's 1,797 handwritten 8x8 digits: a fixed stratified 80/20 split, resized, in [-1, 1]."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -23,7 +25,7 @@ def digits_splits(image_size: int = 32, channels: int = 1) -> Tuple[TensorDatase
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = (images - 0.5) / 0.5
+    images = (images - DIGITS_MEAN) / DIGITS_STD
     if channels == 3:
         images = images.repeat(1, 3, 1, 1)
     elif channels != 1:

@@ -14,7 +14,7 @@ or the first fine-tune that needs them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, TypeVar
 
 import torch.nn as nn
 from timm.models._efficientnet_builder import decode_arch_def
@@ -23,6 +23,7 @@ from torchvision.models.resnet import BasicBlock
 
 from ..errors import DsdError
 from ..fileio import dsd_cache_dir
+from .digits import DIGITS_IMAGE_SIZE, DIGITS_MEAN, DIGITS_STD
 
 __all__ = ["DigitsCNN", "DigitsResNet", "digits_cnn", "digits_resnet", "digits_mobilenet", "MODELS", "cache_dir",
            "cached_weights", "build"]
@@ -78,17 +79,29 @@ class DigitsResNet(nn.Module):
 DIGITS_MOBILENET_ARCH = [["er_r1_k3_s1_e4_c24"], ["er_r1_k5_s2_e4_c32"], ["ir_r2_k5_s2_e6_c48"], ["cn_r1_k5_s1_c64"]]
 
 
-def digits_cnn(**kwargs) -> DigitsCNN:
-    return DigitsCNN(**kwargs)
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
-def digits_resnet(**kwargs) -> DigitsResNet:
-    return DigitsResNet(**kwargs)
+def _with_cfg(model: ModelT, in_chans: int, num_classes: int) -> ModelT:
+    """The data the model takes, as timm's models carry it (``pretrained_cfg``): ``dsd-convert dsd:NAME``, ``dsd
+    report`` and timm's ``resolve_data_config`` read the input size and normalisation from it."""
+    model.pretrained_cfg = {"input_size": (in_chans, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), "num_classes": num_classes,
+                            "mean": (DIGITS_MEAN,) * in_chans, "std": (DIGITS_STD,) * in_chans}
+    return model
+
+
+def digits_cnn(in_chans: int = 1, num_classes: int = 10, width: int = 32) -> DigitsCNN:
+    return _with_cfg(DigitsCNN(in_chans, num_classes, width), in_chans, num_classes)
+
+
+def digits_resnet(in_chans: int = 1, num_classes: int = 10, width: int = 32) -> DigitsResNet:
+    return _with_cfg(DigitsResNet(in_chans, num_classes, width), in_chans, num_classes)
 
 
 def digits_mobilenet(in_chans: int = 1, num_classes: int = 10) -> EfficientNet:
-    return EfficientNet(decode_arch_def(DIGITS_MOBILENET_ARCH), in_chans=in_chans, num_classes=num_classes,
-                        stem_size=16, num_features=256)
+    model = EfficientNet(decode_arch_def(DIGITS_MOBILENET_ARCH), in_chans=in_chans, num_classes=num_classes,
+                         stem_size=16, num_features=256)
+    return _with_cfg(model, in_chans, num_classes)
 
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
