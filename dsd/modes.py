@@ -1,5 +1,5 @@
 """Looking at a model without changing it: eval mode, autocast off, recorded call shapes, a forward on meta
-tensors, its floating-point outputs."""
+tensors, whether it runs on example inputs, its floating-point outputs."""
 from __future__ import annotations
 
 import functools
@@ -13,8 +13,11 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .errors import ExampleInputsError
+
 __all__ = ["eval_mode", "full_precision", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes",
-           "output_shape", "floating_outputs", "CallShapes"]
+           "output_shape", "floating_outputs", "CallShapes", "as_args", "short_error", "example_inputs_error",
+           "check_runs"]
 
 Shape = Tuple[int, ...]
 CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, output shape) per call
@@ -242,6 +245,40 @@ def run_on_meta(model: nn.Module, args: Tuple[Any, ...]) -> bool:
         except Exception:  # any failure on meta tensors: the real run decides
             return False
     return True
+
+
+def as_args(example_inputs: Any) -> tuple:
+    """Example inputs as forward arguments: a tuple is the arguments, anything else the one argument."""
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def short_error(error: BaseException) -> str:
+    """An exception as one short line: its type and its first sentence."""
+    text = str(error).strip().splitlines()
+    first = text[0].split(". ")[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:200]
+
+
+def example_inputs_error(example_inputs: Any, error: BaseException, what: str = "the model") -> ExampleInputsError:
+    """The one-line error for a model (``what``) that fails on ``example_inputs``: their shapes and the failure."""
+    shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+                       for a in as_args(example_inputs))
+    return ExampleInputsError(f"{what} does not run on example inputs of shape {shapes}: {short_error(error)}; "
+                              "give inputs of the shape it takes")
+
+
+def check_runs(model: nn.Module, example_inputs: Any, what: str = "the model") -> None:
+    """Raise :class:`ExampleInputsError` (naming the model as ``what``) where ``model(*example_inputs)`` fails in
+    eval mode (tried on meta tensors first: no arithmetic where that works)."""
+    args = as_args(example_inputs)
+    with eval_mode(model):
+        if run_on_meta(model, args):
+            return
+        try:
+            with torch.no_grad():
+                model(*args)
+        except Exception as error:
+            raise example_inputs_error(example_inputs, error, what) from error
 
 
 def call_shapes(model: nn.Module, args: Tuple[Any, ...], modules: Mapping[str, nn.Module]) -> CallShapes:

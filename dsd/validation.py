@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .errors import DsdError
-from .modes import eval_mode
+from .modes import check_runs, eval_mode
 
 __all__ = ["Accuracy", "ValidationResult", "validation_loader", "validate"]
 
@@ -105,6 +105,8 @@ def validate(models: Dict[str, nn.Module], loader: DataLoader, data: str = "", p
         for images, labels in tqdm(loader, desc="validating", unit="batch", disable=not progress):
             predictions = []
             for name, model in models.items():
+                if not seen:  # the data's image size against the model's: one line, not an internal error
+                    check_runs(model, images[:1], f"model {name!r}")
                 logits = model(images)
                 _check_head(logits, classes, name)
                 top = logits.topk(min(5, classes), dim=1).indices

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..errors import DsdError
+from ..errors import DsdError, ExampleInputsError
 
 EXIT_BAD_INPUT = 2
 
@@ -83,7 +83,8 @@ def add_model_args(parser: argparse.ArgumentParser, source_help: str) -> None:
 
 def add_input_size(parser) -> None:
     parser.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
-                        help="input size (default: the timm model's pretrained_cfg, else 3 224 224)")
+                        help="input size (default: the model's pretrained_cfg, which timm's and dsd's models carry, "
+                             "else 3 224 224)")
 
 
 def add_against(parser: argparse.ArgumentParser) -> None:
@@ -168,7 +169,8 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], Optional[int]
     except DsdError as error:
         if args.debug:
             raise
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        hint = " (--input-size C H W)" if isinstance(error, ExampleInputsError) and hasattr(args, "input_size") else ""
+        print(f"{prog}: error: {error}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -14,11 +14,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..errors import DsdError
-from ..modes import CallShapes, call_shapes, eval_mode
+from ..modes import CallShapes, as_args, call_shapes, eval_mode, example_inputs_error, short_error
 from .trace import GraphRunner, trace_graph
 
-__all__ = ["ConvSite", "ModelAnalysis", "analyze", "FOUND_BY_GRAPH", "FOUND_BY_MODULES", "as_args"]
+__all__ = ["ConvSite", "ModelAnalysis", "analyze", "FOUND_BY_GRAPH", "FOUND_BY_MODULES"]
 
 FOUND_BY_GRAPH = "graph"
 FOUND_BY_MODULES = "module-tree"
@@ -52,16 +51,6 @@ class ModelAnalysis:
     other_convs: List[Tuple[str, str]] = field(default_factory=list)  # conv-like modules that are not Conv2d
 
 
-def as_args(example_inputs: Any) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
-def _short_error(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    first = text[0].split(". ")[0] if text else ""
-    return f"{type(error).__name__}: {first}"[:200]
-
-
 def _module_sites(model: nn.Module) -> Tuple[List[ConvSite], List[Tuple[str, str]]]:
     names: Dict[int, List[str]] = defaultdict(list)
     modules: Dict[int, nn.Module] = {}
@@ -75,11 +64,6 @@ def _module_sites(model: nn.Module) -> Tuple[List[ConvSite], List[Tuple[str, str
         elif isinstance(module, nn.modules.conv._ConvNd) or type(module).__name__.endswith("Conv2d"):
             others.append((names[key][0], type(module).__name__))
     return sites, others
-
-
-def _describe(example_inputs: Any) -> str:
-    return ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
-                     for a in as_args(example_inputs))
 
 
 @torch.no_grad()
@@ -101,7 +85,7 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
                 analysis.ran = True
             analysis.traced = True
         except Exception as error:  # any tracing or graph-execution failure means: use the module tree
-            analysis.trace_error = _short_error(error)
+            analysis.trace_error = short_error(error)
         if analysis.traced:
             called = [node.target for node in graph.nodes if node.op == "call_module"]
             for target in called:
@@ -119,8 +103,7 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> ModelAnalysis:
             try:
                 _set_calls(sites, call_shapes(model, as_args(example_inputs), modules))
             except Exception as error:
-                raise DsdError(f"the model does not run on example inputs of shape {_describe(example_inputs)}: "
-                                 f"{_short_error(error)}") from error
+                raise example_inputs_error(example_inputs, error) from error
             analysis.ran = True
     return analysis
 

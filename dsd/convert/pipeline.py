@@ -25,7 +25,7 @@ from ..flops import count_flops
 from ..layers.create import DATA_INIT, SkipLayer, build_layers
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..layers.spec import LayerSpec
-from ..modes import full_precision, output_shape
+from ..modes import as_args, full_precision, output_shape
 from ..module_tree import copy_sharing_convs, own_parameters, swap_modules
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
@@ -33,7 +33,7 @@ from .conversion_report import ConversionReport, LayerRecord
 from .end_to_end import EndToEnd, WholeModel, revert_until_not_slower, whole_model_input
 from .fidelity import measure_fidelity
 from .fold_bn import apply_folding
-from .match import ConvSite, ModelAnalysis, analyze, as_args
+from .match import ConvSite, ModelAnalysis, analyze
 from .options import ConvertOptions
 from .plan import ConversionPlan
 from .rules import select

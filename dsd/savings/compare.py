@@ -8,7 +8,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..layers.separable import DepthwiseSeparableConv2d
-from ..modes import eval_mode, record_shapes
+from ..modes import check_runs, eval_mode, record_shapes
 from ..timing import BenchmarkSettings, environment, measure, measure_layer
 from ..flops import count_flops
 from .savings_report import LayerSavings, SavingsReport
@@ -52,6 +52,8 @@ def compare(
         benchmark = None
     settings = (benchmark or BenchmarkSettings()).updated(**settings)
     example = torch.randn(1, *input_size)
+    check_runs(original, example, "the original model")
+    check_runs(converted, example, "the converted model")  # e.g. the conversion of another architecture
     names = converted_layer_names(converted)
     before, after = count_flops(original, example), count_flops(converted, example)
     layers = [LayerSavings(name, before.params.get(name, 0), after.params.get(name, 0),
