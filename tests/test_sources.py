@@ -57,6 +57,18 @@ def test_built_in_models_say_what_input_they_take(tmp_path, monkeypatch, name):
     assert plan["layers"]
 
 
+@pytest.mark.parametrize("name", ["fcn_resnet50", "fasterrcnn_mobilenet_v3_large_320_fpn",
+                                  "ssdlite320_mobilenet_v3_large"])
+def test_torchvision_models_with_a_backbone_build_without_downloading(monkeypatch, name):
+    """Segmentation and detection builders default to ImageNet backbone weights: without --pretrained dsd builds
+    them with random weights (no download; the one attempt would fail offline with a URLError)."""
+    def no_download(*args, **kwargs):
+        raise AssertionError("dsd tried to download weights")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    model, source = dsd.load_model(f"torchvision:{name}")
+    assert source.random_weights and sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 10
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "user_nets_for_dsd.py").write_text(NET)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import inspect
 import pickle
 import re
 import zipfile
@@ -130,7 +131,10 @@ def build_arch(arch: str, pretrained: bool = False, trust_code: bool = False, wh
             if not cached.is_file():
                 raise DsdError(f"no pretrained weights for torchvision:{name} in the local cache ({cached} is "
                                "missing); drop --pretrained or put the weights file there")
-        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+        builder = torchvision.models.get_model_builder(name)
+        if not pretrained and "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs.setdefault("weights_backbone", None)  # its default (ImageNet weights) would be downloaded
+        return builder(weights="DEFAULT" if pretrained else None, **kwargs)
     if kind == "dsd":
         from .. import zoo
         return zoo.build(name, pretrained, **kwargs)
