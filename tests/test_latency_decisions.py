@@ -376,6 +376,53 @@ def test_export_onnx_writes_each_layer_in_its_fastest_form_for_any_batch(tmp_pat
     assert not (tmp_path / "bad.onnx").exists()
 
 
+class TwoHeads(nn.Module):
+    """Outputs as segmentation models give them: a dict of maps of two shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 3, stride=2)
+
+    def forward(self, x):
+        features = self.body(x)
+        return {"out": features, "aux": self.aux(features)}
+
+
+class ValueBranch(nn.Module):
+    """A branch on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_export_onnx_checks_every_output_of_a_dict(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, x = TwoHeads().eval(), torch.randn(2, 3, 12, 12)
+    assert dsd.export_onnx(model, x, tmp_path / "two.onnx") < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "two.onnx"), providers=["CPUExecutionProvider"])
+    out, aux = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(out), expected["out"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(aux), expected["aux"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_the_exporter_cannot_take_is_one_line_and_writes_nothing(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(DsdError, match=r"torch.onnx.export cannot export this model \(.*\); nothing was written"):
+        dsd.export_onnx(ValueBranch().eval(), torch.randn(2, 3, 8, 8), tmp_path / "branch.onnx")
+    assert not list(tmp_path.iterdir())
+    captured = capsys.readouterr()
+    assert len(captured.err) + len(captured.out) < 2000  # not the exporter's report of the whole graph
+    with pytest.raises(DsdError, match="cannot be timed in onnxruntime: choose another runtime"):
+        measure([ValueBranch().eval()], (2, 3, 8, 8), BenchmarkSettings(runtime="onnxruntime", batch_size=2,
+                                                                          warmup=0, iters=1))
+
+
 def test_export_onnx_under_autocast_writes_the_models_precision(tmp_path):
     """A caller's autocast does not reach the export: float32 convs, as ONNX Runtime's CPU provider takes them."""
     pytest.importorskip("onnxruntime")

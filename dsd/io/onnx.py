@@ -4,10 +4,11 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Union
+from typing import List, Union
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from ..convert.fold_bn import fold_batchnorm
 from ..errors import DsdError
@@ -28,7 +29,8 @@ FORM_CHOICES = ("timed", "static")
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike],
                 rtol: float = 1e-3, atol: float = 1e-4, fold_bn: bool = True, forms: str = "timed",
                 dynamic_batch: bool = True, progress: bool = False) -> float:
-    """Export with ``torch.onnx.export`` and return onnxruntime's max abs difference from PyTorch's output.
+    """Export with ``torch.onnx.export`` and return onnxruntime's max abs difference from PyTorch's outputs (every
+    tensor of them: a tuple's, a dict's).
 
     On a copy (``model`` is unchanged): inference BatchNorm is folded into the convs first (``fold_bn``), and
     ``forms="timed"`` pins each separable layer of rank >= 2 to the form that runs fastest in ONNX Runtime at
@@ -44,7 +46,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
     except ImportError as error:
         raise DsdError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'dsd[onnx]'") from error
     with eval_mode(model):
-        expected = model(example)
+        expected = _tensors(model(example))
     model = copy.deepcopy(model).eval()
     if fold_bn:
         model = fold_batchnorm(model, inplace=True)
@@ -53,20 +55,39 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
                               BenchmarkSettings(runtime="onnxruntime", batch_size=example.shape[0]), progress)
     with eval_mode(model):
         with atomic_path(path) as tmp:
-            try:
-                export_onnx_model(model, example, tmp, dynamic_batch=dynamic_batch)
-            except Exception:  # torch.export could not keep the batch symbolic: export at the example's batch
-                if not dynamic_batch:
-                    raise
-                export_onnx_model(model, example, tmp)
+            _export(model, example, tmp, dynamic_batch)
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             first = session.get_inputs()[0]
             if dynamic_batch and not isinstance(first.shape[0], str):  # the exporter may also fix it without a word
                 warnings.warn(f"the ONNX export takes a fixed batch of {first.shape[0]}: this model does not export "
                               "with a dynamic batch dimension", stacklevel=2)
-            (got,) = session.run(None, {first.name: example.numpy()})[:1]
-            got = torch.from_numpy(got)
-            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=rtol, atol=atol):
-                raise DsdError(f"the ONNX export of this model does not reproduce PyTorch's output "
-                               f"(max abs difference {(got - expected).abs().max().item():.3g}); not written")
-    return (got - expected).abs().max().item()
+            got = [torch.from_numpy(output) for output in session.run(None, {first.name: example.numpy()})]
+            if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+                raise DsdError(f"the ONNX export of this model gives outputs of shapes {[tuple(g.shape) for g in got]}"
+                               f" where PyTorch gives {[tuple(e.shape) for e in expected]}; not written")
+            difference = max(((g.double() - e.double()).abs().max().item() if g.numel() else 0.0)
+                             for g, e in zip(got, expected))
+            if not all(torch.allclose(g, e.to(g.dtype), rtol=rtol, atol=atol) for g, e in zip(got, expected)):
+                raise DsdError(f"the ONNX export of this model does not reproduce PyTorch's outputs "
+                               f"(max abs difference {difference:.3g}); not written")
+    return difference
+
+
+def _export(model: nn.Module, example: torch.Tensor, path, dynamic_batch: bool) -> None:
+    """``export_onnx_model``, at ``example``'s batch where the batch cannot stay symbolic."""
+    if dynamic_batch:
+        try:
+            export_onnx_model(model, example, path, dynamic_batch=True)
+            return
+        except DsdError:  # torch.export could not keep the batch symbolic: export at the example's batch
+            pass
+    try:
+        export_onnx_model(model, example, path)
+    except DsdError as error:
+        raise DsdError(f"{error}; nothing was written: convert without --export, or export the part of the model "
+                       "that traces") from error.__cause__
+
+
+def _tensors(output) -> List[torch.Tensor]:
+    """A model's output tensors in the order the exported file lists them (its pytree order: a dict's values...)."""
+    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]

@@ -5,7 +5,9 @@ device and in the memory format of the settings, and returns a callable that run
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -14,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..modes import full_precision
+from ..errors import DsdError
+from ..modes import full_precision, short_error
 from .settings import BenchmarkSettings
 
 __all__ = ["Step", "RUNTIME_HANDLERS", "prepare_step", "on_device", "export_onnx_model", "onnxruntime_session"]
@@ -88,15 +91,22 @@ class _GraphReplay:
 @full_precision()  # an export under a caller's autocast would write its dtype's convs into the file
 def export_onnx_model(module: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = False) -> None:
     """``torch.onnx.export`` (the dynamo exporter, weights inside the file), quietly; ``dynamic_batch``: the
-    first input dimension symbolic, so the file runs at any batch size."""
+    first input dimension symbolic, so the file runs at any batch size. A model it cannot export is a
+    :class:`DsdError` (data-dependent control flow: detection models' NMS...)."""
     dynamic = {}
     if dynamic_batch:
         dynamic["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
         if example.shape[0] == 1:  # torch.export specialises a dimension of size 1 to a constant
             example = example.expand(2, *example.shape[1:])
-    with torch.inference_mode(False), torch.no_grad():  # works when called under inference_mode too
-        torch.onnx.export(module, (example.clone(),), str(path), dynamo=True, external_data=False, verbose=False,
-                          **dynamic)
+    # works when called under inference_mode too; the exporter's report of a failure (the whole graph, hundreds of
+    # kB written to stderr) is not printed: the error says it in one line and chains the exception
+    try:
+        with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            torch.onnx.export(module, (example.clone(),), str(path), dynamo=True, external_data=False, verbose=False,
+                              **dynamic)
+    except Exception as error:
+        raise DsdError(f"torch.onnx.export cannot export this model ({short_error(error)})") from error
 
 
 def onnxruntime_session(module: nn.Module, example: torch.Tensor, settings: BenchmarkSettings):
@@ -118,7 +128,11 @@ def onnxruntime_session(module: nn.Module, example: torch.Tensor, settings: Benc
 
 @_runtime("onnxruntime")
 def _onnxruntime(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
-    session = onnxruntime_session(module, x, settings)
+    try:
+        session = onnxruntime_session(module, x, settings)
+    except DsdError as error:
+        raise DsdError(f"{error}, so it cannot be timed in onnxruntime: choose another runtime (--runtime eager)"
+                       ) from error.__cause__
     name = session.get_inputs()[0].name
     if not settings.is_cuda:
         feed = {name: x.detach().cpu().numpy()}
