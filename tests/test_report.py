@@ -149,6 +149,23 @@ def test_flops_only_report_without_latency():
     assert SavingsReport.from_json(report.to_json()).to_dict() == report.to_dict()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compare_counts_a_half_precision_model_in_its_dtype(dtype):
+    """The counting input takes the model's dtype; latency in float32 of a half-precision model is refused with
+    what to do (it failed inside the timing with PyTorch's dtype error)."""
+    model = Tiny()
+    converted, _ = dsd.convert_model(model, torch.randn(1, 3, 16, 16), rank=1)
+    full = dsd.compare(model, converted, (3, 16, 16), latency=False)
+    model, converted = model.to(dtype), converted.to(dtype)
+    half = dsd.compare(model, converted, (3, 16, 16), latency=False)
+    assert (half.total.flops_before, half.total.flops_after) == (full.total.flops_before, full.total.flops_after)
+    with pytest.raises(dsd.DsdError, match="weights are .*: time it in that dtype"):
+        dsd.compare(model, converted, (3, 16, 16))
+    timed = dsd.compare(model, converted, (3, 16, 16), dtype=str(dtype).replace("torch.", ""), warmup=0, iters=2,
+                        per_layer=False)
+    assert timed.total.latency_before is not None and timed.total.latency_after is not None
+
+
 def test_layer_latency_is_reusable():
     stats = layer_latency(nn.Conv2d(8, 8, 3, padding=1), (1, 8, 12, 12), BenchmarkSettings(warmup=0, iters=2),
                           batch_size=4)

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import DsdError
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import check_runs, eval_mode, record_shapes
 from ..timing import BenchmarkSettings, environment, measure, measure_layer
@@ -51,7 +52,12 @@ def compare(
         settings["device"] = benchmark
         benchmark = None
     settings = (benchmark or BenchmarkSettings()).updated(**settings)
-    example = torch.randn(1, *input_size)
+    weight = next((p for p in original.parameters() if p.is_floating_point()), None)
+    dtype, device = (weight.dtype, weight.device) if weight is not None else (torch.float32, torch.device("cpu"))
+    if latency and dtype != torch.float32 and settings.dtype == "float32" and settings.runtime != "onnxruntime":
+        raise DsdError(f"the original model's weights are {str(dtype).replace('torch.', '')}: time it in that dtype "
+                       f"(BenchmarkSettings(dtype=...), --dtype), or compare a float32 copy")
+    example = torch.randn(1, *input_size, dtype=dtype, device=device)  # counted and checked as the model computes
     check_runs(original, example, "the original model")
     check_runs(converted, example, "the converted model")  # e.g. the conversion of another architecture
     names = converted_layer_names(converted)
