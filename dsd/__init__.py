@@ -16,8 +16,8 @@ _PUBLIC = {  # name -> the module that defines it
     "load_model": ".io", "load_converted": ".io", "save_converted": ".io", "export_onnx": ".io",
     "DsdError": ".errors",
 }
-_SUBPACKAGES = ("calibration", "cli", "convert", "demo", "errors", "fileio", "finetune", "io", "kernels", "layers",
-                "modes", "module_tree", "savings", "timing", "validation", "zoo")
+_SUBPACKAGES = ("calibration", "cli", "convert", "demo", "errors", "fileio", "finetune", "images", "io", "kernels",
+                "layers", "modes", "module_tree", "savings", "timing", "validation", "zoo")
 
 __all__ = [*_PUBLIC, "__version__"]
 

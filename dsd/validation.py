@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .errors import DsdError
+from .images import image_folder, image_transform
 from .modes import check_runs, eval_mode
 
 __all__ = ["Accuracy", "ValidationResult", "validation_loader", "validate"]
@@ -68,15 +69,11 @@ def validation_loader(data_dir: str, input_size: Sequence[int], batch_size: int 
 
 
 def _image_folder(root: Path, input_size: Sequence[int], model: Optional[nn.Module]):
-    from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
-
     if not root.is_dir():
         raise DsdError(f"--data-dir {root}: not a folder; give an ImageFolder (one sub-folder per class) or 'digits'")
     folder = root / "val" if (root / "val").is_dir() else root
-    config = resolve_data_config({"input_size": tuple(input_size)}, model=model)
     try:
-        dataset = ImageFolder(str(folder), create_transform(**config, is_training=False))
+        dataset = image_folder(folder, image_transform(input_size, model), input_size[0])
     except (FileNotFoundError, RuntimeError) as error:
         raise DsdError(f"--data-dir {folder}: not an ImageFolder ({error}); put each class's images in a "
                        "sub-folder named after the class") from None

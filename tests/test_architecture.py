@@ -8,7 +8,7 @@ ROOT = Path(dsd.__file__).parent
 # Lowest first; a package may import its own modules and any package on a lower level.
 LEVELS = [
     {"errors"},
-    {"fileio", "modes", "module_tree", "kernels"},
+    {"fileio", "images", "modes", "module_tree", "kernels"},
     {"flops"},
     {"layers", "zoo"},
     {"timing"},  # its cache keys on the layers' switches

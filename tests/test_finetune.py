@@ -205,7 +205,9 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         build_datasets(DataConfig(name="imagefolder", root=str(tmp_path)))
 
 
-def test_imagefolder_with_timm_transforms(tmp_path):
+@pytest.mark.parametrize("channels", [3, 1])
+def test_imagefolder_with_timm_transforms(tmp_path, channels):
+    """RGB files in the recipe's channels: a one-channel model reads them as grayscale."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -213,9 +215,9 @@ def test_imagefolder_with_timm_transforms(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    train, val = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32, channels=3))
+    train, val = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32, channels=channels))
     assert len(train) == 6 and train.classes == ["cat", "dog"]
-    assert train[0][0].shape == (3, 32, 32) and val[0][0].shape == (3, 32, 32)
+    assert train[0][0].shape == (channels, 32, 32) and val[0][0].shape == (channels, 32, 32)
 
 
 def test_batchnorm_recalibration_changes_running_stats_only():

@@ -78,6 +78,20 @@ def test_validate_on_a_two_class_image_folder(tmp_path, monkeypatch, capsys):
     assert result["samples"] == 6 and 0 <= result["agreement"] <= 100
 
 
+def test_a_one_channel_model_validates_and_calibrates_on_rgb_image_files(tmp_path, monkeypatch, capsys):
+    """dsd:digits_cnn (1x32x32 by its pretrained_cfg) on a folder of RGB files: read as grayscale, normalised as
+    the model's pretrained_cfg says (to [-1, 1])."""
+    from dsd.calibration import calibration_batches
+    monkeypatch.chdir(tmp_path)
+    data = _image_folder(tmp_path / "digits", classes=[str(d) for d in range(10)], per_class=1)
+    assert main(["validate", "dsd:digits_cnn", "--arch-kwarg", "width=8", "--data-dir", str(data)]) == 0
+    assert "10 images, 10 classes" in capsys.readouterr().out
+    (batch,) = calibration_batches(str(data), (1, 32, 32), 1, 4, model=dsd.zoo.digits_cnn())
+    assert batch.shape == (4, 1, 32, 32) and -1 <= batch.min() and batch.max() <= 1
+    assert convert_main(["dsd:digits_cnn", "--arch-kwarg", "width=8", "--init", "data", "--calib", str(data),
+                         "--target-flops", "0.5", "--quiet", "--dry-run"]) == 0
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda root: root, "not a folder"),
     (lambda root: root.mkdir() or root, "not an ImageFolder"),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Iterable, List, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..errors import DsdError
+from ..images import image_transform, open_image
 
 __all__ = ["calibration_batches", "take_batches", "CALIBRATION_SOURCES"]
 
@@ -24,8 +26,9 @@ def take_batches(data: Iterable[Any], limit: int) -> List[torch.Tensor]:
 
 
 def calibration_batches(source: str, input_size: Sequence[int], batches: int, batch_size: int = 32,
-                        seed: int = 0) -> List[torch.Tensor]:
-    """``batches`` input batches of shape ``(batch_size, *input_size)`` from ``source``."""
+                        seed: int = 0, model: Optional[nn.Module] = None) -> List[torch.Tensor]:
+    """``batches`` input batches of shape ``(batch_size, *input_size)`` from ``source``; a folder's images in
+    ``input_size``'s channels, normalised as ``model``'s ``pretrained_cfg`` says (else timm's defaults)."""
     channels, height, width = input_size
     generator = torch.Generator().manual_seed(seed)
     if source == "random":
@@ -41,13 +44,12 @@ def calibration_batches(source: str, input_size: Sequence[int], batches: int, ba
     folder = Path(source)
     if not folder.is_dir():
         raise DsdError(f"--calib {source}: not a folder; give {CALIBRATION_SOURCES}")
-    from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
     if not files:
         raise DsdError(f"--calib {source}: no images found (looked for {', '.join(IMG_EXTENSIONS)})")
-    transform = create_transform(**resolve_data_config({"input_size": tuple(input_size)}), is_training=False)
+    transform = image_transform(input_size, model)
     order = torch.randperm(len(files), generator=generator).tolist()
-    images = [transform(default_loader(str(files[i]))) for i in order[:batches * batch_size]]
+    images = [transform(open_image(files[i], channels)) for i in order[:batches * batch_size]]
     return [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise DsdError(f"{args.source} has no nn.Conv2d layers: nothing to convert")
     size = input_size(args, model)
-    calib = calibration_batches(args.calib, size, options.calibration_batches, args.calib_batch_size) if args.calib else None
+    calib = (calibration_batches(args.calib, size, options.calibration_batches, args.calib_batch_size, model=model)
+             if args.calib else None)
     converted, report = convert_model(model, torch.randn(1, *size), options, calibration_data=calib,
                                       progress=not args.quiet)
     if args.fold_bn:

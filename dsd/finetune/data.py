@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import DsdError
+from ..images import image_folder, image_transform
 from ..zoo.digits import digits_splits
 from .recipe import DataConfig
 
@@ -35,15 +36,12 @@ def _torchvision_dataset(cfg: DataConfig, cls_name: str):
 
 
 def _imagefolder(cfg: DataConfig):
-    from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
-
     root = Path(cfg.root or "")
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise DsdError(f"data.root: {root} must contain train/ and val/ folders with one sub-folder per class")
-    config = resolve_data_config({"input_size": (cfg.channels, cfg.image_size, cfg.image_size)})
-    return (ImageFolder(root / "train", create_transform(**config, is_training=True)),
-            ImageFolder(root / "val", create_transform(**config, is_training=False)))
+    size = (cfg.channels, cfg.image_size, cfg.image_size)
+    return (image_folder(root / "train", image_transform(size, training=True), cfg.channels),
+            image_folder(root / "val", image_transform(size), cfg.channels))
 
 
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
