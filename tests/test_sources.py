@@ -69,6 +69,19 @@ def test_torchvision_models_with_a_backbone_build_without_downloading(monkeypatc
     assert source.random_weights and sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 10
 
 
+def test_weights_saved_through_ddp_or_torch_compile_load(tmp_path):
+    """A training script's checkpoint of a wrapped model names its keys module.* (DDP), _orig_mod.* (torch.compile)
+    or both; dsd reads them as timm's clean_state_dict does."""
+    from safetensors.torch import save_file
+    original = dsd.zoo.digits_cnn(width=8).state_dict()
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in original.items()}}, tmp_path / "ddp.pth")
+    save_file({f"_orig_mod.module.{k}": v for k, v in original.items()}, tmp_path / "both.safetensors")
+    for name in ("ddp.pth", "both.safetensors"):
+        model, _ = dsd.load_model(str(tmp_path / name), arch="dsd:digits_cnn", arch_kwargs={"width": 8})
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, original[key], rtol=0, atol=0)
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "user_nets_for_dsd.py").write_text(NET)

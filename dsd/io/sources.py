@@ -188,16 +188,20 @@ def _as_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
 
 
 def load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a ``weights_only=True`` torch file (no code from the file runs)."""
+    """A state dict from ``.safetensors`` or a ``weights_only=True`` torch file (no code from the file runs), its
+    keys as the model names its modules: the prefixes a DDP or ``torch.compile`` wrapper adds when the wrapped model
+    is saved (``module.``, ``_orig_mod.``) are removed, as timm's ``clean_state_dict`` does."""
+    from timm.models import clean_state_dict
+
     _check_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return clean_state_dict(load_file(str(path)))
         except Exception as error:
             raise DsdError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     try:
-        return _as_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+        return clean_state_dict(_as_state_dict(torch.load(path, map_location="cpu", weights_only=True), path))
     except pickle.UnpicklingError as error:
         raise _PickledObject(path) from error
 
