@@ -13,7 +13,25 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
 
-__all__ = ["swap_modules", "copy_sharing_convs", "deepcopy_module", "own_parameters"]
+__all__ = ["swap_modules", "copy_sharing_convs", "deepcopy_module", "own_parameters", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
+    """The model inside a ``torch.compile``, DDP or DataParallel wrapper (wrapped in any order), and the outermost
+    wrapper's name (None for a model that is not wrapped). Known wrapper types only: a model of the user's own may
+    well have a child called ``module``."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    wrapper = None
+    while True:
+        if isinstance(model, OptimizedModule):
+            inner = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        else:
+            return model, wrapper
+        wrapper = wrapper or type(model).__name__
+        model = inner
 
 
 def swap_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> nn.Module:

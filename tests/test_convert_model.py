@@ -231,6 +231,21 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
     torch.testing.assert_close(torch.from_numpy(out), module(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_compiled_or_data_parallel_model_is_converted_inside_its_wrapper():
+    """Traced as the plain model (not through the wrapper, which would compile it on the analysis run), returned
+    unwrapped with a note; the same layers and weights as converting the plain model."""
+    timm = pytest.importorskip("timm")
+    model, x = timm.create_model("resnet18").eval(), torch.randn(1, 3, 32, 32)
+    plain, plain_report = dsd.convert_model(model, x)
+    for wrapped in (torch.compile(model), nn.DataParallel(torch.compile(model))):
+        converted, report = dsd.convert_model(wrapped, x)
+        assert type(converted) is type(model) and report.traced
+        assert any("wrapper" in note and "again" in note for note in report.notes)
+        assert [layer.name for layer in report.plan.layers] == [layer.name for layer in plain_report.plan.layers]
+        for key, value in plain.state_dict().items():
+            torch.testing.assert_close(converted.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_extra_repr_is_readable():
     text = repr(dsd.from_conv(nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=2), rank=2, dilation=2))
     assert "8, 16, kernel_size=(3, 3), rank=2" in text and "dilation=(2, 2)" in text and "groups=2" in text

@@ -26,7 +26,7 @@ from ..layers.create import DATA_INIT, SkipLayer, build_layers
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..layers.spec import LayerSpec
 from ..modes import as_args, full_precision, output_shape
-from ..module_tree import copy_sharing_convs, own_parameters, swap_modules
+from ..module_tree import copy_sharing_convs, own_parameters, swap_modules, unwrap
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
 from .conversion_report import ConversionReport, LayerRecord
@@ -67,11 +67,13 @@ def convert_model(
     or a tuple of forward arguments) gives each conv's shapes, finds the convs that never run, and
     checks afterwards that every converted layer keeps its output shape. ``calibration_data`` (an
     iterable of input batches) feeds ``init="data"`` and ``recalibrate_bn``. The model is copied unless
-    ``inplace=True``; it keeps its class. Returns ``(model, report)``; ``report.plan`` rebuilds the
+    ``inplace=True``; it keeps its class. A model inside a ``torch.compile``, DDP or DataParallel wrapper is
+    converted unwrapped and returned so (wrap it again). Returns ``(model, report)``; ``report.plan`` rebuilds the
     architecture with :func:`apply_plan`.
     """
     options = (options or ConvertOptions()).with_overrides(**overrides)
     _check_inputs(options, example_inputs, calibration_data)
+    model, wrapper = unwrap(model)
     reference = model
     if inplace and options.init == DATA_INIT and options.sequential:
         reference = copy.deepcopy(model)  # the original activations are the refit targets
@@ -80,6 +82,9 @@ def convert_model(
     analysis = analyze(working, example_inputs)
     batches = take_batches(calibration_data, options.calibration_batches) if calibration_data is not None else None
     notes = _calibration_notes(options, calibration_data, working)
+    if wrapper:
+        notes.append(f"converted the model inside its {wrapper} wrapper and returned it unwrapped: wrap (compile) the "
+                     "converted model again")
 
     records, eligible = describe_layers(analysis, options)
     allocation = _allocation(options)
