@@ -80,7 +80,10 @@ def test_target_latency_is_a_share_of_the_whole_models_latency(monkeypatch):
     assert outcome.end_to_end is not None and outcome.end_to_end.rounds == 1
     measured = injected.model_ms(converted) / injected.model_ms(Net())
     assert outcome.reached == pytest.approx(measured) and outcome.reached <= 0.6
-    assert "measured end to end" in report.summary() and "end to end (eager, batch 1)" in report.summary()
+    assert "measured end to end" in report.summary() and "end to end (eager, cpu, float32, batch 1)" in report.summary()
+    _, report = dsd.convert_model(Net().eval(), X, target_latency=0.6,
+                                  benchmark=BenchmarkSettings(channels_last=True, batch_size=4))
+    assert "end to end (eager, cpu, float32, channels_last, batch 4)" in report.summary()  # as the user deploys
 
 
 def test_target_latency_tightens_when_the_whole_model_disagrees(monkeypatch):

@@ -88,6 +88,11 @@ class BenchmarkSettings:
     def thread_count(self) -> int:
         return self.threads or torch.get_num_threads()
 
+    def describe(self) -> str:
+        """How the timings are taken, in a few words: ``eager, cpu, float32, channels_last, batch 8``."""
+        layout = ", channels_last" if self.channels_last else ""
+        return f"{self.runtime}, {self.device}, {self.dtype}{layout}, batch {self.batch_size}"
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
