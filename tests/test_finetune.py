@@ -83,6 +83,15 @@ def test_fresh_run_refuses_an_existing_run(tmp_path, digits_cache):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_fresh_run_refuses_to_overwrite_files_it_would_write(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("the user's own")
+    with pytest.raises(DsdError, match="already holds summary.json, which a run would overwrite; pass --force"):
+        finetune(recipe(tmp_path), progress=False)
+    assert (run / "summary.json").read_text() == "the user's own"
+
+
 def test_forced_run_that_fails_keeps_the_earlier_run(tmp_path, digits_cache):
     finetune(recipe(tmp_path), progress=False)
     run = tmp_path / "run"

@@ -16,16 +16,20 @@ from ..errors import DsdError
 from ..fileio import atomic_write_text
 from ..calibration import recalibrate_batchnorm
 from ..io import ModelSource, parse_source, save_converted
-from ..io.sources import check_trusted
+from ..io.sources import PLAN_SUFFIX, check_trusted
 from ..savings import compare
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import build_loaders
 from .distributed import init_distributed
-from .engine import evaluate, train
+from .engine import METRICS_NAME, evaluate, train
 from .models import build_student, load_teacher
 from .recipe import Recipe
 
 __all__ = ["finetune", "FinetuneResult"]
+
+STUDENT_NAME, SUMMARY_NAME = "student_dsd.safetensors", "summary.json"
+OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, STUDENT_NAME, STUDENT_NAME.replace(".safetensors", PLAN_SUFFIX),
+                SUMMARY_NAME)  # every file a run writes (TensorBoard's folder aside)
 
 
 @dataclass
@@ -90,6 +94,17 @@ def schedule_warnings(recipe: Recipe, checkpoint: Optional[Dict[str, Any]] = Non
     return said
 
 
+def _refuse_taken_outputs(run_dir: Path) -> None:
+    """A fresh run writes only into an output_dir where none of its files' names is taken (else: ``force``)."""
+    if (run_dir / CHECKPOINT_NAME).exists():
+        raise DsdError(f"output_dir {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+                       "--force to start over, or --set output_dir=... for a new one")
+    taken = [name for name in OUTPUT_NAMES if (run_dir / name).exists()]
+    if taken:
+        raise DsdError(f"output_dir {run_dir} already holds {', '.join(taken)}, which a run would overwrite; pass "
+                       "--force to overwrite them, or --set output_dir=... for a new one")
+
+
 def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Optional[int] = None,
              progress: bool = True, force: bool = False, trust_code: bool = False, allow_recipe_change: bool = False,
              **train_kwargs) -> FinetuneResult:
@@ -109,10 +124,8 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
                 print(f"dsd finetune: warning: {warning}", file=sys.stderr)
         _seed_everything(recipe.seed + env.rank)
         run_dir = Path(recipe.output_dir)
-        if checkpoint is None and (run_dir / CHECKPOINT_NAME).exists():
-            if not force:
-                raise DsdError(f"output_dir {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
-                               "--force to start over, or --set output_dir=... for a new one")
+        if checkpoint is None and not force:
+            _refuse_taken_outputs(run_dir)
         if env.is_main:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +158,8 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
             source = ModelSource(recipe.teacher.source, recipe.teacher.arch_kwargs)
             if parse_source(recipe.teacher.source).kind in ("file", "plan"):
                 source = ModelSource(recipe.teacher.arch, recipe.teacher.arch_kwargs, recipe.teacher.source)
-            save_converted(student, plan, run_dir / "student_dsd.safetensors", source)
-            atomic_write_text(run_dir / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+            save_converted(student, plan, run_dir / STUDENT_NAME, source)
+            atomic_write_text(run_dir / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2) + "\n")
         return summary
     finally:
         env.close()
