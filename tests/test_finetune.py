@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import dsd
 from dsd.errors import DsdError
 from dsd.finetune import TrainingDiverged, builtin_recipes, finetune, load_recipe, recalibrate_batchnorm
 from dsd.finetune.data import build_datasets
@@ -227,6 +228,20 @@ def test_imagefolder_with_timm_transforms(tmp_path, channels):
     train, val = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32, channels=channels))
     assert len(train) == 6 and train.classes == ["cat", "dog"]
     assert train[0][0].shape == (channels, 32, 32) and val[0][0].shape == (channels, 32, 32)
+
+
+def test_imagefolder_normalises_as_the_teachers_pretrained_cfg(tmp_path):
+    """timm's convention: the data config comes from the model (here mean = std = 0.5), not ImageNet's defaults."""
+    from PIL import Image
+    for split in ("train", "val"):
+        (tmp_path / split / "gray").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(tmp_path / split / "gray" / "0.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=32, channels=3)
+    teacher = dsd.zoo.digits_cnn(in_chans=3)
+    _, val = build_datasets(cfg, teacher)
+    torch.testing.assert_close(val[0][0], torch.full((3, 32, 32), (128 / 255 - 0.5) / 0.5), atol=1e-3, rtol=0)
+    _, imagenet = build_datasets(cfg)
+    assert imagenet[0][0][0].mean() == pytest.approx((128 / 255 - 0.485) / 0.229, abs=1e-3)
 
 
 def test_batchnorm_recalibration_changes_running_stats_only():

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import DsdError
@@ -35,16 +36,18 @@ def _torchvision_dataset(cfg: DataConfig, cls_name: str):
                        "data.download=true on a machine with internet access") from error
 
 
-def _imagefolder(cfg: DataConfig):
+def _imagefolder(cfg: DataConfig, model: Optional[nn.Module]):
     root = Path(cfg.root or "")
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise DsdError(f"data.root: {root} must contain train/ and val/ folders with one sub-folder per class")
     size = (cfg.channels, cfg.image_size, cfg.image_size)
-    return (image_folder(root / "train", image_transform(size, training=True), cfg.channels),
-            image_folder(root / "val", image_transform(size), cfg.channels))
+    return (image_folder(root / "train", image_transform(size, model, training=True), cfg.channels),
+            image_folder(root / "val", image_transform(size, model), cfg.channels))
 
 
-def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
+def build_datasets(cfg: DataConfig, model: Optional[nn.Module] = None) -> Tuple[Dataset, Dataset]:
+    """The recipe's train and val sets; an ImageFolder's transforms are timm's for ``model``'s data config (its
+    ``pretrained_cfg``: normalisation, interpolation, crop) at the recipe's image size, as timm's train script does."""
     if cfg.name == "digits":
         return digits_splits(cfg.image_size, cfg.channels)
     if cfg.name == "mnist":
@@ -52,7 +55,7 @@ def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     if cfg.name == "cifar10":
         return _torchvision_dataset(cfg, "CIFAR10")
     if cfg.name == "imagefolder":
-        return _imagefolder(cfg)
+        return _imagefolder(cfg, model)
     raise DsdError(f"data.name: unknown dataset {cfg.name!r}")
 
 
@@ -64,13 +67,14 @@ class Loaders:
 
 
 def build_loaders(cfg: DataConfig, seed: int, world_size: int = 1, rank: int = 0,
-                  pin_memory: bool = False) -> Loaders:
-    """Loaders whose shuffling depends only on (seed, epoch): a resumed run sees the same batches.
+                  pin_memory: bool = False, model: Optional[nn.Module] = None) -> Loaders:
+    """Loaders whose shuffling depends only on (seed, epoch): a resumed run sees the same batches; ``model``: as in
+    :func:`build_datasets`.
 
     A DistributedSampler is used in every case (one replica when not distributed) so that
     ``set_epoch`` makes the order reproducible; validation is split across ranks and all-reduced.
     """
-    train, val = build_datasets(cfg)
+    train, val = build_datasets(cfg, model)
     train_sampler = DistributedSampler(train, world_size, rank, shuffle=True, seed=seed, drop_last=True)
     val_sampler = DistributedSampler(val, world_size, rank, shuffle=False)
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin_memory,

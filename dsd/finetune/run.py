@@ -131,8 +131,9 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise DsdError(f"output_dir: cannot create {run_dir}: {error.strerror}") from error
-        loaders = build_loaders(recipe.data, recipe.seed, env.world_size, env.rank, env.device.type == "cuda")
         teacher = load_teacher(recipe.teacher, env, progress and env.is_main, trust_code)
+        loaders = build_loaders(recipe.data, recipe.seed, env.world_size, env.rank, env.device.type == "cuda",
+                                model=teacher)
         example = next(iter(loaders.val))[0][:1]
         plan = ConversionPlan.from_dict(checkpoint["plan"]) if checkpoint and checkpoint.get("plan") else None
         student, plan = build_student(teacher, recipe, example, plan, calibration=loaders.train)
