@@ -13,10 +13,10 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import ExampleInputsError
+from .errors import ExampleInputsError, short_error
 
 __all__ = ["eval_mode", "full_precision", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes",
-           "output_shape", "floating_outputs", "CallShapes", "as_args", "short_error", "example_inputs_error",
+           "output_shape", "floating_outputs", "CallShapes", "as_args", "example_inputs_error",
            "check_runs"]
 
 Shape = Tuple[int, ...]
@@ -250,13 +250,6 @@ def run_on_meta(model: nn.Module, args: Tuple[Any, ...]) -> bool:
 def as_args(example_inputs: Any) -> tuple:
     """Example inputs as forward arguments: a tuple is the arguments, anything else the one argument."""
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
-def short_error(error: BaseException) -> str:
-    """An exception as one short line: its type and its first sentence."""
-    text = str(error).strip().splitlines()
-    first = text[0].split(". ")[0] if text else ""
-    return f"{type(error).__name__}: {first}"[:200]
 
 
 def example_inputs_error(example_inputs: Any, error: BaseException, what: str = "the model") -> ExampleInputsError:

@@ -29,17 +29,17 @@ class EndToEnd:
     original_ms: float
     converted_ms: float
     speedup: Speedup
+    measured_in: str  # BenchmarkSettings.describe(): runtime, device, dtype, memory format, batch
     reverted: List[str] = field(default_factory=list)  # layers made dense again: the model measured slower
     rounds: int = 1  # whole-model measurements taken
-    measured_in: str = ""  # BenchmarkSettings.describe(): runtime, device, dtype, memory format, batch
 
     @property
     def share(self) -> float:
         return self.converted_ms / self.original_ms
 
     def describe(self) -> str:
-        how = self.measured_in or f"{self.runtime}, batch {self.batch_size}"
-        text = f"end to end ({how}): {self.original_ms:.2f} -> {self.converted_ms:.2f} ms, speedup {self.speedup}"
+        text = (f"end to end ({self.measured_in}): {self.original_ms:.2f} -> {self.converted_ms:.2f} ms, "
+                f"speedup {self.speedup}")
         if self.reverted:
             text += f"; {len(self.reverted)} layers kept dense because the converted model measured slower"
         if self.speedup.uncertain:
@@ -95,7 +95,7 @@ class WholeModel:
 
     def outcome(self, before: LatencyStats, after: LatencyStats, reverted: Sequence[str] = ()) -> EndToEnd:
         return EndToEnd(self.settings.runtime, self.settings.batch_size, before.median_ms, after.median_ms,
-                        Speedup.of(before, after), list(reverted), self.rounds, self.settings.describe())
+                        Speedup.of(before, after), self.settings.describe(), list(reverted), self.rounds)
 
 
 def revert_until_not_slower(whole: WholeModel, specs: Sequence[LayerSpec], gains: Dict[str, float]

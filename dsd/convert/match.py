@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..modes import CallShapes, as_args, call_shapes, eval_mode, example_inputs_error, short_error
+from ..errors import short_error
+from ..modes import CallShapes, as_args, call_shapes, eval_mode, example_inputs_error
 from .trace import GraphRunner, trace_graph
 
 __all__ = ["ConvSite", "ModelAnalysis", "analyze", "FOUND_BY_GRAPH", "FOUND_BY_MODULES"]

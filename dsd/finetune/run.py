@@ -15,8 +15,8 @@ from ..convert import ConversionPlan
 from ..errors import DsdError
 from ..fileio import atomic_write_text
 from ..calibration import recalibrate_batchnorm
-from ..io import ModelSource, parse_source, save_converted
-from ..io.sources import PLAN_SUFFIX, check_trusted
+from ..io import ModelSource, parse_source, plan_path_for, save_converted
+from ..io.sources import check_trusted
 from ..savings import compare
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import build_loaders
@@ -28,7 +28,7 @@ from .recipe import Recipe
 __all__ = ["finetune", "FinetuneResult"]
 
 STUDENT_NAME, SUMMARY_NAME = "student_dsd.safetensors", "summary.json"
-OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, STUDENT_NAME, STUDENT_NAME.replace(".safetensors", PLAN_SUFFIX),
+OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, STUDENT_NAME, plan_path_for(STUDENT_NAME).name,
                 SUMMARY_NAME)  # every file a run writes (TensorBoard's folder aside)
 
 

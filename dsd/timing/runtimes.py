@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import DsdError
-from ..modes import full_precision, short_error
+from ..errors import DsdError, short_error
+from ..modes import full_precision
 from .settings import BenchmarkSettings
 
 __all__ = ["Step", "RUNTIME_HANDLERS", "prepare_step", "on_device", "export_onnx_model", "onnxruntime_session"]
