@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -281,10 +282,13 @@ def call_shapes(model: nn.Module, args: Tuple[Any, ...], modules: Mapping[str, n
 
 @torch.no_grad()
 def output_shape(module: nn.Module, input_shape: Shape) -> Shape:
-    """The shape of ``module(x)`` for ``x`` of ``input_shape`` (in the module's dtype), computed on meta tensors."""
+    """The shape of ``module(x)`` for ``x`` of ``input_shape`` (in the module's dtype), computed on meta tensors.
+
+    Its forward runs without the module's own hooks: a user's hook, carried over to a converted layer, has no
+    business with meta tensors."""
     x = torch.empty(input_shape, dtype=next(module.parameters()).dtype, device="meta")
-    with _ShapeOnly():
-        return tuple(functional_call(module, _meta_state(module), (x,)).shape)
+    with _ShapeOnly(), _reparametrize_module(module, _meta_state(module)):
+        return tuple(module.forward(x).shape)
 
 
 def floating_outputs(output: Any) -> List[torch.Tensor]:

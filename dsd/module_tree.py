@@ -11,9 +11,13 @@ import copy
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple
 
+import torch
 import torch.nn as nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
-__all__ = ["swap_modules", "copy_sharing_convs", "deepcopy_module", "own_parameters", "unwrap"]
+__all__ = ["swap_modules", "copy_sharing_convs", "deepcopy_module", "own_parameters", "unwrap",
+           "refresh_recomputed_weights"]
 
 
 def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
@@ -35,8 +39,15 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
 
 
 def swap_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> nn.Module:
-    """Replace ``model.get_submodule(name)`` by ``new`` for each item, wherever that module appears."""
-    by_id = {id(model.get_submodule(name)): new for name, new in replacements.items()}
+    """Replace ``model.get_submodule(name)`` by ``new`` for each item, wherever that module appears; ``new`` takes
+    over the module's forward hooks and pre-hooks, as torch.ao's ``swap_module`` does (a user's feature or
+    Grad-CAM hook keeps firing on the layer's output)."""
+    by_id = {}
+    for name, new in replacements.items():
+        old = model.get_submodule(name)
+        if id(old) not in by_id and old is not new:
+            _carry_forward_hooks(old, new)
+        by_id[id(old)] = new
     slots = [(parent, child_name, by_id[id(child)])
              for _, parent in model.named_modules(remove_duplicate=False)
              # _modules, not named_children(): that skips a second alias of one child in the same parent
@@ -44,6 +55,28 @@ def swap_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> nn.Mod
     for parent, child_name, new in slots:
         setattr(parent, child_name, new)
     return model
+
+
+def refresh_recomputed_weights(model: nn.Module) -> None:
+    """Recompute each weight that the deprecated ``torch.nn.utils.weight_norm`` / ``spectral_norm`` keep as a plain
+    attribute, as their pre-hook does before every call (without a power iteration): until a module is called
+    again, that attribute is stale (the value from before a ``load_state_dict``, a ``.double()``, a meta run)."""
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, WeightNorm):
+                    setattr(module, hook.name, hook.compute_weight(module))
+                elif isinstance(hook, SpectralNorm):
+                    setattr(module, hook.name, hook.compute_weight(module, do_power_iteration=False))
+
+
+def _carry_forward_hooks(old: nn.Module, new: nn.Module) -> None:
+    for key, hook in old._forward_pre_hooks.items():
+        if not isinstance(hook, (WeightNorm, SpectralNorm)):  # they recompute a weight the new module does not have
+            new.register_forward_pre_hook(hook, with_kwargs=key in old._forward_pre_hooks_with_kwargs)
+    for key, hook in old._forward_hooks.items():
+        new.register_forward_hook(hook, with_kwargs=key in old._forward_hooks_with_kwargs,
+                                  always_call=key in old._forward_hooks_always_called)
 
 
 def copy_sharing_convs(model: nn.Module) -> Tuple[nn.Module, Dict[int, nn.Parameter]]:
@@ -69,6 +102,12 @@ def _copies_as_a_plain_module(cls: type) -> bool:
             and cls.__setstate__ is nn.Module.__setstate__)
 
 
+def _in_autograd_graph(value: Any) -> bool:
+    """A tensor ``copy.deepcopy`` refuses: the weight the deprecated ``torch.nn.utils.weight_norm`` recomputes
+    before every call is one. A copy of its value serves as well."""
+    return isinstance(value, torch.Tensor) and not value.is_leaf
+
+
 def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) -> nn.Module:
     """``copy.deepcopy(module, memo)``, about twice as fast on a module tree.
 
@@ -83,6 +122,10 @@ def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) ->
         return memo[id(module)]
     cls = type(module)
     if not _copies_as_a_plain_module(cls):
+        for sub in module.modules():
+            for value in vars(sub).values():
+                if _in_autograd_graph(value):
+                    memo.setdefault(id(value), value.detach().clone())
         return copy.deepcopy(module, memo)
     new = cls.__new__(cls)
     memo[id(module)] = new
@@ -93,6 +136,8 @@ def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) ->
                                 for name, child in value.items())
         elif key in ("_parameters", "_buffers"):
             value = type(value)((name, copy.deepcopy(tensor, memo)) for name, tensor in value.items())
+        elif _in_autograd_graph(value):
+            value = value.detach().clone()
         elif type(value) in _CONTAINERS and not value:  # one new container per original, as deepcopy shares it
             value = memo.setdefault(id(value), type(value)())
         elif type(value) not in _ATOMIC:

@@ -86,6 +86,77 @@ def test_unsupported_subclass_is_skipped_not_changed():
     assert type(converted[0]) is Scaled
 
 
+def test_a_users_hooks_on_a_converted_conv_fire_on_its_separable_layer():
+    """As torch.ao's swap_module: forward hooks and pre-hooks (with their kwargs / always_call flags) carry over;
+    none of them sees the meta tensors of the shape check."""
+    model = timm.create_model("resnet18").eval()
+    seen = []
+    conv = model.layer2[0].conv1
+    conv.register_forward_pre_hook(lambda module, args: seen.append(("pre", type(module), args[0].device.type)))
+    conv.register_forward_hook(lambda module, args, kwargs, out: seen.append(("post", tuple(out.shape))),
+                               with_kwargs=True, always_call=True)
+    converted, report = dsd.convert_model(model, torch.randn(1, 3, 64, 64), rank=1)
+    layer = converted.layer2[0].conv1
+    assert isinstance(layer, DepthwiseSeparableConv2d)
+    seen.clear()
+    with torch.no_grad():
+        converted(torch.randn(2, 3, 64, 64))
+    assert seen == [("pre", DepthwiseSeparableConv2d, "cpu"), ("post", (2, 128, 8, 8))]
+    assert list(layer._forward_hooks_with_kwargs) == list(layer._forward_hooks_always_called) == list(
+        layer._forward_hooks)
+    assert len(conv._forward_hooks) == len(conv._forward_pre_hooks) == 1, "the original keeps its hooks"
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm"])
+def test_a_parametrized_conv_is_decoupled_from_its_effective_weight(parametrization):
+    """torch.nn.utils.parametrizations make a subclass of the conv's class; the weight it computes is decoupled
+    (exact at full rank) and the separable layer has no parametrization."""
+    torch.manual_seed(0)
+    wrap = getattr(torch.nn.utils.parametrizations, parametrization)
+    model = nn.Sequential(wrap(nn.Conv2d(6, 12, 3, padding=1)), nn.ReLU(), wrap(nn.Conv2d(12, 12, 3))).double()
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)  # spectral_norm's power iteration settles its vectors in training mode
+    model.eval()
+    converted, report = dsd.convert_model(model, x, rank="full", only_if_cheaper=False)
+    assert [r.status for r in report.layers] == ["converted", "converted"]
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in converted.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_a_conv_with_the_deprecated_weight_norm_is_copied_and_converted():
+    """torch.nn.utils.weight_norm keeps a weight inside an autograd graph, which copy.deepcopy refuses; its
+    recomputing pre-hook stays behind with the conv."""
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning):
+        model = nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(6, 12, 3, padding=1)), nn.ReLU(),
+                              torch.nn.utils.weight_norm(nn.Conv2d(12, 12, 1))).double().eval()
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    converted, report = dsd.convert_model(model, x, rank="full", only_if_cheaper=False)
+    assert isinstance(converted[0], DepthwiseSeparableConv2d) and not converted[0]._forward_pre_hooks
+    assert "weight_g" not in dict(converted[0].named_parameters())
+    assert "weight_g" in dict(converted[2].named_parameters()), "the 1x1 conv kept dense keeps its weight norm"
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-9, atol=1e-9)
+        for dense in (converted[2], model[2]):  # the kept conv's weight norm still recomputes its weight
+            dense.weight_g.mul_(2)
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_a_stale_weight_of_the_deprecated_weight_norm_is_recomputed_before_decoupling():
+    """Until its next call, a conv under torch.nn.utils.weight_norm keeps the weight of before a load_state_dict."""
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning):
+        model, trained = (nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(6, 12, 3, padding=1))) for _ in "ab")
+    model.load_state_dict(trained.state_dict())
+    x = torch.randn(2, 6, 11, 9)
+    for inplace in (False, True):
+        converted, _ = dsd.convert_model(model, x, rank="full", only_if_cheaper=False, inplace=inplace)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), trained(x), rtol=1e-5, atol=1e-5)
+
+
 class Shared(nn.Module):
     def __init__(self):
         super().__init__()

@@ -45,6 +45,17 @@ def test_folding_keeps_outputs(build, expected, convert):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the original is not changed"
 
 
+def test_a_hook_on_a_folded_norm_fires_on_what_replaces_it():
+    model = _with_trained_statistics(timm.create_model("resnet18"))
+    outputs = []
+    model.layer1[0].bn1.register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        dsd.fold_batchnorm(model)(x)
+    assert len(outputs) == 2 and _relative(outputs[0], outputs[1]) < 1e-5
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow at the top: torch.fx cannot trace it, its children trace fine."""
 

@@ -7,7 +7,6 @@ original, interleaved, in the settings' runtime, and the choice is corrected whe
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.spec import LayerSpec
-from ..module_tree import swap_modules
+from ..module_tree import deepcopy_module, swap_modules
 from ..timing import BenchmarkSettings, LatencyStats, Speedup, measure
 
 __all__ = ["EndToEnd", "WholeModel", "model_timings", "whole_model_input"]
@@ -73,7 +72,7 @@ class WholeModel:
         self._original_ms: Optional[float] = None
 
     def stand_in(self, specs: Sequence[LayerSpec]) -> nn.Module:
-        model = copy.deepcopy(self.model)
+        model = deepcopy_module(self.model)
         swap_modules(model, {spec.name: spec.build() for spec in specs})
         return model
 

@@ -7,7 +7,6 @@ do not trace are searched child by child; what still does not trace is left as i
 """
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
@@ -17,7 +16,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..layers.separable import DepthwiseSeparableConv2d
-from ..module_tree import swap_modules
+from ..module_tree import deepcopy_module, swap_modules
 from .trace import trace_graph
 
 __all__ = ["FoldPlan", "find_foldable", "apply_folding", "fold_batchnorm"]
@@ -108,5 +107,5 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     Under ``torch.inference_mode`` too, the weights it makes are ordinary tensors: a separable layer keeps its
     weights' layouts only where their version counters tell it when they change.
     """
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else deepcopy_module(model)
     return apply_folding(model, find_foldable(model).pairs)

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -26,7 +25,8 @@ from ..layers.create import DATA_INIT, SkipLayer, build_layers
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..layers.spec import LayerSpec
 from ..modes import as_args, full_precision, output_shape
-from ..module_tree import copy_sharing_convs, own_parameters, swap_modules, unwrap
+from ..module_tree import (copy_sharing_convs, deepcopy_module, own_parameters, refresh_recomputed_weights,
+                           swap_modules, unwrap)
 from .budget import DENSE
 from .choose import BudgetOutcome, Candidate, candidate_errors, choose_ranks, layer_speedup
 from .conversion_report import ConversionReport, LayerRecord
@@ -76,10 +76,11 @@ def convert_model(
     model, wrapper = unwrap(model)
     reference = model
     if inplace and options.init == DATA_INIT and options.sequential:
-        reference = copy.deepcopy(model)  # the original activations are the refit targets
+        reference = deepcopy_module(model)  # the original activations are the refit targets
     # the copy's convs hold the original's parameters (read, never written) until the replaced ones are gone
     working, shared = (model, {}) if inplace else copy_sharing_convs(model)
     analysis = analyze(working, example_inputs)
+    refresh_recomputed_weights(working)
     batches = take_batches(calibration_data, options.calibration_batches) if calibration_data is not None else None
     notes = _calibration_notes(options, calibration_data, working)
     if wrapper:
@@ -331,6 +332,7 @@ def apply_plan(model: nn.Module, plan: ConversionPlan) -> nn.Module:
     """Swap in (uninitialised) separable layers as ``plan`` says, in place, and reshape the BatchNorm layers it
     folded; then load the converted weights."""
     replacements = {}
+    refresh_recomputed_weights(model)
     for spec in plan.layers:
         try:
             conv = model.get_submodule(spec.name)

@@ -1,7 +1,6 @@
 """Teacher and student for a recipe: the original model, and its converted copy (or a saved plan)."""
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Tuple
@@ -15,6 +14,7 @@ from ..convert import ConversionPlan, apply_plan, convert_model
 from ..fileio import atomic_path
 from ..io import load_converted, load_model, parse_source
 from ..layers.create import DATA_INIT
+from ..module_tree import deepcopy_module
 from .data import build_loaders
 from .distributed import DistEnv
 from .recipe import Recipe, TeacherConfig
@@ -63,9 +63,9 @@ def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor, pla
     """The converted student: from a resumed checkpoint's plan, the recipe's plan file, or converted now
     (``calibration``: batches for ``init: data`` and ``recalibrate_bn``)."""
     if plan is not None:
-        return apply_plan(copy.deepcopy(teacher), plan), plan
+        return apply_plan(deepcopy_module(teacher), plan), plan
     if recipe.student.plan:
-        return load_converted(recipe.student.plan, copy.deepcopy(teacher)), ConversionPlan.load(recipe.student.plan)
+        return load_converted(recipe.student.plan, deepcopy_module(teacher)), ConversionPlan.load(recipe.student.plan)
     options = recipe.student.convert
     needs_data = options.init == DATA_INIT or options.recalibrate_bn
     student, report = convert_model(teacher, example, options, calibration_data=calibration if needs_data else None)

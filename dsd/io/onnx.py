@@ -1,7 +1,6 @@
 """ONNX export of a (converted) model, checked against PyTorch with onnxruntime."""
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from typing import List, Union
@@ -14,6 +13,7 @@ from ..convert.fold_bn import fold_batchnorm
 from ..errors import DsdError
 from ..fileio import atomic_path
 from ..modes import eval_mode, full_precision
+from ..module_tree import deepcopy_module
 from ..timing.latency import pin_onnxruntime_forms
 from ..timing.runtimes import export_onnx_model
 from ..timing.settings import BenchmarkSettings
@@ -47,7 +47,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
         raise DsdError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'dsd[onnx]'") from error
     with eval_mode(model):
         expected = _tensors(model(example))
-    model = copy.deepcopy(model).eval()
+    model = deepcopy_module(model).eval()
     if fold_bn:
         model = fold_batchnorm(model, inplace=True)
     if forms == "timed":

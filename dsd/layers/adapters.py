@@ -12,6 +12,7 @@ from typing import Callable, Dict, Optional, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 __all__ = ["ConvAdapter", "register_conv_adapter", "get_conv_adapter"]
 
@@ -30,7 +31,12 @@ def register_conv_adapter(cls: Type[nn.Module], adapter: ConvAdapter) -> None:
 
 
 def get_conv_adapter(conv: nn.Module) -> Optional[ConvAdapter]:
-    return _ADAPTERS.get(type(conv))
+    """The adapter of the conv's class; a conv with ``torch.nn.utils.parametrize`` parametrizations (weight_norm,
+    spectral_norm...) is looked up by the class they were added to, and its parametrized weight is its weight."""
+    cls = type(conv)
+    if parametrize.is_parametrized(conv):
+        cls = cls.__bases__[0]
+    return _ADAPTERS.get(cls)
 
 
 def _plain_weight(conv: nn.Conv2d) -> torch.Tensor:

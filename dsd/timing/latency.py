@@ -8,7 +8,6 @@ alike, and a ratio carries a bootstrap interval. Half precision runs under AMP a
 from __future__ import annotations
 
 import contextlib
-import copy
 import platform
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from ..layers.forms import candidate_forms, forms_timed_as_cuda_graphs, static_form
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import call_shapes, eval_mode, full_precision
+from ..module_tree import deepcopy_module
 from . import cache
 from .runtimes import on_device, prepare_step
 from .settings import DTYPES, BenchmarkSettings
@@ -137,7 +137,7 @@ def _unpinned_layers(model: nn.Module) -> Dict[str, DepthwiseSeparableConv2d]:
 
 
 def _form_variants(layer: DepthwiseSeparableConv2d) -> List[DepthwiseSeparableConv2d]:
-    return [copy.deepcopy(layer).pin_form(form) for form in candidate_forms(layer)]
+    return [deepcopy_module(layer).pin_form(form) for form in candidate_forms(layer)]
 
 
 def pin_onnxruntime_forms(model: nn.Module, input_shape: Sequence[int], settings: BenchmarkSettings,
@@ -171,7 +171,7 @@ def _with_onnxruntime_forms(module: nn.Module, input_shape: Sequence[int], setti
                             ) -> nn.Module:
     if not _unpinned_layers(module):
         return module
-    module = copy.deepcopy(module)
+    module = deepcopy_module(module)
     pin_onnxruntime_forms(module, input_shape, settings)
     return module
 

@@ -6,7 +6,6 @@ device and in the memory format of the settings, and returns a callable that run
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn as nn
 
 from ..errors import DsdError, short_error
 from ..modes import full_precision
+from ..module_tree import deepcopy_module
 from .settings import BenchmarkSettings
 
 __all__ = ["Step", "RUNTIME_HANDLERS", "prepare_step", "on_device", "export_onnx_model", "onnxruntime_session"]
@@ -43,7 +43,7 @@ def on_device(module: nn.Module, settings: BenchmarkSettings) -> nn.Module:
     # Copied outside inference mode, as a user's model is made: weights copied inside it would be inference
     # tensors, which run differently (a rank-r layer cannot keep its weight layout between calls).
     with torch.inference_mode(False):
-        module = copy.deepcopy(module).eval().to(settings.device)
+        module = deepcopy_module(module).eval().to(settings.device)
         return module.to(memory_format=torch.channels_last) if settings.channels_last else module
 
 
@@ -119,7 +119,7 @@ def onnxruntime_session(module: nn.Module, example: torch.Tensor, settings: Benc
     # Idle workers would spin on the cores the next interleaved session needs (on 2 cores: 2.3x slower).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider"] if settings.is_cuda else ["CPUExecutionProvider"]
-    cpu_copy = copy.deepcopy(module).eval().float().cpu()
+    cpu_copy = deepcopy_module(module).eval().float().cpu()
     with tempfile.TemporaryDirectory(prefix="dsd-onnx-") as folder:
         path = Path(folder) / "model.onnx"
         export_onnx_model(cpu_copy, example.detach().float().cpu(), path)
