@@ -56,6 +56,27 @@ def test_a_hook_on_a_folded_norm_fires_on_what_replaces_it():
     assert len(outputs) == 2 and _relative(outputs[0], outputs[1]) < 1e-5
 
 
+@pytest.mark.parametrize("norms", ["frozen", "sync"])
+@pytest.mark.parametrize("build", [lambda: timm.create_model("resnet18"), lambda: timm.create_model("efficientnet_b0"),
+                                   lambda: torchvision.models.resnet18()], ids=["timm-resnet18", "timm-efficientnet_b0",
+                                                                               "tv-resnet18"])
+def test_frozen_and_synchronised_norms_are_folded(build, norms):
+    """timm's freeze_batch_norm_2d makes torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d (as in
+    pretrained detection backbones); a model trained with DDP keeps SyncBatchNorm / SyncBatchNormAct layers."""
+    model = _with_trained_statistics(build())
+    expected = len(find_foldable(model).pairs)
+    if norms == "frozen":
+        frozen = timm.layers.freeze_batch_norm_2d(model)
+    else:
+        frozen = timm.layers.convert_sync_batchnorm(model).eval()  # as timm's train.py --sync-bn
+    assert not any(type(m) in (nn.BatchNorm2d, timm.layers.BatchNormAct2d) for m in frozen.modules())
+    x = torch.randn(2, 3, 64, 64)
+    folded = dsd.fold_batchnorm(frozen)
+    assert len(find_foldable(frozen).pairs) == expected
+    with torch.no_grad():
+        assert _relative(frozen(x), folded(x)) < 1e-5
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow at the top: torch.fx cannot trace it, its children trace fine."""
 

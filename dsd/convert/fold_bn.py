@@ -30,9 +30,15 @@ def _foldable_conv(module: nn.Module) -> bool:
 
 
 def _foldable_norm(module: nn.Module) -> bool:
-    from timm.layers import BatchNormAct2d
-    return (type(module) in (nn.BatchNorm2d, BatchNormAct2d) and module.track_running_stats
-            and module.running_mean is not None)
+    """An inference BatchNorm: one in eval mode with running statistics, or a frozen one (timm's
+    ``freeze_batch_norm_2d``, torchvision's pretrained detection backbones)."""
+    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
+    from torchvision.ops import FrozenBatchNorm2d
+
+    if type(module) in (FrozenBatchNorm2d, FrozenBatchNormAct2d):
+        return True
+    return (type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d, SyncBatchNormAct) and not module.training
+            and module.track_running_stats and module.running_mean is not None)
 
 
 @dataclass
@@ -63,7 +69,7 @@ def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
             continue
         module = model.get_submodule(node.target)
         source = node.args[0] if node.args else None
-        if _foldable_norm(module) and not module.training and calls[node.target] == 1 \
+        if _foldable_norm(module) and calls[node.target] == 1 \
                 and getattr(source, "op", None) == "call_module" and calls[source.target] == 1 \
                 and len(source.users) == 1 and _foldable_conv(model.get_submodule(source.target)):
             plan.pairs.append((prefix + source.target, prefix + node.target))
@@ -73,10 +79,10 @@ def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
 
 
 def _norm_replacement(norm: nn.Module) -> nn.Module:
-    """What stays of a folded norm: nothing, or timm BatchNormAct2d's dropout and activation."""
-    if isinstance(norm, nn.BatchNorm2d) and type(norm) is not nn.BatchNorm2d:
-        return nn.Sequential(norm.drop, norm.act)
-    return nn.Identity()
+    """What stays of a folded norm: nothing, or the dropout and activation of timm's BatchNormAct2d (and its
+    frozen and synchronised kinds)."""
+    kept = [getattr(norm, name) for name in ("drop", "act") if hasattr(norm, name)]
+    return nn.Sequential(*kept) if kept else nn.Identity()
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import torch.fx as fx
 import torch.nn as nn
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
+from torchvision.ops import FrozenBatchNorm2d
 
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import attributes_kept
@@ -16,9 +17,10 @@ def create_tracer() -> fx.Tracer:
     """timm's FX tracer set-up (as ``timm.layers.create_feature_extractor`` uses), plus conv leaves.
 
     Conv2d subclasses (StdConv2d...) must stay leaves: traced through, they would appear as
-    ``get_attr`` + ``F.conv2d`` instead of the module call the pass matches.
+    ``get_attr`` + ``F.conv2d`` instead of the module call the pass matches; so must torchvision's
+    ``FrozenBatchNorm2d`` (pretrained detection backbones), for BatchNorm folding to find it.
     """
-    leaves = [*get_notrace_modules(), nn.Conv2d, DepthwiseSeparableConv2d]
+    leaves = [*get_notrace_modules(), nn.Conv2d, DepthwiseSeparableConv2d, FrozenBatchNorm2d]
     return LeafModuleAwareTracer(leaf_modules=leaves, autowrap_functions=tuple(get_notrace_functions()))
 
 
