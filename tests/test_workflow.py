@@ -43,6 +43,21 @@ def test_the_summary_lists_skipped_layers_with_reasons_and_the_json_all_of_them(
     assert "  1x1 kernel: layer2.0.downsample.0, layer3.0.downsample.0, layer4.0.downsample.0" in report.summary()
 
 
+def test_quiet_silences_messages_but_not_the_results_asked_for(tmp_path, monkeypatch, capsys):
+    """--quiet drops progress bars, "wrote ..." and summaries; a --report, --dry-run or dsd report table prints."""
+    monkeypatch.chdir(tmp_path)
+    fast = ["timm:resnet18", *SMALL, "--quiet", "--iters", "1", "--warmup", "0", "--no-layers"]
+    assert convert_main(fast[:-1] + ["-o", "a.safetensors"]) == 0
+    assert capsys.readouterr().out == ""
+    assert convert_main(fast[:-1] + ["-o", "b.safetensors", "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0.conv1" in out and "speedup" in out and "wrote" not in out
+    assert convert_main(fast[:-1] + ["--dry-run"]) == 0
+    assert "convert, rank 1" in capsys.readouterr().out
+    assert main(["report", *fast, "--against", "b.plan.json"]) == 0
+    assert "speedup" in capsys.readouterr().out
+
+
 def test_converting_random_weights_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert convert_main(["timm:resnet18", *SMALL, "--dry-run"]) == 0

@@ -142,7 +142,8 @@ def benchmark_settings(args: argparse.Namespace):
 
 def add_common_flags(parser: argparse.ArgumentParser, force_help: str = "overwrite existing output files") -> None:
     parser.add_argument("--force", action="store_true", help=force_help)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or messages; the results asked for (a report, a table) still print")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
@@ -157,10 +158,11 @@ def input_size(args: argparse.Namespace, model) -> List[int]:
     return list(cfg.get("input_size", (3, 224, 224)))
 
 
-def console(args: argparse.Namespace):
-    """Rich console on stdout; wide enough for the tables when stdout is a file or a pipe."""
+def console(args: argparse.Namespace, results: bool = False):
+    """Rich console on stdout; wide enough for the tables when stdout is a file or a pipe. ``--quiet`` silences
+    it, except for ``results``: what the command was asked to print (``pytest -q`` still prints its results)."""
     from rich.console import Console
-    return Console(quiet=args.quiet, width=None if sys.stdout.isatty() else 160)
+    return Console(quiet=args.quiet and not results, width=None if sys.stdout.isatty() else 160)
 
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"folded {len(folding.pairs)} BatchNorm layers into their convs"
                   + (f"; not traced, left as they are: {', '.join(folding.untraced)}" if folding.untraced else ""))
     if args.dry_run:
-        out.print(report.to_rich())
+        console(args, results=True).print(report.to_rich())
         out.print("dry run: nothing written")
         return 0
     out.print(report.summary())

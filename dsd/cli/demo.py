@@ -17,5 +17,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = run_demo(args.epochs, args.output_dir, progress=not args.quiet, force=args.force)
-    console(args).print(result.to_rich())
+    console(args, results=True).print(result.to_rich())
     return 0

@@ -48,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
                       progress=not args.quiet, force=args.force, trust_code=args.trust_code,
                       allow_recipe_change=args.allow_recipe_change)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
-        console(args).print(summary_table(result))
+        console(args, results=True).print(summary_table(result))
     return 0

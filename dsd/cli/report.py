@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     size = input_size(args, original)
     converted = load_against(args, original, size)
     savings = compare(original, converted, size, settings, per_layer=args.per_layer, progress=not args.quiet)
-    out = console(args)
+    out = console(args, results=True)
     if args.layers:
         example = torch.randn(1, *size)
         for title, model in (("original", original), ("converted", converted)):

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from ..fileio import OutputSet
 from ..savings import SavingsReport
+from .common import console as results_console
 
 
 def report_files(args: argparse.Namespace) -> List[Path]:
@@ -30,9 +31,7 @@ def emit(savings: SavingsReport, args: argparse.Namespace, console: Console, out
         outputs.path(args.md).write_text(savings.to_markdown())
     if args.plot:
         savings.plot(outputs.path(args.plot))
-    if args.quiet:
-        return
     if show_table:
-        console.print(savings.to_rich())
+        results_console(args, results=True).print(savings.to_rich())
     else:
         console.print(savings.summary())

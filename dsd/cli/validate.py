@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     with OutputSet(outputs_asked, args.force) as outputs:
         if args.json:
             outputs.path(args.json).write_text(result.to_json())
-        out.print(result.summary())
+        console(args, results=True).print(result.summary())
         written = outputs.commit()
     for path in written:
         out.print(f"wrote {path}")
