@@ -108,6 +108,16 @@ def _in_autograd_graph(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and not value.is_leaf
 
 
+def _copy_training_flags(original: nn.Module, copied: nn.Module) -> None:
+    """A ``GraphModule``'s deepcopy rebuilds it through ``__init__``: the copy of an eval-mode torchvision feature
+    extractor (timm's ``feature_cls="fx"`` too) came back in training mode, its BatchNorm on batch statistics."""
+    copied.train(original.training)  # torchvision's DualGraphModule picks its graph here
+    copies = dict(copied.named_modules())
+    for name, module in original.named_modules():
+        if name in copies:
+            copies[name].training = module.training
+
+
 def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) -> nn.Module:
     """``copy.deepcopy(module, memo)``, about twice as fast on a module tree.
 
@@ -126,7 +136,9 @@ def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) ->
             for value in vars(sub).values():
                 if _in_autograd_graph(value):
                     memo.setdefault(id(value), value.detach().clone())
-        return copy.deepcopy(module, memo)
+        copied = copy.deepcopy(module, memo)
+        _copy_training_flags(module, copied)
+        return copied
     new = cls.__new__(cls)
     memo[id(module)] = new
     state = {}

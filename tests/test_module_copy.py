@@ -43,6 +43,25 @@ def test_real_models_copy_as_deepcopy_does(build):
         assert copied.pretrained_cfg is not model.pretrained_cfg
 
 
+@pytest.mark.parametrize("build", [
+    lambda: torchvision.models.feature_extraction.create_feature_extractor(torchvision.models.resnet18(),
+                                                                           {"layer2": "mid", "layer4": "out"}),
+    lambda: timm.create_model("resnet18", features_only=True, feature_cls="fx"),
+    lambda: torch.fx.symbolic_trace(torchvision.models.resnet18()),
+], ids=["tv-feature-extractor", "timm-features-fx", "fx-symbolic-trace"])
+def test_graph_modules_keep_their_training_flags(build):
+    """GraphModule's deepcopy rebuilds it through __init__, and torchvision's DualGraphModule came back in training
+    mode; deepcopy_module gives each module of the copy its original's flag (and the eval graph)."""
+    model = build().eval()
+    model.get_submodule(next(n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))).train()
+    copied = deepcopy_module(model)
+    assert [m.training for m in copied.modules()] == [m.training for m in model.modules()]
+    model.eval(), copied.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()
