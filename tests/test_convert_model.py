@@ -171,6 +171,30 @@ def test_timm_feature_extractors_convert_exactly_at_full_rank(feature_cls):
             assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
+def test_a_model_converted_under_inference_mode_can_be_fine_tuned():
+    """The copy, the calibration batches and the new layers are ordinary tensors: BatchNorm's running statistics
+    update and gradients flow afterwards, as for the original."""
+    model, x = timm.create_model("resnet18").eval(), torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+        converted, _ = dsd.convert_model(model, x, target_flops=0.5, init="data", allocation="sensitivity",
+                                         calibration_data=batches)
+    assert not any(t.is_inference() for t in converted.state_dict(keep_vars=True).values())
+    converted.train()
+    converted(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert converted.layer1[0].conv1.pointwise.weight.grad is not None
+
+
+def test_weights_on_the_meta_device_are_refused_unless_random_init():
+    with torch.device("meta"):
+        model = timm.create_model("resnet18")
+    x = torch.empty(1, 3, 32, 32, device="meta")
+    with pytest.raises(dsd.DsdError, match="meta device .* init='random'"):
+        dsd.convert_model(model, x)
+    converted, report = dsd.convert_model(model, x, init="random")
+    assert len(report.plan.layers) == 17 and converted.layer1[0].conv1.depthwise.weight.is_meta
+
+
 class Shared(nn.Module):
     def __init__(self):
         super().__init__()

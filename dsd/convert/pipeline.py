@@ -49,6 +49,7 @@ class PlanMismatch(DsdError):
     """A conversion plan names layers the model does not have, or has with another geometry."""
 
 
+@torch.inference_mode(False)
 @full_precision()
 def convert_model(
         model: nn.Module,
@@ -74,6 +75,7 @@ def convert_model(
     options = (options or ConvertOptions()).with_overrides(**overrides)
     _check_inputs(options, example_inputs, calibration_data)
     model, wrapper = unwrap(model)
+    _check_weights_exist(model, options)
     reference = model
     if inplace and options.init == DATA_INIT and options.sequential:
         reference = deepcopy_module(model)  # the original activations are the refit targets
@@ -181,6 +183,14 @@ def _check_inputs(options: ConvertOptions, example_inputs: Any, calibration_data
             and calibration_data is None:
         raise DsdError("init='data', recalibrate_bn and allocation='sensitivity' need calibration_data "
                        "(an iterable of input batches)")
+
+
+def _check_weights_exist(model: nn.Module, options: ConvertOptions) -> None:
+    if options.init != "random" and any(p.device.type == "meta" for m in model.modules()
+                                        if isinstance(m, nn.Conv2d) for p in m.parameters(recurse=False)):
+        raise DsdError(f"the model's conv weights are on the meta device (no values to decouple with init="
+                       f"{options.init!r}): load its weights first, convert with init='random', or give the layout "
+                       "only with dsd.apply_plan")
 
 
 def _whole_model(model: nn.Module, example_inputs: Any, options: ConvertOptions, progress: bool
