@@ -177,3 +177,34 @@ def test_cuda_requested_without_gpu_is_a_clear_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         BenchmarkSettings(device="cuda")
+
+
+class SharedHead(nn.Module):
+    """One conv run on two levels, as a detector's head runs on each level of its feature pyramid."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(x).mean((2, 3)) + self.head(x[..., ::2, ::2]).mean((2, 3))
+
+
+def test_a_layer_called_on_several_inputs_is_timed_on_each_as_its_flops_count_it(monkeypatch):
+    """Its row's FLOPs sum both calls; so does its time: each call's shape timed (the timing injected: width in
+    ms for the dense conv, half that for the converted layer), iteration by iteration."""
+    import importlib
+
+    from dsd.timing import LatencyStats
+    compare_module = importlib.import_module("dsd.savings.compare")
+
+    def fake_measure_layer(pair, shape, settings):
+        return [LatencyStats.of([float(shape[-1]) * share] * 3, settings.batch_size) for share in (1.0, 0.5)]
+
+    monkeypatch.setattr(compare_module, "measure_layer", fake_measure_layer)
+    model = SharedHead().eval()
+    converted, _ = dsd.convert_model(model, torch.randn(1, 8, 16, 16), rank=1)
+    report = dsd.compare(model, converted, (8, 16, 16), BenchmarkSettings(warmup=0, iters=2))
+    (row,) = report.layers
+    assert row.flops_before == count_flops(model, torch.randn(1, 8, 16, 16)).by_module["head"]
+    assert row.latency_before.median_ms == 16 + 8 and row.latency_after.median_ms == 12

@@ -1,7 +1,7 @@
 """``compare(original, converted)``: count and measure both models, line their layers up by name."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..errors import DsdError
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import check_runs, eval_mode, record_shapes
-from ..timing import BenchmarkSettings, environment, measure, measure_layer
+from ..timing import BenchmarkSettings, LatencyStats, environment, measure, measure_layer
 from ..flops import count_flops
 from .savings_report import LayerSavings, SavingsReport
 
@@ -22,11 +22,12 @@ def converted_layer_names(converted: nn.Module) -> list:
 
 
 @torch.no_grad()
-def conv_input_shapes(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Dict[str, Tuple[int, ...]]:
-    """The input shape of each named layer's first call on ``example``."""
+def conv_input_shapes(model: nn.Module, names: Sequence[str], example: torch.Tensor
+                      ) -> Dict[str, List[Tuple[int, ...]]]:
+    """The input shape of each call of each named layer on ``example`` (a detector's head runs once per level)."""
     with eval_mode(model), record_shapes({name: model.get_submodule(name) for name in names}) as calls:
         model(example)
-    return {name: shapes[0][0] for name, shapes in calls.items()}
+    return {name: [inp for inp, _ in shapes] for name, shapes in calls.items()}
 
 
 def compare(
@@ -46,7 +47,8 @@ def compare(
     its fields may also be given as keywords (``device="cuda"``, ``runtime="onnxruntime"``), which override
     it. The two models are timed interleaved and the speedup carries a bootstrap interval. Per-layer rows
     are the converted layers, lined up by name with the original's layer; with ``per_layer`` each pair is
-    also timed in isolation on its real input shape, in the same runtime (cached on disk).
+    also timed in isolation on the input shape of each of its calls (summed), in the same runtime (cached on
+    disk).
     """
     if isinstance(benchmark, str):  # compare(a, b, size, "cuda", ...): the positional device of earlier releases
         settings["device"] = benchmark
@@ -73,8 +75,9 @@ def compare(
         if per_layer:
             shapes = conv_input_shapes(original, names, example)
             for layer in tqdm(layers, desc="timing layers", unit="conv", disable=not progress):
-                if layer.name in shapes:
+                if layer.name in shapes:  # every call, as the FLOPs count them
                     pair = [original.get_submodule(layer.name), converted.get_submodule(layer.name)]
-                    layer.timed(*measure_layer(pair, shapes[layer.name], settings))
+                    calls = [measure_layer(pair, shape, settings) for shape in shapes[layer.name]]
+                    layer.timed(*(LatencyStats.summed(stats, settings.batch_size) for stats in zip(*calls)))
     unsupported = dict(before.unsupported_ops + after.unsupported_ops)
     return SavingsReport(total, layers, list(input_size), env, unsupported)
