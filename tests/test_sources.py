@@ -82,6 +82,36 @@ def test_weights_saved_through_ddp_or_torch_compile_load(tmp_path):
             torch.testing.assert_close(value, original[key], rtol=0, atol=0)
 
 
+def test_training_checkpoints_of_timm_pytorch_examples_and_lightning_load(tmp_path):
+    """timm's train.py writes model_best.pth.tar with its argparse.Namespace of arguments; PyTorch's ImageNet
+    example checkpoint.pth.tar with DataParallel's module.*; Lightning a .ckpt whose keys carry the attribute the
+    LightningModule keeps the network under (model.*). Each loads with weights_only=True, and converts."""
+    import argparse
+
+    from dsd.cli.main import convert_main
+    original = dsd.zoo.digits_cnn(width=8).state_dict()
+    torch.save({"epoch": 3, "arch": "digits_cnn", "state_dict": original, "version": 2, "metric": 71.2,
+                "args": argparse.Namespace(lr=0.1, model="digits_cnn")}, tmp_path / "model_best.pth.tar")
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in original.items()},
+                "best_acc1": torch.tensor(70.1)}, tmp_path / "checkpoint.pth.tar")
+    torch.save({"epoch": 3, "global_step": 10, "hyper_parameters": {"lr": 0.1},
+                "state_dict": {f"model.{k}": v for k, v in original.items()}}, tmp_path / "lightning.ckpt")
+    for name in ("model_best.pth.tar", "checkpoint.pth.tar", "lightning.ckpt"):
+        model, _ = dsd.load_model(str(tmp_path / name), arch="dsd:digits_cnn", arch_kwargs={"width": 8})
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, original[key], rtol=0, atol=0)
+    assert convert_main([str(tmp_path / "model_best.pth.tar"), "--arch", "dsd:digits_cnn", "--arch-kwarg", "width=8",
+                         "--quiet"]) == 0
+    assert (tmp_path / "model_best_dsd.safetensors").exists() and (tmp_path / "model_best_dsd.plan.json").exists()
+
+
+def test_a_common_prefix_is_removed_only_where_the_keys_then_fit(tmp_path):
+    original = dsd.zoo.digits_cnn(width=8).state_dict()
+    torch.save({f"student.{k}": v for k, v in list(original.items())[:-1]}, tmp_path / "partial.pt")
+    with pytest.raises(dsd.DsdError, match="does not fit .* missing"):
+        dsd.load_model(str(tmp_path / "partial.pt"), arch="dsd:digits_cnn", arch_kwargs={"width": 8})
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "user_nets_for_dsd.py").write_text(NET)

@@ -16,13 +16,16 @@ __all__ = ["OutputPaths", "default_stem", "output_paths", "check_outputs"]
 
 
 def default_stem(source: str) -> Path:
-    """``timm:resnet50`` -> ``./resnet50``; ``pkg.mod:net`` -> ``./pkg_mod_net``; ``dir/model.pt`` -> ``dir/model``."""
+    """``timm:resnet50`` -> ``./resnet50``; ``pkg.mod:net`` -> ``./pkg_mod_net``; ``dir/model.pt`` -> ``dir/model``
+    (``model_best.pth.tar`` -> ``model_best``)."""
     ref = parse_source(source)
     if ref.is_registry or ref.kind == FACTORY:
         return Path(ref.name.replace(".", "_").replace(":", "_"))
     path = Path(source)
-    name = path.name[:-len(PLAN_SUFFIX)] if path.name.endswith(PLAN_SUFFIX) else path.stem
-    return path.with_name(name)
+    for double in (PLAN_SUFFIX, ".pth.tar"):
+        if path.name.endswith(double):
+            return path.with_name(path.name[:-len(double)])
+    return path.with_name(path.stem)
 
 
 @dataclass

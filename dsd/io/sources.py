@@ -1,12 +1,13 @@
 """Build or load a model from one source string: ``timm:NAME``, ``torchvision:NAME``, ``dsd:NAME``,
 ``package.module:factory`` (imports and runs your code: only with ``trust_code=True``), a state dict
-(``.pt/.pth/.bin/.ckpt`` with ``weights_only=True``, or ``.safetensors``) with an architecture, a whole
+(``.pt/.pth/.pth.tar/.bin/.ckpt`` with ``weights_only=True``, or ``.safetensors``) with an architecture, a whole
 pickled module (only with ``trust_pickle=True``: unpickling runs code from the file), or a dsd plan.
 
 :func:`parse_source` is the one parser of these strings; the CLI, plans and recipes all go through it.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import importlib
@@ -26,9 +27,9 @@ from ..errors import DsdError
 __all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file",
            "STATE_DICT_SUFFIXES", "SUPPORTED_FORMATS", "PLAN_SUFFIX", "REGISTRIES", "check_trusted"]
 
-STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt")  # .tar: timm's train.py writes model_best.pth.tar
 SUPPORTED_FORMATS = ("timm:NAME, torchvision:NAME, dsd:NAME, package.module:factory with --trust-code, a state dict "
-                     "(.pt/.pth/.bin/.ckpt or .safetensors) with --arch, a pickled nn.Module with --trust-pickle, or "
+                     "(.pt/.pth/.pth.tar/.bin/.ckpt or .safetensors) with --arch, a pickled nn.Module with --trust-pickle, or "
                      "a dsd plan (.plan.json)")
 _CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # common training-checkpoint layouts
 PLAN_SUFFIX = ".plan.json"
@@ -201,9 +202,12 @@ def load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
         except Exception as error:
             raise DsdError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     try:
-        return clean_state_dict(_as_state_dict(torch.load(path, map_location="cpu", weights_only=True), path))
+        # timm's training checkpoints keep their argparse.Namespace of arguments (data only), as timm loads them
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise _PickledObject(path) from error
+    return clean_state_dict(_as_state_dict(loaded, path))
 
 
 class _PickledObject(DsdError):
@@ -230,8 +234,20 @@ def _load_torch_file(path: Path, trust_pickle: bool) -> Any:
                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
 
 
+def _without_common_prefix(state_dict: Dict[str, torch.Tensor], own: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The keys without the one first component they all share (``model.``: the attribute a LightningModule or a
+    training wrapper keeps the network under), where that makes them the model's own keys; else as they are."""
+    prefixes = {key.partition(".")[0] for key in state_dict}
+    if len(prefixes) == 1 and all("." in key for key in state_dict):
+        stripped = {key.partition(".")[2]: value for key, value in state_dict.items()}
+        if stripped.keys() == own.keys():
+            return stripped
+    return state_dict
+
+
 def _load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path, arch: str) -> None:
     own = model.state_dict()
+    state_dict = _without_common_prefix(state_dict, own)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
