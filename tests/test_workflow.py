@@ -166,3 +166,19 @@ def test_finetune_says_when_the_schedule_does_nothing_useful():
     assert schedule_warnings(recipe) == []
     assert "already finished its 3 epochs" in schedule_warnings(recipe, {"epoch": 3})[0]
     assert schedule_warnings(recipe, {"epoch": 2}) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is about a machine without a GPU")
+def test_the_compile_runtime_keeps_torchs_no_cuda_notice_out_of_dsds_output():
+    """torch.utils.cpp_extension logs "No CUDA runtime is found" as inductor imports it; dsd's compile runtime
+    imports it with that logger quiet (the plain import, for contrast, does log it)."""
+    def stderr_of(code):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+    plain = stderr_of("import torch.utils.cpp_extension")
+    ours = stderr_of("from dsd.timing.runtimes import _import_cpp_extension_quietly as q; q(); "
+                     "import torch.utils.cpp_extension")
+    if "No CUDA runtime is found" not in plain:
+        pytest.skip("this machine's torch does not log the notice (no CUDA_HOME)")
+    assert "No CUDA runtime" not in ours, ours

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -53,8 +54,21 @@ def _eager(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> S
     return lambda: module(x)
 
 
+def _import_cpp_extension_quietly() -> None:
+    """Inductor imports ``torch.utils.cpp_extension``, which on a machine without a GPU logs "No CUDA runtime is
+    found" as it reads CUDA_HOME at import: noise beside dsd's one-line messages, and under ``--quiet``."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(previous)
+
+
 @_runtime("compile")
 def _compiled(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
+    _import_cpp_extension_quietly()
     module = torch.compile(on_device(module, settings))
     return lambda: module(x)
 
