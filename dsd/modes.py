@@ -253,22 +253,31 @@ def as_args(example_inputs: Any) -> tuple:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def example_inputs_error(example_inputs: Any, error: BaseException, what: str = "the model") -> ExampleInputsError:
-    """The one-line error for a model (``what``) that fails on ``example_inputs``: their shapes and the failure."""
-    shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
-                       for a in as_args(example_inputs))
-    return ExampleInputsError(f"{what} does not run on example inputs of shape {shapes}: {short_error(error)}; "
-                              "give inputs of the shape, dtype and device it takes")
+def _describe_argument(argument: Any) -> str:
+    if isinstance(argument, torch.Tensor):
+        return f"of shape {tuple(argument.shape)}"
+    count = f" of {len(argument)}" if isinstance(argument, (list, dict)) else ""
+    return f"(a {type(argument).__name__}{count})"
 
 
-def check_runs(model: nn.Module, example_inputs: Any, what: str = "the model") -> None:
-    """Raise :class:`ExampleInputsError` (naming the model as ``what``) where ``model(*example_inputs)`` fails in
-    eval mode. A real run: meta kernels do not check every dtype and device."""
+def example_inputs_error(example_inputs: Any, error: BaseException, what: str = "the model",
+                         inputs: str = "example inputs") -> ExampleInputsError:
+    """The one-line error for a model (``what``) that fails on ``example_inputs`` (called ``inputs``): their shapes
+    and the failure."""
+    described = ", ".join(_describe_argument(a) for a in as_args(example_inputs))
+    hint = " (a list is one argument; a tuple holds the forward's arguments)" if isinstance(example_inputs, list) else ""
+    return ExampleInputsError(f"{what} does not run on {inputs} {described}: {short_error(error)}; give inputs of the "
+                              f"shape, dtype and device it takes{hint}")
+
+
+def check_runs(model: nn.Module, example_inputs: Any, what: str = "the model", inputs: str = "example inputs") -> None:
+    """Raise :class:`ExampleInputsError` (naming the model as ``what``, the inputs as ``inputs``) where
+    ``model(*example_inputs)`` fails in eval mode. A real run: meta kernels do not check every dtype and device."""
     with eval_mode(model), torch.no_grad():
         try:
             model(*as_args(example_inputs))
         except Exception as error:
-            raise example_inputs_error(example_inputs, error, what) from error
+            raise example_inputs_error(example_inputs, error, what, inputs) from error
 
 
 def call_shapes(model: nn.Module, args: Tuple[Any, ...], modules: Mapping[str, nn.Module]) -> CallShapes:

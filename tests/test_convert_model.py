@@ -268,6 +268,22 @@ def test_untraceable_model_falls_back_to_module_tree():
 def test_bad_example_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"does not run on example inputs of shape \(1, 5, 16, 16\)"):
         dsd.convert_model(Net(), torch.randn(1, 5, 16, 16))
+    with pytest.raises(ValueError, match=r"example inputs \(a list of 1\).*a tuple holds the forward's arguments"):
+        dsd.convert_model(Net(), [torch.randn(1, 3, 16, 16)])
+
+
+def test_calibration_data_that_the_model_cannot_take_is_a_clear_error():
+    with pytest.raises(dsd.DsdError, match=r"does not run on calibration_data \(its first input\) of shape "
+                                           r"\(1, 1, 16, 16\).*3 channels"):
+        dsd.convert_model(Net(), torch.randn(1, 3, 16, 16), init="data", calibration_data=[torch.randn(4, 1, 16, 16)])
+
+
+def test_a_calibration_tensor_is_one_batch():
+    """Iterated, a tensor would give single images; it is taken as the batch it is."""
+    model, x, batch = Net(), torch.randn(1, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    _, from_tensor = dsd.convert_model(model, x, init="data", target_flops=0.5, calibration_data=batch)
+    _, from_list = dsd.convert_model(model, x, init="data", target_flops=0.5, calibration_data=[batch])
+    assert from_tensor.plan.to_dict() == from_list.plan.to_dict()
 
 
 def test_plan_round_trip_through_safetensors(tmp_path):

@@ -18,8 +18,10 @@ CALIBRATION_SOURCES = "digits, random, or a folder of images (class sub-folders 
 
 
 def take_batches(data: Iterable[Any], limit: int) -> List[torch.Tensor]:
-    """Up to ``limit`` input batches from an iterable of tensors or (inputs, labels) pairs; a batch made under
-    ``torch.inference_mode`` is cloned, since the sensitivity measurement differentiates through it."""
+    """Up to ``limit`` input batches from an iterable of tensors or (inputs, labels) pairs (a tensor is one batch);
+    a batch made under ``torch.inference_mode`` is cloned, since the sensitivity measurement differentiates
+    through it."""
+    data = [data] if isinstance(data, torch.Tensor) else data
     batches = [b[0] if isinstance(b, (list, tuple)) else b for b in itertools.islice(iter(data), limit)]
     if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
         raise DsdError("calibration_data must yield input tensors (or (inputs, labels) pairs); it yielded none")

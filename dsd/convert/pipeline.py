@@ -24,7 +24,7 @@ from ..flops import count_flops
 from ..layers.create import DATA_INIT, SkipLayer, build_layers
 from ..layers.separable import DepthwiseSeparableConv2d
 from ..layers.spec import LayerSpec
-from ..modes import as_args, full_precision, output_shape
+from ..modes import as_args, check_runs, full_precision, output_shape
 from ..module_tree import (copy_sharing_convs, deepcopy_module, own_parameters, refresh_recomputed_weights,
                            swap_modules, unwrap)
 from .budget import DENSE
@@ -67,8 +67,8 @@ def convert_model(
     given as a keyword (``rank=2``, ``target_flops=0.5``), which overrides it. ``example_inputs`` (a tensor
     or a tuple of forward arguments) gives each conv's shapes, finds the convs that never run, and
     checks afterwards that every converted layer keeps its output shape. ``calibration_data`` (an
-    iterable of input batches) feeds ``init="data"`` and ``recalibrate_bn``. The model is copied unless
-    ``inplace=True``; it keeps its class. A model inside a ``torch.compile``, DDP or DataParallel wrapper is
+    iterable of input batches, or one batch tensor) feeds ``init="data"`` and ``recalibrate_bn``. The model is
+    copied unless ``inplace=True``; it keeps its class. A model inside a ``torch.compile``, DDP or DataParallel wrapper is
     converted unwrapped and returned so (wrap it again). Returns ``(model, report)``; ``report.plan`` rebuilds the
     architecture with :func:`apply_plan`.
     """
@@ -84,6 +84,8 @@ def convert_model(
     analysis = analyze(working, example_inputs)
     refresh_recomputed_weights(working)
     batches = take_batches(calibration_data, options.calibration_batches) if calibration_data is not None else None
+    if batches:
+        check_runs(working, batches[0][:1], inputs="calibration_data (its first input)")
     notes = _calibration_notes(options, calibration_data, working)
     if wrapper:
         notes.append(f"converted the model inside its {wrapper} wrapper and returned it unwrapped: wrap (compile) the "
