@@ -306,3 +306,14 @@ def test_resume_with_a_changed_recipe_says_what_changed(tmp_path, digits_cache):
     result = finetune(recipe(tmp_path, "schedule.epochs=2", "optim.lr=0.01"), resume=str(tmp_path / "run"),
                       progress=False, allow_recipe_change=True)
     assert result.epochs == 2
+
+
+def test_a_student_plan_with_folded_batchnorm_is_warned_about(tmp_path, digits_cache, capsys):
+    """dsd-convert --fold-bn writes an inference form: fine-tuned, the student trains without its BatchNorm."""
+    from dsd.cli.main import convert_main
+    assert convert_main(["dsd:digits_cnn", "--fold-bn", "-o", str(tmp_path / "s.safetensors"), "--quiet"]) == 0
+    capsys.readouterr()
+    result = finetune(recipe(tmp_path, f"student.plan={tmp_path / 's.plan.json'}"), progress=False)
+    err = capsys.readouterr().err
+    assert "student.plan folded 4 BatchNorm layers" in err and "convert without --fold-bn" in err
+    assert result.epochs == 1

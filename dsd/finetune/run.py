@@ -94,6 +94,15 @@ def schedule_warnings(recipe: Recipe, checkpoint: Optional[Dict[str, Any]] = Non
     return said
 
 
+def student_warnings(plan: ConversionPlan) -> List[str]:
+    """What the student's plan does that fine-tuning does not undo."""
+    if not plan.folded_batchnorm:
+        return []
+    return [f"student.plan folded {len(plan.folded_batchnorm)} BatchNorm layers into their convs (dsd-convert "
+            "--fold-bn, an inference form): the student trains without them; to fine-tune, convert without --fold-bn "
+            "and fold the fine-tuned model (dsd.fold_batchnorm)"]
+
+
 def _refuse_taken_outputs(run_dir: Path) -> None:
     """A fresh run writes only into an output_dir where none of its files' names is taken (else: ``force``)."""
     if (run_dir / CHECKPOINT_NAME).exists():
@@ -137,6 +146,9 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
         example = next(iter(loaders.val))[0][:1]
         plan = ConversionPlan.from_dict(checkpoint["plan"]) if checkpoint and checkpoint.get("plan") else None
         student, plan = build_student(teacher, recipe, example, plan, calibration=loaders.train)
+        if env.is_main and checkpoint is None:
+            for warning in student_warnings(plan):
+                print(f"dsd finetune: warning: {warning}", file=sys.stderr)
         teacher.to(env.device)
         teacher_acc = evaluate(teacher, loaders.val, env, recipe)
         if checkpoint is None:
