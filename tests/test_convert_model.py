@@ -195,6 +195,17 @@ def test_weights_on_the_meta_device_are_refused_unless_random_init():
     assert len(report.plan.layers) == 17 and converted.layer1[0].conv1.depthwise.weight.is_meta
 
 
+def test_converting_a_converted_model_again_leaves_its_separable_layers_as_they_are():
+    model, x = timm.create_model("resnet18").eval(), torch.randn(1, 3, 32, 32)
+    converted, _ = dsd.convert_model(model, x, rank=2)
+    again, report = dsd.convert_model(converted, x, rank=1)
+    by_category = {}
+    for record in report.layers:
+        by_category.setdefault(record.category, []).append(record.name)
+    assert not report.converted and set(by_category) == {"already separable", "1x1 kernel"}
+    assert "layer1.0.conv1.depthwise" in by_category["already separable"] and len(by_category["already separable"]) == 34
+
+
 class Shared(nn.Module):
     def __init__(self):
         super().__init__()

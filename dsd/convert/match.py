@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import short_error
+from ..layers.separable import DepthwiseSeparableConv2d
 from ..modes import CallShapes, as_args, call_shapes, eval_mode, example_inputs_error
 from .trace import GraphRunner, trace_graph
 
@@ -33,6 +34,7 @@ class ConvSite:
     found_by: str = FOUND_BY_MODULES
     calls: Optional[int] = None  # None: not known (no example input)
     call_shapes: List[Tuple[Shape, Shape]] = field(default_factory=list)  # (input, output) per call
+    separable_part: bool = False  # the depthwise or pointwise conv of a converted (dsd) layer
 
     @property
     def input_shape(self) -> Optional[Shape]:
@@ -58,10 +60,12 @@ def _module_sites(model: nn.Module) -> Tuple[List[ConvSite], List[Tuple[str, str
     for name, module in model.named_modules(remove_duplicate=False):
         names[id(module)].append(name)
         modules[id(module)] = module
+    parts = {id(part) for module in modules.values() if isinstance(module, DepthwiseSeparableConv2d)
+             for part in (module.depthwise, module.pointwise)}
     sites, others = [], []
     for key, module in modules.items():
         if isinstance(module, nn.Conv2d):
-            sites.append(ConvSite(names[key][0], module, names[key]))
+            sites.append(ConvSite(names[key][0], module, names[key], separable_part=key in parts))
         elif isinstance(module, nn.modules.conv._ConvNd) or type(module).__name__.endswith("Conv2d"):
             others.append((names[key][0], type(module).__name__))
     return sites, others

@@ -210,6 +210,9 @@ def describe_layers(analysis: ModelAnalysis, options: ConvertOptions) -> Tuple[D
     eligible: Eligible = []
     for site in analysis.sites:
         record = records[site.name] = LayerRecord.describe(site)
+        if site.separable_part:
+            record.skip("already separable", "part of a layer dsd converted (DepthwiseSeparableConv2d)")
+            continue
         if site.calls == 0:
             record.skip("not called", "not called on the example input")
             continue
