@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from .errors import DsdError, short_error
+
 __all__ = ["data_config", "image_transform", "open_image", "image_folder"]
 
 PathLike = Union[str, os.PathLike]
@@ -37,11 +39,15 @@ def image_transform(input_size: Sequence[int], model: Optional[nn.Module] = None
 
 
 def open_image(path: PathLike, channels: int = 3):
-    """An image file as a PIL image with ``channels`` channels (1: grayscale, else RGB)."""
+    """An image file as a PIL image with ``channels`` channels (1: grayscale, else RGB); a file PIL cannot read is
+    a one-line :class:`DsdError` naming it."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        return Image.open(f).convert("L" if channels == 1 else "RGB")
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DsdError(f"{path}: not a readable image ({short_error(error)}); remove or replace it") from error
 
 
 def image_folder(root: PathLike, transform: Callable, channels: int = 3):

@@ -93,6 +93,30 @@ def test_validate_on_a_two_class_image_folder(tmp_path, monkeypatch, capsys):
     assert result["samples"] == 6 and 0 <= result["agreement"] <= 100
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_image_files_of_every_mode_are_read_and_a_broken_one_is_named(tmp_path, monkeypatch, capsys, workers):
+    """RGBA, palette, 16-bit grayscale and CMYK files are read in the model's channels; a file PIL cannot read is
+    one line naming it, exit 2 (from a DataLoader worker too: its traceback stays out of the message)."""
+    import numpy as np
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "b").mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 50, 4), dtype=np.uint8), "RGBA").save(tmp_path / "data/a/rgba.png")
+    Image.fromarray(pixels).convert("P").save(tmp_path / "data/a/palette.png")
+    Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)).save(tmp_path / "data/b/gray16.png")
+    Image.fromarray(pixels).convert("CMYK").save(tmp_path / "data/b/cmyk.jpg")
+    args = ["validate", "timm:resnet18", "--arch-kwarg", "num_classes=2", "--data-dir", str(tmp_path / "data"),
+            *SMALL, "--batch-size", "2", "--workers", workers, "--quiet"]
+    assert main(args) == 0 and "4 images, 2 classes" in capsys.readouterr().out
+    (tmp_path / "data/b/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dsd validate: error: {tmp_path / 'data/b/broken.jpg'}: not a "
+                                               "readable image (") and err[0].endswith("; remove or replace it"), err
+
+
 def test_a_one_channel_model_validates_and_calibrates_on_rgb_image_files(tmp_path, monkeypatch, capsys):
     """dsd:digits_cnn (1x32x32 by its pretrained_cfg) on a folder of RGB files: read as grayscale, normalised as
     the model's pretrained_cfg says (to [-1, 1])."""

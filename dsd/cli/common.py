@@ -165,6 +165,15 @@ def console(args: argparse.Namespace, results: bool = False):
     return Console(quiet=args.quiet and not results, width=None if sys.stdout.isatty() else 160)
 
 
+def _one_line(error: DsdError) -> str:
+    """The error's message; raised in a DataLoader worker, it comes back with the worker's traceback in its message
+    (PyTorch's ExceptionWrapper), whose last line holds the original."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(error)
+
+
 def run_command(prog: str, command: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
     try:
         return command(args) or 0
@@ -172,7 +181,7 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], Optional[int]
         if args.debug:
             raise
         hint = " (--input-size C H W)" if isinstance(error, ExampleInputsError) and hasattr(args, "input_size") else ""
-        print(f"{prog}: error: {error}{hint}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(error)}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
