@@ -157,15 +157,17 @@ def test_a_stale_weight_of_the_deprecated_weight_norm_is_recomputed_before_decou
             torch.testing.assert_close(converted(x), trained(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("feature_cls", ["getter", "hook", "fx"])
-def test_timm_feature_extractors_convert_exactly_at_full_rank(feature_cls):
+@pytest.mark.parametrize("name,feature_cls", [("resnet18", "getter"), ("resnet18", "hook"), ("resnet18", "fx"),
+                                               ("ghostnet_100", "hook")])
+def test_timm_feature_extractors_convert_exactly_at_full_rank(name, feature_cls):
     """features_only models (a list of feature maps; "fx" wraps torchvision's feature extractor, a GraphModule
-    whose copy came back in training mode)."""
+    whose copy came back in training mode; ghostnet's "hook" extractor collects a feature from a hook on its stem
+    conv, which the converted stem keeps)."""
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", features_only=True, feature_cls=feature_cls).eval()
+    model = timm.create_model(name, features_only=True, feature_cls=feature_cls).eval()
     x = torch.randn(2, 3, 64, 64)
     converted, report = dsd.convert_model(model, x[:1], rank="full", only_if_cheaper=False)
-    assert len(report.plan.layers) == 17 and not converted.training
+    assert len(report.plan.layers) == {"resnet18": 17, "ghostnet_100": 1}[name] and not converted.training
     with torch.no_grad():
         for ours, theirs in zip(converted(x), model(x), strict=True):
             assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
