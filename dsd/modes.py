@@ -265,7 +265,9 @@ def example_inputs_error(example_inputs: Any, error: BaseException, what: str = 
     """The one-line error for a model (``what``) that fails on ``example_inputs`` (called ``inputs``): their shapes
     and the failure."""
     described = ", ".join(_describe_argument(a) for a in as_args(example_inputs))
-    hint = " (a list is one argument; a tuple holds the forward's arguments)" if isinstance(example_inputs, list) else ""
+    hint = ""
+    if isinstance(example_inputs, list):
+        hint = " (a list is one argument; a tuple holds the forward's arguments)"
     return ExampleInputsError(f"{what} does not run on {inputs} {described}: {short_error(error)}; give inputs of the "
                               f"shape, dtype and device it takes{hint}")
 

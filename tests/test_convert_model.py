@@ -205,7 +205,8 @@ def test_converting_a_converted_model_again_leaves_its_separable_layers_as_they_
     for record in report.layers:
         by_category.setdefault(record.category, []).append(record.name)
     assert not report.converted and set(by_category) == {"already separable", "1x1 kernel"}
-    assert "layer1.0.conv1.depthwise" in by_category["already separable"] and len(by_category["already separable"]) == 34
+    separable = by_category["already separable"]
+    assert "layer1.0.conv1.depthwise" in separable and len(separable) == 34
 
 
 class Shared(nn.Module):

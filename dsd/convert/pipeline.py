@@ -68,9 +68,9 @@ def convert_model(
     or a tuple of forward arguments) gives each conv's shapes, finds the convs that never run, and
     checks afterwards that every converted layer keeps its output shape. ``calibration_data`` (an
     iterable of input batches, or one batch tensor) feeds ``init="data"`` and ``recalibrate_bn``. The model is
-    copied unless ``inplace=True``; it keeps its class. A model inside a ``torch.compile``, DDP or DataParallel wrapper is
-    converted unwrapped and returned so (wrap it again). Returns ``(model, report)``; ``report.plan`` rebuilds the
-    architecture with :func:`apply_plan`.
+    copied unless ``inplace=True``; it keeps its class. A model inside a ``torch.compile``, DDP or DataParallel
+    wrapper is converted unwrapped and returned so (wrap it again). Returns ``(model, report)``; ``report.plan``
+    rebuilds the architecture with :func:`apply_plan`.
     """
     options = (options or ConvertOptions()).with_overrides(**overrides)
     _check_inputs(options, example_inputs, calibration_data)

@@ -29,8 +29,8 @@ __all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt")  # .tar: timm's train.py writes model_best.pth.tar
 SUPPORTED_FORMATS = ("timm:NAME, torchvision:NAME, dsd:NAME, package.module:factory with --trust-code, a state dict "
-                     "(.pt/.pth/.pth.tar/.bin/.ckpt or .safetensors) with --arch, a pickled nn.Module with --trust-pickle, or "
-                     "a dsd plan (.plan.json)")
+                     "(.pt/.pth/.pth.tar/.bin/.ckpt or .safetensors) with --arch, a pickled nn.Module with "
+                     "--trust-pickle, or a dsd plan (.plan.json)")
 _CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # common training-checkpoint layouts
 PLAN_SUFFIX = ".plan.json"
 REGISTRIES = ("timm", "torchvision", "dsd")  # model names that build known code only: safe from any file
