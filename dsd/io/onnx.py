@@ -30,7 +30,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
                 rtol: float = 1e-3, atol: float = 1e-4, fold_bn: bool = True, forms: str = "timed",
                 dynamic_batch: bool = True, progress: bool = False) -> float:
     """Export with ``torch.onnx.export`` and return onnxruntime's max abs difference from PyTorch's outputs (every
-    tensor of them: a tuple's, a dict's).
+    tensor of them: a tuple's, a dict's), which must be within ``atol + rtol`` times each output's largest value.
 
     On a copy (``model`` is unchanged): inference BatchNorm is folded into the convs first (``fold_bn``), and
     ``forms="timed"`` pins each separable layer of rank >= 2 to the form that runs fastest in ONNX Runtime at
@@ -67,7 +67,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
                                f" where PyTorch gives {[tuple(e.shape) for e in expected]}; not written")
             difference = max(((g.double() - e.double()).abs().max().item() if g.numel() else 0.0)
                              for g, e in zip(got, expected))
-            if not all(torch.allclose(g, e.to(g.dtype), rtol=rtol, atol=atol) for g, e in zip(got, expected)):
+            # rtol against each output's largest value: float rounding scales with the activations behind an output,
+            # not with the output's own value (an element near zero of a large output differs by 3e-4 in float32)
+            if not all(g.numel() == 0 or (g.double() - e.double()).abs().max() <= atol + rtol * e.abs().max().item()
+                       for g, e in zip(got, expected)):
                 raise DsdError(f"the ONNX export of this model does not reproduce PyTorch's outputs "
                                f"(max abs difference {difference:.3g}); not written")
     return difference
