@@ -107,8 +107,8 @@ def test_image_files_of_every_mode_are_read_and_a_broken_one_is_named(tmp_path, 
     Image.fromarray(pixels).convert("P").save(tmp_path / "data/a/palette.png")
     Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)).save(tmp_path / "data/b/gray16.png")
     Image.fromarray(pixels).convert("CMYK").save(tmp_path / "data/b/cmyk.jpg")
-    args = ["validate", "timm:resnet18", "--arch-kwarg", "num_classes=2", "--data-dir", str(tmp_path / "data"),
-            *SMALL, "--batch-size", "2", "--workers", workers, "--quiet"]
+    args = ["validate", "dsd:digits_cnn", "--arch-kwarg", "num_classes=2", "--arch-kwarg", "in_chans=3", "--arch-kwarg",
+            "width=8", "--data-dir", str(tmp_path / "data"), *SMALL, "--batch-size", "2", "--workers", workers, "--quiet"]
     assert main(args) == 0 and "4 images, 2 classes" in capsys.readouterr().out
     (tmp_path / "data/b/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     assert main(args) == 2
