@@ -185,6 +185,18 @@ def test_a_target_below_what_stays_dense_says_what_is_reachable():
         dsd.convert_model(model, x, target_flops=0.5)
 
 
+def test_a_target_below_every_layer_at_its_cheapest_says_what_is_reachable():
+    """Above what stays dense, below what rank 1 everywhere reaches: the least reachable share, in the budget's
+    unit (it was "cost at least 4160 at their cheapest, and 3328.6 is left", in MACs, or milliseconds)."""
+    model, x = Net(), torch.randn(1, 3, 16, 16)
+    flops = lambda m: count_flops(m, x).total  # noqa: E731
+    least = flops(dsd.convert_model(model, x, rank=1)[0]) / flops(model)
+    with pytest.raises(DsdError, match=rf"target_flops=0.1 cannot be met: with every convertible layer at its cheapest "
+                                       rf"rank, the model still comes to {least:.3f} of the original's FLOPs; choose a "
+                                       rf"target above {least:.3f}"):
+        dsd.convert_model(model, x, target_flops=0.1)
+
+
 def test_energy_rule_sets_per_layer_ranks():
     _, report = dsd.convert_model(Net(), torch.randn(1, 3, 16, 16), energy=0.95, only_if_cheaper=False)
     for record in report.converted:

@@ -185,13 +185,13 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
                          if r != DENSE and v < cost[DENSE]])
     names = {c.spec.name for c in candidates}
     others = [s for s in all_sites if s.name not in names]
-    unit, fixed, total = _reachable(name, kind, target, others, model, sum(o[0].cost for o in layers), whole,
+    unit, fixed, total = _reachable(name, kind, target, others, model, [[o.cost for o in l] for l in layers], whole,
                                     options.benchmark, model_flops)
     cap = None
     if cap_kind:
         cap_unit, cap_fixed, cap_total = _reachable(cap_name, cap_kind, cap_target, others, model,
-                                                    sum(o[0].cap_cost for o in layers), None, options.benchmark,
-                                                    model_flops)
+                                                    [[o.cap_cost for o in l] for l in layers], None,
+                                                    options.benchmark, model_flops)
         cap = cap_target * cap_total - cap_fixed
     chosen = solve_budget(layers, target * total - fixed, cap=cap)
     if kind == "latency" and whole is not None:
@@ -206,16 +206,24 @@ def choose_ranks(candidates: Sequence[Candidate], all_sites: Sequence[ConvSite],
 
 
 def _reachable(name: str, kind: str, target: float, others: Sequence[ConvSite], model: nn.Module,
-               candidate_total: float, whole: Optional[WholeModel], settings: BenchmarkSettings,
+               candidate_costs: Sequence[Sequence[float]], whole: Optional[WholeModel], settings: BenchmarkSettings,
                model_flops: Optional[float]) -> Tuple[str, float, float]:
-    """(the budget's unit, what no conversion changes, the original's total); an error where the first is
-    already over the target."""
+    """(the budget's unit, what no conversion changes, the original's total); an error where the target is out
+    of reach: what stays as it is, or that plus every candidate at its cheapest (``candidate_costs``: each
+    candidate's cost per option, dense first), is already over it."""
     unit = _UNITS["model flops" if kind == "flops" and model_flops is not None else kind]
-    fixed, total = _fixed_cost(kind, others, model, candidate_total, whole, settings, model_flops)
+    fixed, total = _fixed_cost(kind, others, model, sum(costs[0] for costs in candidate_costs), whole, settings,
+                               model_flops)
     if fixed > target * total:
         raise DsdError(f"{name}={target:g} cannot be met: what no conversion changes (1x1, depthwise and skipped "
                        f"convs{'' if unit == 'conv FLOPs' else ', other layers'}) is already "
                        f"{fixed / total:.3f} of the original's {unit}; choose a target above {fixed / total:.3f}")
+    least = (fixed + sum(min(costs) for costs in candidate_costs)) / total
+    if least > target:
+        measured = " (as the layers measured alone add up)" if kind == "latency" else ""
+        raise DsdError(f"{name}={target:g} cannot be met: with every convertible layer at its cheapest rank, the "
+                       f"model still comes to {least:.3f} of the original's {unit}{measured}; choose a target above "
+                       f"{least:.3f}")
     return unit, fixed, total
 
 
