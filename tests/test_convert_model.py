@@ -447,7 +447,8 @@ def test_the_report_says_what_the_options_did():
     batches = [torch.randn(2, 3, 16, 16) for _ in range(5)]
     _, report = dsd.convert_model(model, x, init="data", calibration_data=batches, calibration_batches=2,
                                   recalibrate_bn=True)
-    assert "calibration used 2 of the 5 batches given" in report.summary()
+    assert ("calibration used the first 2 of the 5 batches given (calibration_batches), and the fidelity figure the "
+            "next 2, held out" in report.summary())
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         assert "the model has no BatchNorm layers, so nothing was re-estimated" in report.summary()
     _, report = dsd.convert_model(model, x, rank="full")
@@ -487,6 +488,25 @@ def test_fidelity_on_the_calibration_data_is_reported():
     _, rank1 = dsd.convert_model(model, batches[0][:1], calibration_data=batches)
     assert rank1.fidelity.relative_error > report.fidelity.relative_error
     assert dsd.convert_model(model, batches[0][:1])[1].fidelity is None  # no data, no figure
+    assert not report.fidelity.held_out and "fidelity on 8 calibration samples" in report.summary()
+    _, one_batch = dsd.convert_model(model, batches[0][:1], calibration_data=torch.cat(batches * 2))
+    assert one_batch.fidelity.samples == 16 and not one_batch.notes  # a tensor is one batch, not 16 batches of one
+
+
+def test_fidelity_is_measured_on_held_out_batches_where_given():
+    """Batches beyond calibration_batches (up to as many again) are what the fidelity figure is measured on: data
+    the conversion was not fitted to (on CREPE the in-sample figure was up to a quarter lower)."""
+    from dsd.convert.fidelity import measure_fidelity
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(4)]
+    options = dict(rank=2, init="data", calibration_batches=1)
+    _, in_sample = dsd.convert_model(model, batches[0][:1], calibration_data=batches[:1], **options)
+    converted, held_out = dsd.convert_model(model, batches[0][:1], calibration_data=batches, **options)
+    assert held_out.plan.to_dict() == in_sample.plan.to_dict()  # the same conversion: only the figure's data moved
+    assert held_out.fidelity == measure_fidelity(model, converted, batches[1:2], held_out=True)
+    assert in_sample.fidelity == measure_fidelity(model, converted, batches[:1])
+    assert "fidelity on 4 held-out calibration samples" in held_out.summary()
+    assert "the first 1 of the 4 batches given" in held_out.summary()
 
 
 def test_one_error_figure_per_layer_named_by_its_kind():

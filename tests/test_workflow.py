@@ -131,6 +131,15 @@ def test_a_one_channel_model_validates_and_calibrates_on_rgb_image_files(tmp_pat
                          "--target-flops", "0.5", "--quiet", "--dry-run"]) == 0
 
 
+def test_cli_calibration_holds_batches_out_for_the_fidelity_figure(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert convert_main(["dsd:digits_cnn", "--arch-kwarg", "width=8", "--init", "data", "--calib", "digits",
+                         "--calib-batches", "1", "--calib-batch-size", "16", "--rank", "2", "--dry-run"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fidelity on 16 held-out calibration samples" in out
+    assert "calibration used the first 1 of the 2 batches given" in out
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda root: root, "not a folder"),
     (lambda root: root.mkdir() or root, "not an ImageFolder"),

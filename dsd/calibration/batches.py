@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..errors import DsdError
 from ..images import image_transform, open_image
 
-__all__ = ["calibration_batches", "take_batches", "CALIBRATION_SOURCES"]
+__all__ = ["calibration_batches", "take_batches", "calibration_and_held_out", "CALIBRATION_SOURCES"]
 
 CALIBRATION_SOURCES = "digits, random, or a folder of images (class sub-folders allowed)"
 
@@ -26,6 +26,13 @@ def take_batches(data: Iterable[Any], limit: int) -> List[torch.Tensor]:
     if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
         raise DsdError("calibration_data must yield input tensors (or (inputs, labels) pairs); it yielded none")
     return [b.clone() if b.is_inference() else b for b in batches]
+
+
+def calibration_and_held_out(data: Iterable[Any], limit: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The first ``limit`` batches of ``data`` (:func:`take_batches`) for calibration, and up to ``limit`` more held
+    out: the fidelity figure measured on batches the conversion was not fitted to."""
+    batches = take_batches(data, 2 * limit)
+    return batches[:limit], batches[limit:]
 
 
 def calibration_batches(source: str, input_size: Sequence[int], batches: int, batch_size: int = 32,

@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise DsdError(f"{args.source} has no nn.Conv2d layers: nothing to convert")
     size = input_size(args, model)
-    calib = (calibration_batches(args.calib, size, options.calibration_batches, args.calib_batch_size, model=model)
-             if args.calib else None)
+    # twice the batches calibration uses where the source has them: the rest are held out for the fidelity figure
+    calib = (calibration_batches(args.calib, size, 2 * options.calibration_batches, args.calib_batch_size,
+                                 model=model) if args.calib else None)
     converted, report = convert_model(model, torch.randn(1, *size), options, calibration_data=calib,
                                       progress=not args.quiet)
     if args.fold_bn:

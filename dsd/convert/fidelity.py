@@ -1,5 +1,5 @@
-"""How far the converted model's outputs are from the original's, on the calibration data: the one
-end-to-end figure that says what a conversion did to the model, before any fine-tuning."""
+"""How far the converted model's outputs are from the original's, on the calibration data (held-out batches where
+given): the one end-to-end figure that says what a conversion did to the model, before any fine-tuning."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -19,9 +19,11 @@ class Fidelity:
     relative_error: float  # ||converted - original|| / ||original|| over every output element of every batch
     top1_agreement: Optional[float]  # share of samples with the same arg-max class (classifier outputs only)
     samples: int
+    held_out: bool = False  # measured on calibration batches beyond those the conversion used (else on those)
 
     def describe(self) -> str:
-        text = f"fidelity on {self.samples} calibration samples: relative output error {self.relative_error:.4f}"
+        samples = f"{self.samples} held-out calibration samples" if self.held_out else f"{self.samples} calibration samples"
+        text = f"fidelity on {samples}: relative output error {self.relative_error:.4f}"
         if self.top1_agreement is not None:
             text += f", top-1 agreement {self.top1_agreement:.1%}"
         return text
@@ -32,7 +34,10 @@ class Fidelity:
 
 @torch.no_grad()
 @static_forms()
-def measure_fidelity(original: nn.Module, converted: nn.Module, batches: Sequence[torch.Tensor]) -> Fidelity:
+def measure_fidelity(original: nn.Module, converted: nn.Module, batches: Sequence[torch.Tensor],
+                     held_out: bool = False) -> Fidelity:
+    """The converted model's outputs against the original's on ``batches`` (``held_out``: batches the conversion
+    did not use, as the figure says)."""
     difference = reference = 0.0
     same = samples = 0
     classifier = True
@@ -47,4 +52,4 @@ def measure_fidelity(original: nn.Module, converted: nn.Module, batches: Sequenc
                 same += int((before[0].argmax(1) == after[0].argmax(1)).sum())
             samples += batch.shape[0]
     error = (difference / reference) ** 0.5 if reference else float("nan")
-    return Fidelity(error, same / samples if classifier and samples else None, samples)
+    return Fidelity(error, same / samples if classifier and samples else None, samples, held_out)

@@ -92,7 +92,8 @@ class ConvertOptions:
     benchmark: BenchmarkSettings = field(default=DECISION_TIMING, metadata=_meta(
         "how only_if_faster and target_latency measure (the CLI's measurement flags)"))
     calibration_batches: int = field(default=8, metadata=_meta(
-        "calibration batches used for init=data and recalibrate_bn", flag="--calib-batches", metavar="N"))
+        "calibration batches used for init=data and recalibrate_bn (up to as many more, where given, are held out "
+        "for the fidelity figure)", flag="--calib-batches", metavar="N"))
     sequential: bool = field(default=True, metadata=_meta(
         "init=data: calibrate layer by layer, each fed by the converted layers upstream (off: all at once from "
         "the original's activations, faster)", flag="--no-sequential"))

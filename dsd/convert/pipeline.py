@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..calibration import (PatchStats, data_aware_layers, output_sensitivity, patch_statistics, recalibrate_batchnorm,
-                           take_batches)
+from ..calibration import (PatchStats, calibration_and_held_out, data_aware_layers, output_sensitivity,
+                           patch_statistics, recalibrate_batchnorm)
 from ..errors import DsdError
 from ..flops import count_flops
 from ..layers.create import DATA_INIT, SkipLayer, build_layers
@@ -83,10 +83,11 @@ def convert_model(
     working, shared = (model, {}) if inplace else copy_sharing_convs(model)
     analysis = analyze(working, example_inputs)
     refresh_recomputed_weights(working)
-    batches = take_batches(calibration_data, options.calibration_batches) if calibration_data is not None else None
+    batches, held_out = (calibration_and_held_out(calibration_data, options.calibration_batches)
+                         if calibration_data is not None else (None, []))
     if batches:
         check_runs(working, batches[0][:1], inputs="calibration_data (its first input)")
-    notes = _calibration_notes(options, calibration_data, working)
+    notes = _calibration_notes(options, calibration_data, working, held_out)
     if wrapper:
         notes.append(f"converted the model inside its {wrapper} wrapper and returned it unwrapped: wrap (compile) the "
                      "converted model again")
@@ -122,17 +123,20 @@ def convert_model(
     if analysis.ran:
         report.shapes_verified = verify_shapes(analysis, layers)
     if batches and reference is not working:
-        report.fidelity = measure_fidelity(reference, working, batches)
+        report.fidelity = measure_fidelity(reference, working, held_out or batches, held_out=bool(held_out))
     return working, report
 
 
-def _calibration_notes(options: ConvertOptions, calibration_data: Any, model: nn.Module) -> List[str]:
+def _calibration_notes(options: ConvertOptions, calibration_data: Any, model: nn.Module,
+                       held_out: Sequence[torch.Tensor]) -> List[str]:
     """What the calibration settings do that a user would not guess."""
     notes = []
-    given = len(calibration_data) if hasattr(calibration_data, "__len__") else None
-    if given is not None and given > options.calibration_batches:
-        notes.append(f"calibration used {options.calibration_batches} of the {given} batches given "
-                     "(calibration_batches); raise it to use more")
+    if held_out:
+        given = (len(calibration_data) if hasattr(calibration_data, "__len__")
+                 and not isinstance(calibration_data, torch.Tensor) else None)
+        notes.append(f"calibration used the first {options.calibration_batches} of the "
+                     f"{given if given is not None else 'more'} batches given (calibration_batches), and the fidelity "
+                     f"figure the next {len(held_out)}, held out; raise calibration_batches to calibrate on more")
     if options.recalibrate_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         notes.append("recalibrate_bn: the model has no BatchNorm layers, so nothing was re-estimated")
     return notes
