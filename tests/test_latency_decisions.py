@@ -241,6 +241,28 @@ def test_the_cache_can_be_switched_off_and_survives_a_broken_entry(monkeypatch, 
         assert cache.layer_key(conv, (1, 4, 8, 8), settings) != key
 
 
+def test_timings_cached_by_other_code_of_the_same_version_are_not_reused(monkeypatch, tmp_path):
+    """A development checkout keeps one version number while its layers change: the key holds a digest of dsd's
+    source, so a timing made by other code is measured again."""
+    package = tmp_path / "pkg"
+    (package / "layers").mkdir(parents=True)
+    (package / "layers" / "forms.py").write_text("FAST = True\n")
+    (package / "notes.txt").write_text("not code")
+    first = cache.source_digest(package)
+    assert cache.source_digest(package) == first
+    (package / "notes.txt").write_text("still not code")
+    assert cache.source_digest(package) == first
+    (package / "layers" / "forms.py").write_text("FAST = False\n")
+    assert cache.source_digest(package) != first
+    (package / "layers" / "forms.py").write_text("FAST = True\n")
+    (package / "layers" / "forms.py").rename(package / "forms.py")  # the same text elsewhere is other code
+    assert cache.source_digest(package) != first
+    conv, settings = nn.Conv2d(4, 4, 3), BenchmarkSettings(warmup=0, iters=2)
+    key = cache.layer_key(conv, (1, 4, 8, 8), settings)
+    monkeypatch.setattr(cache, "_dsd_source_digest", lambda: "other code")
+    assert cache.layer_key(conv, (1, 4, 8, 8), settings) != key
+
+
 # -- the settings ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("changes, message", [

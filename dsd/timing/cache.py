@@ -2,8 +2,9 @@
 
 A timing is kept under a key made of everything that decides it: the layer (its class and ``repr``: the
 geometry, rank and bias), the input shape with the batch, the benchmark settings, the device's name and
-the versions of torch, dsd and the runtime, and whether dsd's fused kernel and its timed forms are switched
-on. The folder is ``$DSD_LATENCY_CACHE`` (``off`` switches the cache off), else ``latency/`` in dsd's cache
+the versions of torch, dsd and the runtime, a digest of dsd's own source (a development checkout keeps one
+version number while the layers it times change), and whether dsd's fused kernel and its timed forms are
+switched on. The folder is ``$DSD_LATENCY_CACHE`` (``off`` switches the cache off), else ``latency/`` in dsd's cache
 folder (``$DSD_CACHE`` or ``~/.cache/dsd``). One JSON file per timing, written atomically: concurrent runs are
 safe.
 """
@@ -27,7 +28,7 @@ from ..layers.forms import forms_autotuned
 from .settings import BenchmarkSettings
 from .stats import LatencyStats
 
-__all__ = ["cache_dir", "layer_key", "load", "store", "device_name", "versions"]
+__all__ = ["cache_dir", "layer_key", "load", "store", "device_name", "versions", "source_digest"]
 
 
 OFF = ("off", "0", "")
@@ -55,8 +56,21 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
+def source_digest(package: Path) -> str:
+    """A digest of every Python file under ``package`` (paths and contents): the same code, the same digest."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)  # 2 ms: once per process
+def _dsd_source_digest() -> str:
+    return source_digest(Path(__file__).resolve().parents[1])
+
+
 def versions(settings: BenchmarkSettings) -> Dict[str, Any]:
-    found = {"torch": torch.__version__, "dsd": _version("dsd")}
+    found = {"torch": torch.__version__, "dsd": _version("dsd"), "dsd_source": _dsd_source_digest()}
     if settings.runtime == "onnxruntime":
         found["onnxruntime"] = _version("onnxruntime") or _version("onnxruntime-gpu")
     return found
