@@ -137,6 +137,50 @@ def test_ddp_two_processes_gloo(tmp_path, digits_cache):
     assert summary["student_acc_after"] > summary["student_acc_before"]
 
 
+_STUDENT_PER_RANK = """
+import json, sys, torch
+import dsd
+from dsd.errors import DsdError
+from dsd.finetune.distributed import init_distributed
+from dsd.finetune.models import build_student
+from dsd.finetune.recipe import load_recipe
+out, target = sys.argv[1], sys.argv[2]
+env = init_distributed("cpu")
+torch.manual_seed(0)
+teacher = dsd.zoo.digits_cnn(width=8).eval()
+g = torch.Generator().manual_seed(env.rank)
+noise = [torch.randn(16, 1, 32, 32, generator=g) for _ in range(4)]
+calibration = noise if env.rank == 0 else [torch.nn.functional.avg_pool2d(b, 5, 1, 2) for b in noise]  # its shard
+recipe = load_recipe("digits", ["student.convert.init=data", f"student.convert.target_flops={target}"])
+try:
+    student, plan = build_student(teacher, recipe, noise[0][:1], calibration=calibration, env=env)
+    result = {"ranks": {l.name: l.rank for l in plan.layers},
+              "weights": [t.double().sum().item() for t in student.state_dict().values()]}
+except DsdError as error:
+    result = {"error": str(error)}
+open(f"{out}/rank{env.rank}.json", "w").write(json.dumps(result))
+env.close()
+"""
+
+
+def test_under_torchrun_every_rank_trains_the_student_rank_0_converted(tmp_path):
+    """A budget's ranks depend on the calibration shard (and on timings): each rank converting on its own gave
+    students of different architectures, which DDP cannot wrap. Rank 0 converts; a failure there reaches all."""
+    script = tmp_path / "student_per_rank.py"
+    script.write_text(_STUDENT_PER_RANK)
+    results = {}
+    for target in ("0.4", "0.01"):
+        result = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519", str(script),
+                                 str(tmp_path), target], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[target] = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    first, second = results["0.4"]
+    assert first == second and len(set(first["ranks"].values())) > 1
+    assert "cannot be met" in results["0.01"][0]["error"]
+    assert results["0.01"][1]["error"].startswith("rank 0 failed: DsdError: target_flops=0.01 cannot be met")
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["optim.lrr=0.1"], "unknown recipe key optim.lrr"),
     (["optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),

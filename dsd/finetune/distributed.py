@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from ..errors import DsdError
 
-__all__ = ["DistEnv", "init_distributed", "all_reduce_sum", "all_equal"]
+__all__ = ["DistEnv", "init_distributed", "all_reduce_sum", "all_equal", "from_main_rank", "broadcast_module"]
 
 
 @dataclass
@@ -60,3 +62,32 @@ def all_equal(value: torch.Tensor, env: DistEnv) -> bool:
     gathered = [torch.zeros_like(value) for _ in range(env.world_size)]
     dist.all_gather(gathered, value)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def from_main_rank(make: Callable[[], Any], env: DistEnv) -> Any:
+    """``make()`` run on rank 0 only, its result (a picklable value) on every rank; where it raises there, every rank
+    raises (the others with a :class:`DsdError` that says so) instead of waiting on it."""
+    if not env.distributed:
+        return make()
+    box: list = [None]
+    if env.is_main:
+        try:
+            box = [("value", make())]
+        except Exception as error:
+            dist.broadcast_object_list([("error", f"{type(error).__name__}: {error}")], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise DsdError(f"rank 0 failed: {value}")
+    return value
+
+
+def broadcast_module(module: nn.Module, env: DistEnv) -> nn.Module:
+    """``module`` on ``env.device`` with rank 0's parameters and buffers on every rank (as DDP does when it wraps a
+    model)."""
+    module.to(env.device)
+    if env.distributed:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return module

@@ -16,7 +16,7 @@ from ..io import load_converted, load_model, parse_source
 from ..layers.create import DATA_INIT
 from ..module_tree import deepcopy_module
 from .data import build_loaders
-from .distributed import DistEnv
+from .distributed import DistEnv, broadcast_module, from_main_rank
 from .recipe import Recipe, TeacherConfig
 
 __all__ = ["load_teacher", "build_student", "train_builtin"]
@@ -59,14 +59,27 @@ def load_teacher(cfg: TeacherConfig, env: DistEnv, progress: bool = True, trust_
 
 
 def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor, plan: Optional[ConversionPlan] = None,
-                  calibration: Optional[Iterable] = None) -> Tuple[nn.Module, ConversionPlan]:
+                  calibration: Optional[Iterable] = None, env: Optional[DistEnv] = None
+                  ) -> Tuple[nn.Module, ConversionPlan]:
     """The converted student: from a resumed checkpoint's plan, the recipe's plan file, or converted now
-    (``calibration``: batches for ``init: data`` and ``recalibrate_bn``)."""
+    (``calibration``: batches for ``init: data`` and ``recalibrate_bn``).
+
+    Converted now under torchrun (``env``), rank 0 converts and every rank gets its plan and weights: the ranks a
+    budget picks depend on each rank's calibration shard and, with ``target_latency`` or ``only_if_faster``, on
+    its timings, and DDP needs one architecture on every rank."""
     if plan is not None:
         return apply_plan(deepcopy_module(teacher), plan), plan
     if recipe.student.plan:
         return load_converted(recipe.student.plan, deepcopy_module(teacher)), ConversionPlan.load(recipe.student.plan)
     options = recipe.student.convert
     needs_data = options.init == DATA_INIT or options.recalibrate_bn
-    student, report = convert_model(teacher, example, options, calibration_data=calibration if needs_data else None)
-    return student, report.plan
+    converted = {}
+
+    def convert() -> dict:
+        converted["student"], report = convert_model(teacher, example, options,
+                                                     calibration_data=calibration if needs_data else None)
+        return report.plan.to_dict()
+    env = env or DistEnv()
+    plan = ConversionPlan.from_dict(from_main_rank(convert, env))
+    student = converted["student"] if "student" in converted else apply_plan(deepcopy_module(teacher), plan)
+    return (broadcast_module(student, env) if env.distributed else student), plan

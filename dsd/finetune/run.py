@@ -145,7 +145,7 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
                                 model=teacher)
         example = next(iter(loaders.val))[0][:1]
         plan = ConversionPlan.from_dict(checkpoint["plan"]) if checkpoint and checkpoint.get("plan") else None
-        student, plan = build_student(teacher, recipe, example, plan, calibration=loaders.train)
+        student, plan = build_student(teacher, recipe, example, plan, calibration=loaders.train, env=env)
         if env.is_main and checkpoint is None:
             for warning in student_warnings(plan):
                 print(f"dsd finetune: warning: {warning}", file=sys.stderr)
