@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Iterable, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .. import zoo
@@ -48,12 +47,11 @@ def load_teacher(cfg: TeacherConfig, env: DistEnv, progress: bool = True, trust_
     if ref.kind == "dsd" and cfg.pretrained:
         name = ref.name
         if not zoo.cached_weights(name).is_file():
-            if env.is_main:
+            def train_once() -> None:  # the other ranks wait for it, and fail with it
                 if progress:
                     print(f"training the built-in teacher dsd:{name} once (cached in {zoo.cache_dir()})")
                 train_builtin(name, env, progress)
-            if env.distributed:
-                dist.barrier()
+            from_main_rank(train_once, env)
     model, _ = load_model(cfg.source, cfg.arch, cfg.arch_kwargs, cfg.pretrained, trust_code=trust_code)
     return model.eval()
 
