@@ -259,6 +259,19 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         build_datasets(DataConfig(name="imagefolder", root=str(tmp_path)))
 
 
+@pytest.mark.parametrize("data, message", [
+    (["data.name=imagefolder", "data.root=nowhere"], "data.root: nowhere must contain train/ and val/ folders"),
+    (["data.name=mnist"], "data.root: mnist needs the folder"),
+])
+def test_a_bad_data_section_is_refused_before_the_teacher_loads(tmp_path, monkeypatch, data, message):
+    """An uncached built-in teacher trains for minutes first; a typo in data.root should not wait for that."""
+    def teacher_first(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the data section was checked")
+    monkeypatch.setattr("dsd.finetune.run.load_teacher", teacher_first)
+    with pytest.raises(DsdError, match=message):
+        finetune(recipe(tmp_path, *data), progress=False)
+
+
 @pytest.mark.parametrize("channels", [3, 1])
 def test_imagefolder_with_timm_transforms(tmp_path, channels):
     """RGB files in the recipe's channels: a one-channel model reads them as grayscale."""

@@ -13,15 +13,13 @@ from ..images import image_folder, image_transform
 from ..zoo.digits import digits_splits
 from .recipe import DataConfig
 
-__all__ = ["build_datasets", "build_loaders", "Loaders"]
+__all__ = ["build_datasets", "build_loaders", "check_data", "Loaders"]
 
 
 def _torchvision_dataset(cfg: DataConfig, cls_name: str):
     import torchvision
     from torchvision import transforms
 
-    if not cfg.root:
-        raise DsdError(f"data.root: {cls_name} needs the folder that holds (or will hold) the dataset")
     mean, std = ((0.5,) * cfg.channels, (0.5,) * cfg.channels)
     gray = [transforms.Grayscale(cfg.channels)] if cls_name == "MNIST" or cfg.channels == 1 else []
     base = [*gray, transforms.Resize(cfg.image_size), transforms.ToTensor(), transforms.Normalize(mean, std)]
@@ -35,10 +33,18 @@ def _torchvision_dataset(cfg: DataConfig, cls_name: str):
                        "data.download=true on a machine with internet access") from error
 
 
+def check_data(cfg: DataConfig) -> None:
+    """Refuse a data section that cannot work, before anything slow (a teacher trained or loaded) runs."""
+    if cfg.name in ("mnist", "cifar10") and not cfg.root:
+        raise DsdError(f"data.root: {cfg.name} needs the folder that holds (or will hold) the dataset")
+    if cfg.name == "imagefolder":
+        root = Path(cfg.root or "")
+        if not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise DsdError(f"data.root: {root} must contain train/ and val/ folders with one sub-folder per class")
+
+
 def _imagefolder(cfg: DataConfig, model: Optional[nn.Module]):
-    root = Path(cfg.root or "")
-    if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise DsdError(f"data.root: {root} must contain train/ and val/ folders with one sub-folder per class")
+    root = Path(cfg.root)
     size = (cfg.channels, cfg.image_size, cfg.image_size)
     return (image_folder(root / "train", image_transform(size, model, training=True), cfg.channels),
             image_folder(root / "val", image_transform(size, model), cfg.channels))
@@ -47,6 +53,7 @@ def _imagefolder(cfg: DataConfig, model: Optional[nn.Module]):
 def build_datasets(cfg: DataConfig, model: Optional[nn.Module] = None) -> Tuple[Dataset, Dataset]:
     """The recipe's train and val sets; an ImageFolder's transforms are timm's for ``model``'s data config (its
     ``pretrained_cfg``: normalisation, interpolation, crop) at the recipe's image size, as timm's train script does."""
+    check_data(cfg)
     if cfg.name == "digits":
         return digits_splits(cfg.image_size, cfg.channels)
     if cfg.name == "mnist":

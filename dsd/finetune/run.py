@@ -19,7 +19,7 @@ from ..io import ModelSource, parse_source, plan_path_for, save_converted
 from ..io.sources import check_trusted
 from ..savings import compare
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-from .data import build_loaders
+from .data import build_loaders, check_data
 from .distributed import init_distributed
 from .engine import METRICS_NAME, evaluate, train
 from .models import build_student, load_teacher
@@ -125,6 +125,7 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
     for text, where in ((recipe.teacher.source, "teacher.source"), (recipe.teacher.arch, "teacher.arch")):
         if text:
             check_trusted(text, trust_code, f"the recipe's {where}")
+    check_data(recipe.data)
     env = init_distributed(recipe.device)
     try:
         checkpoint = _resume_checkpoint(resume, recipe, allow_recipe_change) if resume else None
