@@ -313,6 +313,19 @@ def test_plan_round_trip_through_safetensors(tmp_path):
     assert ConversionPlan.load(tmp_path / "plan.json").to_dict() == report.plan.to_dict()
 
 
+@pytest.mark.parametrize("init", ["svd", "data"])
+def test_a_converted_model_has_the_layout_of_the_same_model_rebuilt_from_its_plan(init):
+    """DDP compares every parameter's strides across ranks: a student converted on rank 0 and rebuilt from its plan
+    on the others must match (the svd pointwise weights were transposed views, strides (1, 64, 1, 1))."""
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    batches = [torch.randn(2, 3, 32, 32)]
+    converted, report = dsd.convert_model(model, batches[0][:1], rank=1, init=init, calibration_data=batches)
+    rebuilt = dsd.apply_plan(timm.create_model("resnet18", num_classes=10).eval(), report.plan)
+    rebuilt.load_state_dict(converted.state_dict())
+    layouts = lambda m: {n: t.stride() for n, t in m.state_dict().items()}  # noqa: E731
+    assert layouts(converted) == layouts(rebuilt)
+
+
 def test_plan_that_does_not_fit_is_refused():
     _, report = dsd.convert_model(Net(), torch.randn(1, 3, 16, 16))
     other = nn.Sequential(nn.Conv2d(3, 4, 3))

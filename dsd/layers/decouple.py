@@ -153,11 +153,14 @@ def channel_slices(weight: torch.Tensor, groups: int, dtype: torch.dtype = torch
 def separable_weights(left: torch.Tensor, right: torch.Tensor, kernel_size: Sequence[int]
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel factors ``left`` (g, C/g, M/g, r) and ``right`` (g, C/g, r, kh*kw) as the depthwise weight
-    ``(C*r, 1, kh, kw)`` and the grouped pointwise weight ``(M, C*r/g, 1, 1)``."""
+    ``(C*r, 1, kh, kw)`` and the grouped pointwise weight ``(M, C*r/g, 1, 1)``, both contiguous: a transposed
+    view as a parameter would differ in strides from the same layer built by ``apply_plan``, which DDP refuses
+    (a student converted on one rank, loaded from its plan on another)."""
     groups, cin_g, m_g, rank = left.shape
     depthwise = right.reshape(groups * cin_g * rank, 1, *kernel_size)
     pointwise = left.permute(0, 2, 1, 3).reshape(groups * m_g, cin_g * rank, 1, 1)
-    return depthwise, pointwise
+    return (depthwise.contiguous(memory_format=torch.contiguous_format),
+            pointwise.contiguous(memory_format=torch.contiguous_format))
 
 
 def relative_error(w: torch.Tensor, approximation: torch.Tensor) -> float:
