@@ -7,5 +7,6 @@ from .sensitivity import output_sensitivity
 from .statistics import (PatchStats, RefitStats, output_rank_errors, refit_pointwise, whitened_depthwise,
                          whitening)
 
-__all__ = ["CALIBRATION_SOURCES", "calibration_and_held_out", "calibration_batches", "take_batches", "recalibrate_batchnorm", "data_aware_layers",
+__all__ = ["CALIBRATION_SOURCES", "calibration_and_held_out", "calibration_batches", "take_batches",
+           "recalibrate_batchnorm", "data_aware_layers",
            "patch_statistics", "output_sensitivity", "PatchStats", "RefitStats", "output_rank_errors", "refit_pointwise", "whitened_depthwise", "whitening"]

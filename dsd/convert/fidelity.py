@@ -22,8 +22,8 @@ class Fidelity:
     held_out: bool = False  # measured on calibration batches beyond those the conversion used (else on those)
 
     def describe(self) -> str:
-        samples = f"{self.samples} held-out calibration samples" if self.held_out else f"{self.samples} calibration samples"
-        text = f"fidelity on {samples}: relative output error {self.relative_error:.4f}"
+        kind = "held-out calibration" if self.held_out else "calibration"
+        text = f"fidelity on {self.samples} {kind} samples: relative output error {self.relative_error:.4f}"
         if self.top1_agreement is not None:
             text += f", top-1 agreement {self.top1_agreement:.1%}"
         return text
