@@ -9,7 +9,6 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -71,9 +70,16 @@ def _meta(value: Any) -> Any:
 
 
 def _meta_state(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """Every parameter and buffer, by name, as an empty meta tensor (for ``functional_call``)."""
-    return {name: _meta(t) for name, t in [*module.named_parameters(remove_duplicate=False),
-                                            *module.named_buffers(remove_duplicate=False)]}
+    """Every parameter and buffer as an empty meta tensor, for ``_reparametrize_module``: named once per place it
+    is held (a module registered under two names is swapped once: swapped under each, it kept a meta tensor
+    afterwards), and one meta tensor wherever one tensor is held (tied weights stay tied)."""
+    metas: Dict[int, torch.Tensor] = {}
+    state = {}
+    for prefix, sub in module.named_modules():
+        for name, tensor in [*sub._parameters.items(), *sub._buffers.items()]:
+            if tensor is not None:
+                state[f"{prefix}.{name}" if prefix else name] = metas.setdefault(id(tensor), _meta(tensor))
+    return state
 
 
 @contextmanager
@@ -241,8 +247,8 @@ def run_on_meta(model: nn.Module, args: Tuple[Any, ...]) -> bool:
     """
     with attributes_kept(model):
         try:
-            with _ShapeOnly():
-                functional_call(model, _meta_state(model), tree_map(_meta, args), strict=True)
+            with _ShapeOnly(), _reparametrize_module(model, _meta_state(model)):
+                model(*tree_map(_meta, args))
         except Exception:  # any failure on meta tensors: the real run decides
             return False
     return True

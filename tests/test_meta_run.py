@@ -173,3 +173,39 @@ def test_short_cut_results_keep_the_layout_the_meta_kernel_gives():
         for op, args in ((A.relu.default, (x,)), (A.add.Tensor, (x, x)), (A.mul.Tensor, (x, torch.tensor(2.0)))):
             ours, theirs = _result_on_meta(op, args, {}), op(*args)
             assert (ours.shape, ours.stride(), ours.dtype) == (theirs.shape, theirs.stride(), theirs.dtype)
+
+
+class RegisteredTwice(nn.Module):
+    """One conv under two names (a shared block), with a weight tied to another module's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.again = self.conv
+        self.tied = nn.Conv2d(8, 8, 3, padding=1)
+        self.tied.weight = self.conv.weight
+
+    def forward(self, x):
+        return self.tied(self.again(self.conv(x)))
+
+
+def test_a_module_registered_twice_or_tied_weights_still_run_on_meta():
+    """``functional_call`` refuses tied names given different tensors: they ran for real before."""
+    model, x = RegisteredTwice(), torch.randn(1, 8, 12, 12)
+    before = {name: t for name, t in model.state_dict(keep_vars=True).items()}
+    with record_shapes(_convs(model)) as calls:
+        assert run_on_meta(model, (x,))
+    assert calls == _real_shapes(model, x)
+    assert output_shape(model, (1, 8, 12, 12)) == (1, 8, 12, 12)
+    assert all(t is before[name] for name, t in model.state_dict(keep_vars=True).items())
+    assert model.tied.weight is model.conv.weight
+
+
+def test_converting_a_model_with_a_module_registered_twice_or_tied_weights_keeps_its_weights():
+    """Exact at full rank; the meta run once left the twice-registered conv holding meta tensors."""
+    model, x = RegisteredTwice(), torch.randn(1, 8, 12, 12)
+    for options in ({"rank": "full"}, {"rank": "full", "only_if_cheaper": False}):
+        converted, _ = dsd.convert_model(model, x, **options)
+        assert not any(t.is_meta for t in converted.state_dict().values())
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+        assert converted.conv is converted.again
