@@ -112,6 +112,57 @@ def test_a_common_prefix_is_removed_only_where_the_keys_then_fit(tmp_path):
         dsd.load_model(str(tmp_path / "partial.pt"), arch="dsd:digits_cnn", arch_kwargs={"width": 8})
 
 
+def test_weights_saved_by_safetensors_save_model_load_where_the_model_holds_a_tensor_under_two_names(tmp_path):
+    """safetensors' ``save_model`` writes a shared tensor once (timm's coat shares its conv position encodings
+    between stages): the other names were reported missing."""
+    import timm
+    from safetensors.torch import save_model
+    original = timm.create_model("coat_lite_tiny").eval()
+    save_model(original, str(tmp_path / "coat.safetensors"))
+    model, _ = dsd.load_model(str(tmp_path / "coat.safetensors"), arch="timm:coat_lite_tiny")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, original.state_dict()[key], rtol=0, atol=0)
+    assert model.serial_blocks1[0].cpe is model.cpe1
+
+
+class _BlockRegisteredTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16))
+        self.again = self.block
+
+    def forward(self, x):
+        return self.again(self.block(self.stem(x)))
+
+
+def test_a_converted_model_with_a_batchnorm_registered_twice_reloads(tmp_path):
+    """safetensors' ``load_model`` counted the BatchNorm's ``num_batches_tracked`` under its second name as
+    unexpected (BatchNorm fills that key in itself): ``load_converted`` refused every such model."""
+    torch.manual_seed(0)
+    model, x = _BlockRegisteredTwice().eval(), torch.randn(2, 3, 12, 12)
+    model.block[1].running_var.uniform_(0.5, 2)
+    converted, report = dsd.convert_model(model, x, rank=2)
+    dsd.save_converted(converted, report.plan, tmp_path / "net.safetensors")
+    again = dsd.load_converted(tmp_path / "net.plan.json", model=_BlockRegisteredTwice())
+    torch.testing.assert_close(again(x), converted(x), rtol=0, atol=0)
+    assert again.block is again.again
+
+
+def test_a_converted_model_whose_weights_miss_a_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model, x = _BlockRegisteredTwice().eval(), torch.randn(1, 3, 8, 8)
+    converted, report = dsd.convert_model(model, x, rank=1)
+    dsd.save_converted(converted, report.plan, tmp_path / "net.safetensors")
+    weights = load_file(str(tmp_path / "net.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.endswith("running_var")}, str(tmp_path / "net.safetensors"))
+    plan = json.loads((tmp_path / "net.plan.json").read_text())
+    plan["source"].pop("weights_sha256")
+    (tmp_path / "net.plan.json").write_text(json.dumps(plan))
+    with pytest.raises(dsd.DsdError, match=r"does not fit the model rebuilt from .*missing: .*running_var"):
+        dsd.load_converted(tmp_path / "net.plan.json", model=_BlockRegisteredTwice())
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "user_nets_for_dsd.py").write_text(NET)

@@ -17,14 +17,14 @@ import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..errors import DsdError
 
-__all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file",
+__all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file", "load_into",
            "STATE_DICT_SUFFIXES", "SUPPORTED_FORMATS", "PLAN_SUFFIX", "REGISTRIES", "check_trusted"]
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt")  # .tar: timm's train.py writes model_best.pth.tar
@@ -234,21 +234,44 @@ def _load_torch_file(path: Path, trust_pickle: bool) -> Any:
                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
 
 
-def _without_common_prefix(state_dict: Dict[str, torch.Tensor], own: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+class _Names:
+    """The model's state-dict names, and which of them hold one tensor (a module registered under two names,
+    tied weights): safetensors' ``save_model`` writes such a tensor under one of its names only."""
+
+    def __init__(self, model: nn.Module):
+        self.own = model.state_dict(keep_vars=True)
+        self._aliases: Dict[int, set] = {}
+        for key, tensor in self.own.items():
+            self._aliases.setdefault(id(tensor), set()).add(key)
+
+    def missing(self, keys: Iterable[str]) -> List[str]:
+        """The model's names whose tensor none of ``keys`` fills."""
+        given = set(keys)
+        return [k for k, tensor in self.own.items() if self._aliases[id(tensor)].isdisjoint(given)]
+
+    def fit(self, keys: Iterable[str]) -> bool:
+        keys = list(keys)
+        return set(keys) <= self.own.keys() and not self.missing(keys)
+
+
+def _without_common_prefix(state_dict: Dict[str, torch.Tensor], names: _Names) -> Dict[str, torch.Tensor]:
     """The keys without the one first component they all share (``model.``: the attribute a LightningModule or a
     training wrapper keeps the network under), where that makes them the model's own keys; else as they are."""
     prefixes = {key.partition(".")[0] for key in state_dict}
     if len(prefixes) == 1 and all("." in key for key in state_dict):
         stripped = {key.partition(".")[2]: value for key, value in state_dict.items()}
-        if stripped.keys() == own.keys():
+        if names.fit(stripped):
             return stripped
     return state_dict
 
 
-def _load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path, arch: str) -> None:
-    own = model.state_dict()
-    state_dict = _without_common_prefix(state_dict, own)
-    missing = [k for k in own if k not in state_dict]
+def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Load ``state_dict`` into ``model`` where it fits exactly (a tensor the model holds under several names needs
+    one of them); else one line naming ``path``, ``arch`` and what does not fit."""
+    names = _Names(model)
+    own = names.own
+    state_dict = _without_common_prefix(state_dict, names)
+    missing = names.missing(state_dict)
     unexpected = [k for k in state_dict if k not in own]
     wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
     cast = [k for k in own if k in state_dict and own[k].is_floating_point() and not state_dict[k].is_floating_point()]
@@ -262,7 +285,7 @@ def _load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path
                 parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
         hint = " (a different num_classes? pass --arch-kwarg num_classes=N)" if wrong else ""
         raise DsdError(f"{path} does not fit {arch}: {'; '.join(parts)}{hint}")
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, strict=False)  # every tensor filled, through one of its names at least
 
 
 def load_model(source: str, arch: Optional[str] = None, arch_kwargs: Optional[Dict[str, Any]] = None,
@@ -292,5 +315,5 @@ def load_model(source: str, arch: Optional[str] = None, arch_kwargs: Optional[Di
         raise DsdError(f"{path} holds a state dict (weights only); say which model it belongs to with --arch "
                        "timm:NAME, torchvision:NAME, dsd:NAME or package.module:factory")
     model = build_arch(arch, False, trust_code, where="--arch", **arch_kwargs)
-    _load_into(model, state_dict, path, arch)
+    load_into(model, state_dict, path, arch)
     return model, ModelSource(arch, arch_kwargs, str(path))
