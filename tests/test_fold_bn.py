@@ -110,6 +110,59 @@ def test_a_conv_with_two_users_is_not_folded():
     assert find_foldable(Residual().eval()).pairs == []
 
 
+class _ConvNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _LeafConvNorm(_ConvNorm):
+    """A module the tracer keeps whole, as timm's registered leaf modules are."""
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(self.block(x))
+
+
+class _SharedConvOwnNorms(nn.Module):
+    """One conv on two inputs, a norm of its own after each call (a detection head shared across levels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x * 2))
+
+
+def test_a_block_called_twice_folds_once():
+    """A conv and its norm that run together on every call fold; a leaf module called twice was searched twice,
+    its pair folded twice (outputs 1.4 off)."""
+    from timm.layers import register_notrace_module
+    from timm.layers._fx import _leaf_modules
+    register_notrace_module(_LeafConvNorm)
+    try:
+        for block in (_ConvNorm(), _LeafConvNorm()):
+            model = _with_trained_statistics(_CalledTwice(block))
+            assert find_foldable(model).pairs == [("block.conv", "block.bn")]
+            x = torch.randn(2, 8, 8, 8)
+            folded = dsd.fold_batchnorm(model)
+            with torch.no_grad():
+                assert _relative(model(x), folded(x)) < 1e-5
+            assert isinstance(folded.block.bn, nn.Identity)
+    finally:
+        _leaf_modules.discard(_LeafConvNorm)
+    assert find_foldable(_with_trained_statistics(_SharedConvOwnNorms())).pairs == []
+
+
 def test_train_mode_norms_are_left_alone():
     model = _with_trained_statistics(timm.create_model("resnet18")).train()
     assert find_foldable(model).pairs == []

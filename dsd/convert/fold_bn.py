@@ -2,16 +2,17 @@
 
 Matching and rewriting are kept apart, as in torch.ao's FX passes: :func:`find_foldable` traces the model
 with the pass's tracer and finds every eval-mode BatchNorm whose only input is a conv whose only user it
-is; :func:`apply_folding` rewrites those pairs (into the pointwise conv of a separable layer). Parts that
-do not trace are searched child by child; what still does not trace is left as it is and listed.
+is, on every call; :func:`apply_folding` rewrites those pairs (into the pointwise conv of a separable layer).
+Parts that do not trace are searched child by child; what still does not trace is left as it is and listed.
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -52,7 +53,8 @@ class FoldPlan:
 
 
 def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
-    """Every (conv, BatchNorm) pair where the norm's only input is the conv and the conv's only user the norm."""
+    """Every (conv, BatchNorm) pair where each call of the norm takes the output of a call of the conv, which
+    nothing else uses (a block called twice folds once: its conv and norm run together on every call)."""
     plan = FoldPlan()
     try:
         graph = trace_graph(model)
@@ -63,19 +65,32 @@ def find_foldable(model: nn.Module, prefix: str = "") -> FoldPlan:
         for name, child in children:
             plan.add(find_foldable(child, f"{prefix}{name}."))
         return plan
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    calls: Dict[str, List[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = model.get_submodule(node.target)
-        source = node.args[0] if node.args else None
-        if _foldable_norm(module) and calls[node.target] == 1 \
-                and getattr(source, "op", None) == "call_module" and calls[source.target] == 1 \
-                and len(source.users) == 1 and _foldable_conv(model.get_submodule(source.target)):
-            plan.pairs.append((prefix + source.target, prefix + node.target))
+        if node.op == "call_module":
+            calls[node.target].append(node)
+    for target, nodes in calls.items():
+        module = model.get_submodule(target)
+        if _foldable_norm(module):
+            conv = _only_source(nodes, calls)
+            if conv is not None and _foldable_conv(model.get_submodule(conv)):
+                plan.pairs.append((prefix + conv, prefix + target))
         elif next(module.children(), None) is not None and not _foldable_conv(module):
-            plan.add(find_foldable(module, f"{prefix}{node.target}."))  # a leaf module of the tracer
+            plan.add(find_foldable(module, f"{prefix}{target}."))  # a leaf module of the tracer
     return plan
+
+
+def _only_source(norm_calls: List[fx.Node], calls: Dict[str, List[fx.Node]]) -> Optional[str]:
+    """The module whose calls are, one for one, the inputs of ``norm_calls`` and used by nothing else; else None."""
+    sources = [node.args[0] if node.args else None for node in norm_calls]
+    targets = {getattr(source, "target", None) for source in sources}
+    if len(targets) != 1 or any(getattr(source, "op", None) != "call_module" for source in sources):
+        return None
+    target = targets.pop()
+    if len(set(sources)) != len(sources) or set(calls[target]) != set(sources) \
+            or any(len(source.users) != 1 for source in sources):
+        return None
+    return target
 
 
 def _norm_replacement(norm: nn.Module) -> nn.Module:
