@@ -125,6 +125,22 @@ def test_weights_saved_by_safetensors_save_model_load_where_the_model_holds_a_te
     assert model.serial_blocks1[0].cpe is model.cpe1
 
 
+def test_a_model_that_checks_its_state_dict_version_loads_from_safetensors(tmp_path):
+    """safetensors keeps no module versions; torchvision's MNASNet refuses a state dict without one, so its
+    weights and its converted model could not be loaded."""
+    import torchvision
+    from safetensors.torch import save_model
+    original, x = torchvision.models.mnasnet0_5().eval(), torch.randn(1, 3, 64, 64)
+    save_model(original, str(tmp_path / "mnasnet.safetensors"))
+    model = dsd.load_model(str(tmp_path / "mnasnet.safetensors"), arch="torchvision:mnasnet0_5")[0].eval()
+    converted, report = dsd.convert_model(model, x, rank=2)
+    dsd.save_converted(converted, report.plan, tmp_path / "mnasnet_dsd.safetensors", arch="torchvision:mnasnet0_5")
+    again = dsd.load_converted(tmp_path / "mnasnet_dsd.plan.json")
+    with dsd.layers.static_forms(), torch.no_grad():
+        torch.testing.assert_close(again(x), converted(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+
+
 class _BlockRegisteredTwice(torch.nn.Module):
     def __init__(self):
         super().__init__()

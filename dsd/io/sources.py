@@ -15,6 +15,7 @@ import inspect
 import pickle
 import re
 import zipfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -285,6 +286,11 @@ def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path,
                 parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
         hint = " (a different num_classes? pass --arch-kwarg num_classes=N)" if wrong else ""
         raise DsdError(f"{path} does not fit {arch}: {'; '.join(parts)}{hint}")
+    if getattr(state_dict, "_metadata", None) is None:
+        # safetensors keeps no module versions (torch.save keeps them): the model's own, as the file fits it
+        # (torchvision's MNASNet refuses a state dict without its version)
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state_dict, strict=False)  # every tensor filled, through one of its names at least
 
 
