@@ -44,6 +44,9 @@ for c, m, r, k, s, p, d, bias, dtype, config in json.loads(sys.argv[1]):
                                      (s, s), (p, p), (d, d))
     assert got.shape == ref.shape and got.dtype == dtype
     errors.append(((got.double() - ref).norm() / ref.norm()).item())
+empty = interpreted_separable_conv2d(torch.randn(0, 4, 9, 9), torch.randn(8, 1, 3, 3), torch.randn(6, 8, 1, 1),
+                                     None, 2, 1, 1)  # a detector's mask head on no boxes: no grid to launch
+assert empty.shape == (0, 6, 5, 5), empty.shape
 print(json.dumps(errors))
 """
 

@@ -150,6 +150,8 @@ def launch_separable_conv2d(x: torch.Tensor, depthwise_taps: torch.Tensor, point
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     out = torch.empty((n, ho, wo, m), device=x.device, dtype=x.dtype)
+    if not out.numel():  # an empty batch (a detector's mask head on no boxes): no grid to launch
+        return out.permute(0, 3, 1, 2)
     interpreted = bool(triton.knobs.runtime.interpret)
     # Triton's interpreter multiplies bfloat16 matrices wrongly; there the dot runs in float32.
     dot_fp32 = x.dtype == torch.float32 or (interpreted and x.dtype == torch.bfloat16)

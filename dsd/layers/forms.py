@@ -130,8 +130,8 @@ def slices_forward(layer, x: torch.Tensor) -> torch.Tensor:
             out.permute(0, 2, 3, 1).view(-1, layer.out_channels).addmm_(
                 z.permute(0, 2, 3, 1).reshape(-1, layer.in_channels), weight.t())
         elif g == 1 and out.dim() == 4 and out.is_contiguous() and z.is_contiguous():  # NCHW
-            n = out.shape[0]
-            out.view(n, layer.out_channels, -1).baddbmm_(weight.expand(n, -1, -1), z.view(n, layer.in_channels, -1))
+            n, pixels = out.shape[0], out.shape[2] * out.shape[3]  # not -1: an empty batch leaves it undefined
+            out.view(n, layer.out_channels, pixels).baddbmm_(weight.expand(n, -1, -1), z.view(n, layer.in_channels, pixels))
         else:
             out = out + F.conv2d(z, pointwise[j], None, groups=g)
     return out
