@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -12,23 +12,58 @@ import torch.nn as nn
 from ..errors import DsdError
 from ..images import image_transform, open_image
 
-__all__ = ["calibration_batches", "take_batches", "calibration_and_held_out", "CALIBRATION_SOURCES"]
+__all__ = ["calibration_batches", "take_batches", "calibration_and_held_out", "model_inputs", "is_batch", "samples_in", "to_device",
+           "CALIBRATION_SOURCES", "Batch"]
 
 CALIBRATION_SOURCES = "digits, random, or a folder of images (class sub-folders allowed)"
 
+Batch = Union[torch.Tensor, List[torch.Tensor]]  # a batch tensor, or a detector's list of images
 
-def take_batches(data: Iterable[Any], limit: int) -> List[torch.Tensor]:
-    """Up to ``limit`` input batches from an iterable of tensors or (inputs, labels) pairs (a tensor is one batch);
-    a batch made under ``torch.inference_mode`` is cloned, since the sensitivity measurement differentiates
-    through it."""
+
+def model_inputs(item: Any) -> Any:
+    """What the model is called on for one item of calibration data: the inputs of an ``(inputs, labels)`` pair
+    (a list, as a DataLoader collates it, or a tuple), the item itself otherwise; a tuple of images (torchvision's
+    detection loaders collate ``tuple(zip(*batch))``) as a list, the one argument a detector takes."""
+    inputs = item[0] if isinstance(item, (list, tuple)) else item
+    return list(inputs) if isinstance(inputs, tuple) else inputs
+
+
+def is_batch(inputs: Any) -> bool:
+    """A batch tensor, or a non-empty list of image tensors."""
+    return isinstance(inputs, torch.Tensor) or (
+        isinstance(inputs, list) and len(inputs) > 0 and all(isinstance(t, torch.Tensor) for t in inputs))
+
+
+def samples_in(batch: Batch) -> int:
+    return batch.shape[0] if isinstance(batch, torch.Tensor) else len(batch)
+
+
+def to_device(batch: Batch, device) -> Batch:
+    return batch.to(device) if isinstance(batch, torch.Tensor) else [t.to(device) for t in batch]
+
+
+def _ordinary(batch: Batch) -> Batch:
+    """A batch made under ``torch.inference_mode`` cloned: the sensitivity measurement differentiates through it."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone() if batch.is_inference() else batch
+    return [t.clone() if t.is_inference() else t for t in batch]
+
+
+def take_batches(data: Iterable[Any], limit: int) -> List[Batch]:
+    """Up to ``limit`` input batches from an iterable of batches or (inputs, labels) pairs (a tensor is one batch);
+    a batch is a tensor, or a list of image tensors for a model called on one (torchvision's detectors)."""
     data = [data] if isinstance(data, torch.Tensor) else data
-    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in itertools.islice(iter(data), limit)]
-    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
-        raise DsdError("calibration_data must yield input tensors (or (inputs, labels) pairs); it yielded none")
-    return [b.clone() if b.is_inference() else b for b in batches]
+    items = list(itertools.islice(iter(data), limit))
+    batches = [model_inputs(item) for item in items]
+    bad = next((b for b in batches if not is_batch(b)), None)
+    if not batches or bad is not None:
+        got = "nothing" if not items else f"a {type(bad).__name__}" + (f" of {len(bad)}" if isinstance(bad, list) else "")
+        raise DsdError(f"calibration_data must yield input batches: tensors, lists of image tensors (a detector's), or "
+                       f"(inputs, labels) pairs of them; it yielded {got}")
+    return [_ordinary(b) for b in batches]
 
 
-def calibration_and_held_out(data: Iterable[Any], limit: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+def calibration_and_held_out(data: Iterable[Any], limit: int) -> Tuple[List[Batch], List[Batch]]:
     """The first ``limit`` batches of ``data`` (:func:`take_batches`) for calibration, and up to ``limit`` more held
     out: the fidelity figure measured on batches the conversion was not fitted to."""
     batches = take_batches(data, 2 * limit)

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.forms import static_forms
+from .batches import model_inputs, to_device
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -30,8 +31,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: int,
         for batch in batches:
             if used >= num_batches:
                 break
-            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(inputs.to(device) if device is not None else inputs)
+            inputs = model_inputs(batch)
+            model(to_device(inputs, device) if device is not None else inputs)
             used += 1
     finally:
         for m, (momentum, training) in saved.items():

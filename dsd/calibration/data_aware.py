@@ -6,18 +6,20 @@ already-converted layers upstream, so approximation errors do not pile up (two p
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..layers.create import effective_weight
-from ..layers.decouple import load_factors
+from ..layers.decouple import decouple, load_factors
 from ..layers.forms import static_forms
 from ..layers.spec import LayerSpec
 from ..modes import eval_mode
 from ..module_tree import swap_modules
+from .batches import Batch, to_device
 from .statistics import PatchStats, RefitStats, refit_pointwise, whitened_depthwise
 
 __all__ = ["patch_statistics", "data_aware_layers"]
@@ -28,7 +30,7 @@ class _Seen(Exception):
     forward is not needed."""
 
 
-def _run(model: nn.Module, batches: Sequence[torch.Tensor], hooks: Dict[str, Any],
+def _run(model: nn.Module, batches: Sequence[Batch], hooks: Dict[str, Any],
          calls: Optional[Dict[str, Optional[int]]] = None) -> None:
     """Forward every batch with ``hooks[name](module, args, output)`` on the named modules. With ``calls``
     (each module's calls per forward, from the analysis), a forward stops after the hooked modules' last call."""
@@ -51,7 +53,7 @@ def _run(model: nn.Module, batches: Sequence[torch.Tensor], hooks: Dict[str, Any
             for batch in batches:
                 seen.update(dict.fromkeys(seen, 0))
                 try:
-                    model(batch.to(device))
+                    model(to_device(batch, device))
                 except _Seen:
                     pass
     finally:
@@ -76,23 +78,29 @@ def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.M
     for spec in specs:
         conv = convs[spec.name]
         layer = spec.build(device=conv.weight.device, dtype=conv.weight.dtype)
-        depthwise, pointwise, error = whitened_depthwise(effective_weight(conv, spec), spec.groups, spec.rank,
-                                                         stats[spec.name].second_moment())
+        weight = effective_weight(conv, spec)
+        if stats[spec.name].count:
+            depthwise, pointwise, error = whitened_depthwise(weight, spec.groups, spec.rank,
+                                                             stats[spec.name].second_moment())
+        else:  # no calibration data reached it (a detector's mask head on images without detections)
+            depthwise, pointwise, error = decouple(weight, spec.groups, spec.rank)
         load_factors(layer, depthwise, pointwise, conv.bias)
         layers[spec.name] = (layer, error)
-    refit = {name: RefitStats(layer) for name, (layer, _) in layers.items()}
+    refit = {name: RefitStats(layer) for name, (layer, _) in layers.items() if stats[name].count}
     if sequential:  # inputs from the converted model, targets from the original: one batch at a time
         for batch in batches:
-            targets: Dict[str, torch.Tensor] = {}
-            _run(reference, [batch], {n: (lambda m, a, o, n=n: targets.__setitem__(n, o.cpu())) for n in refit},
-                 calls)
-            _run(working, [batch], {n: (lambda m, a, o, n=n: refit[n].update(a[0].cpu(), targets[n])) for n in refit},
-                 calls)
+            targets: Dict[str, Deque[torch.Tensor]] = {n: deque() for n in refit}
+            _run(reference, [batch], {n: (lambda m, a, o, n=n: targets[n].append(o.cpu())) for n in refit}, calls)
+            _run(working, [batch], {n: (lambda m, a, o, n=n: _refit_call(refit[n], a[0], o, targets[n]))
+                                    for n in refit}, calls)
     else:
         _run(working, batches, {n: (lambda m, a, o, n=n: refit[n].update(a[0].cpu(), o.cpu())) for n in refit}, calls)
     built = {}
     for name, (layer, error) in layers.items():
-        stats = refit[name]
+        stats = refit.get(name)
+        if stats is None or not stats.count:  # no output error known: the report gives the weight error
+            built[name] = (layer, error, None)
+            continue
         pointwise, bias = refit_pointwise(stats)
         kept = stats.output_error(layer.pointwise.weight, layer.pointwise.bias)
         refitted = stats.output_error(pointwise, bias)
@@ -103,6 +111,15 @@ def _build_group(reference: nn.Module, working: nn.Module, convs: Dict[str, nn.M
                     layer.pointwise.bias.copy_(bias)
         built[name] = (layer, error, min(kept, refitted))
     return built
+
+
+def _refit_call(stats: RefitStats, x: torch.Tensor, output: torch.Tensor, targets: Deque[torch.Tensor]) -> None:
+    """One call of a layer in the converted model, paired with the original's output of the same call (a layer
+    runs once per pyramid level in a detector's head); a call whose original output differs in shape (a
+    detector's heads on the boxes each model found) teaches nothing and is skipped."""
+    target = targets.popleft() if targets else None
+    if target is not None and target.shape == output.shape:
+        stats.update(x.cpu(), target)
 
 
 @static_forms()

@@ -15,12 +15,13 @@ import torch.nn as nn
 
 from ..layers.forms import static_forms
 from ..modes import eval_mode, floating_outputs
+from .batches import Batch, samples_in, to_device
 
 __all__ = ["output_sensitivity"]
 
 
 @static_forms()
-def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence[torch.Tensor],
+def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence[Batch],
                        probes: int = 1, seed: int = 0) -> Optional[Dict[str, float]]:
     """``name -> mean squared output gradient per element of the layer's output``, relative to the model's
     mean squared output per sample: multiplied by a change's squared norm per sample, the predicted relative
@@ -46,7 +47,7 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence
     try:
         with torch.enable_grad(), eval_mode(model):
             for batch in batches:
-                batch = batch.to(device)
+                batch = to_device(batch, device)
                 for values in captured.values():
                     values.clear()
                 outputs = [t for t in floating_outputs(model(batch)) if t.requires_grad]
@@ -54,7 +55,7 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence
                 if not outputs or not layers:
                     return None
                 output_energy += sum(float(o.detach().double().square().sum()) for o in outputs)
-                samples += batch.shape[0]
+                samples += samples_in(batch)
                 for name, y in layers:
                     elements[name] += y.numel()
                 for probe in range(probes):

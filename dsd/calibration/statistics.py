@@ -48,6 +48,8 @@ class PatchStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
+        if not x.shape[0]:  # an empty batch (a detector's head on no boxes) has no patches
+            return
         patches = F.unfold(self.layer.pad_input(x.detach().float()), self.layer.kernel_size,
                            dilation=self.layer.dilation, stride=self.layer.stride)
         n, _, positions = patches.shape

@@ -73,7 +73,7 @@ def candidate_errors(site: ConvSite, spec: LayerSpec, stats: Optional[PatchStats
     with ``stats``, else in weight space.
     """
     weight = effective_weight(site.module, spec)
-    if stats is None or (sensitivity is None and not whitened):
+    if stats is None or not stats.count or (sensitivity is None and not whitened):  # no data reached it: weights
         return rank_errors(weight, spec.groups)
     errors = output_rank_errors(weight, spec.groups, stats.second_moment(), whitened)
     if sensitivity is not None:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import (PatchStats, calibration_and_held_out, data_aware_layers, output_sensitivity,
                            patch_statistics, recalibrate_batchnorm)
+from ..calibration.batches import is_batch, samples_in
 from ..errors import DsdError
 from ..flops import count_flops
 from ..layers.create import DATA_INIT, SkipLayer, build_layers
@@ -113,6 +114,7 @@ def convert_model(
     if options.only_if_faster:
         eligible, end_to_end = keep_faster_layers(eligible, records, options, whole, progress)
     layers, specs = initialise_layers(eligible, records, options, reference, working, batches, stats, progress)
+    notes += _unreached_note(options, [records[site.name] for site, _ in eligible])
     rewrite(working, layers, options, batches)
     own_parameters(working, shared)
 
@@ -140,6 +142,19 @@ def _calibration_notes(options: ConvertOptions, calibration_data: Any, model: nn
     if options.recalibrate_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         notes.append("recalibrate_bn: the model has no BatchNorm layers, so nothing was re-estimated")
     return notes
+
+
+def _unreached_note(options: ConvertOptions, converted: Sequence[LayerRecord]) -> List[str]:
+    """The data-aware layers with no output error: nothing to fit them to."""
+    if options.init != DATA_INIT:
+        return []
+    unreached = [r.name for r in converted if r.output_error is None]
+    if not unreached:
+        return []
+    shown = ", ".join(unreached[:4]) + (" ..." if len(unreached) > 4 else "")
+    return [f"{len(unreached)} converted layers were not fitted to the calibration data ({shown}): no input reached "
+            "them, or the original's and the converted model's calls differed in shape there (a detector's heads, on "
+            "the boxes each model found); they keep their weights' decoupling, and their error is a weight error"]
 
 
 def _costlier_note(options: ConvertOptions, records: Dict[str, LayerRecord]) -> List[str]:
@@ -178,7 +193,7 @@ def _model_flops(model: nn.Module, example_inputs: Any, options: ConvertOptions)
         raise DsdError(f"target_flops_of='model' counts the model's FLOPs with fvcore, which failed on this model "
                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                        "use target_flops_of='convs' (--target-flops-of convs)") from None
-    batch = next(a.shape[0] for a in args if isinstance(a, torch.Tensor))
+    batch = next((samples_in(a) for a in args if is_batch(a)), 1)
     return total / batch
 
 
@@ -294,7 +309,8 @@ def initialise_layers(eligible: Eligible, records: Dict[str, LayerRecord], optio
         for site, spec in eligible:
             layers[spec.name], weight_error, output_error = built[spec.name]
             specs.append(spec.with_error(weight_error))
-            records[site.name].output_error = output_error ** 0.5  # relative, on the weight error's scale
+            if output_error is not None:  # None: no calibration data reached the layer
+                records[site.name].output_error = output_error ** 0.5  # relative, on the weight error's scale
     else:
         for (site, _), (layer, spec) in zip(eligible, build_layers([(site.module, spec) for site, spec in eligible])):
             layers[site.name] = layer
@@ -319,7 +335,7 @@ def rewrite(model: nn.Module, layers: Dict[str, nn.Module], options: ConvertOpti
     """Swap the new layers in under every name their originals have; re-estimate BatchNorm if asked."""
     swap_modules(model, layers)
     if options.recalibrate_bn:
-        recalibrate_batchnorm(model, batches, len(batches), next(model.parameters()).device)
+        recalibrate_batchnorm(model, [(b,) for b in batches], len(batches), next(model.parameters()).device)  # inputs
     return model
 
 
