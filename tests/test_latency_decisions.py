@@ -471,6 +471,13 @@ def test_a_model_the_exporter_cannot_take_is_one_line_and_writes_nothing(tmp_pat
                                                                           warmup=0, iters=1))
 
 
+def test_export_onnx_of_a_model_called_on_a_list_is_refused_in_words(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3)).eval()
+    with pytest.raises(dsd.DsdError, match="the example is a list"):
+        dsd.export_onnx(model, [torch.randn(3, 8, 8)], tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_onnx_under_autocast_writes_the_models_precision(tmp_path):
     """A caller's autocast does not reach the export: float32 convs, as ONNX Runtime's CPU provider takes them."""
     pytest.importorskip("onnxruntime")

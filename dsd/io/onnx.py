@@ -41,6 +41,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, os.Pat
     precision (under bfloat16 autocast the export had bfloat16 convs, which ONNX Runtime's CPU provider refuses)."""
     if forms not in FORM_CHOICES:
         raise DsdError(f"forms must be one of {list(FORM_CHOICES)}, got {forms!r}")
+    if not isinstance(example, torch.Tensor):
+        raise DsdError(f"export_onnx exports a model called on one tensor, and checks the file on it; the example is a "
+                       f"{type(example).__name__} (a detector's list of images?): export such a model with "
+                       "torch.onnx.export, as its library documents")
     try:
         import onnxruntime
     except ImportError as error:
