@@ -102,6 +102,17 @@ def test_factory_arch_with_kwargs(tmp_path):
         sys.path.remove(str(tmp_path))
 
 
+@pytest.mark.parametrize("text,value", [
+    ("num_classes=10", 10), ("drop_rate=1e-3", 1e-3), ("weights_backbone=null", None),
+    ("weights_backbone=None", None), ("pretrained=True", True), ("size=[224, 224]", [224, 224]),
+    ("size=(224, 224)", (224, 224)), ("name=resnet18.a1_in1k", "resnet18.a1_in1k"), ("name='3'", "3"), ("name=", ""),
+])
+def test_arch_kwargs_read_as_json_then_as_python_literals(text, value):
+    """A constructor's keywords are Python's: ``None`` was the string 'None' (torchvision then failed in its enum)."""
+    from dsd.cli.common import key_value
+    assert key_value(text) == (text.partition("=")[0], value)
+
+
 def test_pickled_module_only_with_trust_pickle(tmp_path):
     torch.save(timm.create_model("resnet18"), tmp_path / "whole.pt")
     assert_refused(run(tmp_path / "whole.pt", *SMALL, cwd=tmp_path), "--trust-pickle")

@@ -6,6 +6,7 @@ Bad input -> one line on stderr and exit code 2 (argparse's own convention); no 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -59,14 +60,17 @@ def rank_value(text: str):
 
 
 def key_value(text: str) -> Tuple[str, Any]:
-    """``key=value`` with the value read as JSON where it parses (``num_classes=10`` -> int)."""
+    """``key=value`` with the value read as JSON, else as a Python literal, where it parses (``num_classes=10`` ->
+    int, ``weights_backbone=None`` -> None: a constructor's keywords are Python's), else as the string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not of the form key=value")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return key, parse(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # JSONDecodeError is a ValueError
+            continue
+    return key, value
 
 
 def add_model_args(parser: argparse.ArgumentParser, source_help: str) -> None:

@@ -18,7 +18,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -103,25 +103,44 @@ def _suggest(name: str, choices) -> str:
 
 def build_arch(arch: str, pretrained: bool = False, trust_code: bool = False, where: str = "the architecture",
                **kwargs) -> nn.Module:
-    """A model from ``timm:NAME``, ``torchvision:NAME``, ``dsd:NAME`` or (with ``trust_code``) ``package.module:factory``."""
+    """A model from ``timm:NAME``, ``torchvision:NAME``, ``dsd:NAME`` or (with ``trust_code``) ``package.module:factory``.
+    A constructor that refuses its keywords (a misspelt ``--arch-kwarg``) is one line naming them."""
     ref = parse_source(arch)
     if ref.kind not in (*REGISTRIES, FACTORY):
         raise DsdError(f"architecture {arch!r} is not of the form timm:NAME, torchvision:NAME, dsd:NAME or "
                        "package.module:factory")
     kind, name = (ref.kind, ref.name) if ref.is_registry else arch.split(":")
+    given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    build = _builder(arch, kind, name, pretrained, trust_code, where, kwargs)
+    try:
+        return build()
+    except DsdError:
+        raise
+    except Exception as error:
+        raise DsdError(f"{arch} could not be built{f' with {given}' if given else ''}: {type(error).__name__}: "
+                       f"{str(error).splitlines()[0] if str(error) else ''}"
+                       + ("; check the keywords given (--arch-kwarg)" if given else "")) from error
+
+
+def _builder(arch: str, kind: str, name: str, pretrained: bool, trust_code: bool, where: str,
+             kwargs: Dict[str, Any]) -> Callable[[], nn.Module]:
+    """What builds the model, once the name is known to exist (and, for your code, to be trusted)."""
     if kind == "timm":
         import timm
         if name not in timm.list_models():
             raise DsdError(f"timm has no model {name!r}.{_suggest(name, timm.list_models())}")
-        try:
-            with _hub_offline():
-                return timm.create_model(name, pretrained=pretrained, **kwargs)
-        except Exception as error:
-            if pretrained:
-                raise DsdError(f"no pretrained weights for timm:{name} in the local Hugging Face cache "
-                               f"({type(error).__name__}); dsd does not download: drop --pretrained or put the "
-                               "weights in the cache") from error
-            raise
+
+        def build_timm() -> nn.Module:
+            try:
+                with _hub_offline():
+                    return timm.create_model(name, pretrained=pretrained, **kwargs)
+            except Exception as error:
+                if pretrained:
+                    raise DsdError(f"no pretrained weights for timm:{name} in the local Hugging Face cache "
+                                   f"({type(error).__name__}); dsd does not download: drop --pretrained or put the "
+                                   "weights in the cache") from error
+                raise
+        return build_timm
     if kind == "torchvision":
         import torchvision
         names = torchvision.models.list_models()
@@ -136,17 +155,17 @@ def build_arch(arch: str, pretrained: bool = False, trust_code: bool = False, wh
         builder = torchvision.models.get_model_builder(name)
         if not pretrained and "weights_backbone" in inspect.signature(builder).parameters:
             kwargs.setdefault("weights_backbone", None)  # its default (ImageNet weights) would be downloaded
-        return builder(weights="DEFAULT" if pretrained else None, **kwargs)
+        return lambda: builder(weights="DEFAULT" if pretrained else None, **kwargs)
     if kind == "dsd":
         from .. import zoo
-        return zoo.build(name, pretrained, **kwargs)
+        return lambda: zoo.build(name, pretrained, **kwargs)
     if not trust_code:  # only a package.module:factory is left here
         raise UntrustedCode(arch, where)
     try:
         factory = getattr(importlib.import_module(kind), name)
     except (ImportError, AttributeError) as error:
         raise DsdError(f"cannot import the model factory {arch!r}: {error}") from error
-    return factory(**kwargs)
+    return lambda: factory(**kwargs)
 
 
 @contextlib.contextmanager
