@@ -80,7 +80,10 @@ def _image_folder(root: Path, input_size: Sequence[int], model: Optional[nn.Modu
     return dataset
 
 
-def _check_head(logits: torch.Tensor, classes: int, name: str) -> None:
+def _check_head(logits: Any, classes: int, name: str) -> None:
+    if not isinstance(logits, torch.Tensor):  # a detector's list of dicts, a feature extractor's list of maps
+        raise DsdError(f"the {name} model returns a {type(logits).__name__}, not a tensor of class scores; "
+                       "dsd validate evaluates classifiers")
     if logits.dim() != 2:
         raise DsdError(f"the {name} model returns outputs of shape {tuple(logits.shape)}, not class scores; "
                        "dsd validate evaluates classifiers")

@@ -158,6 +158,8 @@ DSD = [  # dsd arguments
      "the converted model does not run on example inputs of shape (1, 3, 32, 32)"),
     (["validate", "dsd:digits_cnn", "--arch-kwarg", "width=8", "--against", "digits_dsd.plan.json", "--data-dir",
       "digits", *SMALL], ("model 'original' does not run on example inputs of shape (1, 3, 32, 32)", "--input-size")),
+    (["validate", "timm:resnet18", "--arch-kwarg", "features_only=true", "--data-dir", "digits", *SMALL],
+     ("the original model returns a list, not a tensor of class scores", "evaluates classifiers")),
     (["finetune", "no_such_recipe"], "no such recipe file"),
     (["finetune", "list.yaml"], "expected a mapping"),
     (["finetune", "broken.yaml"], "is not valid YAML"),
