@@ -14,11 +14,12 @@ import errno
 import os
 import secrets
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Union
+from typing import Dict, Iterable, Iterator, List, Sequence, Union
 
 from .errors import DsdError
 
-__all__ = ["atomic_path", "atomic_write_text", "OutputSet", "remove_stale_temporaries", "TEMP_SUFFIX", "dsd_cache_dir"]
+__all__ = ["atomic_path", "atomic_write_text", "OutputSet", "make_dirs", "remove_empty_dirs", "remove_stale_temporaries",
+           "TEMP_SUFFIX", "dsd_cache_dir"]
 
 PathLike = Union[str, os.PathLike]
 TEMP_SUFFIX = ".dsd-tmp"
@@ -100,6 +101,21 @@ def _claim(tmp: Path, final: Path) -> None:
     tmp.unlink()
 
 
+def make_dirs(directory: Path) -> List[Path]:
+    """``mkdir -p``; returns the directories it created, outermost first (for :func:`remove_empty_dirs`)."""
+    missing = [d for d in [directory, *directory.parents] if not d.exists()]
+    for d in reversed(missing):
+        d.mkdir()
+    return missing[::-1]
+
+
+def remove_empty_dirs(made: Sequence[Path]) -> None:
+    """Remove the directories :func:`make_dirs` created, innermost first, where they are still empty."""
+    for directory in reversed(made):
+        with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+            directory.rmdir()
+
+
 class OutputSet:
     """The output files of one run: write each to ``path(final)``, then :meth:`commit` moves all into place.
 
@@ -123,10 +139,7 @@ class OutputSet:
         return self._temps[final]
 
     def _make_parents(self, directory: Path) -> None:
-        missing = [d for d in [directory, *directory.parents] if not d.exists()]
-        for d in reversed(missing):
-            d.mkdir()
-            self._made.append(d)
+        self._made += make_dirs(directory)
 
     def commit(self) -> List[Path]:
         """Move every written file into place; without ``force``, refuse (and undo) if any name was taken."""
@@ -155,9 +168,7 @@ class OutputSet:
         for tmp in self._temps.values():
             tmp.unlink(missing_ok=True)
         self._temps.clear()
-        for directory in reversed(self._made):
-            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
-                directory.rmdir()
+        remove_empty_dirs(self._made)
         self._made.clear()
 
     def __enter__(self) -> "OutputSet":

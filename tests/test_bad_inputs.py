@@ -173,6 +173,12 @@ DSD = [  # dsd arguments
     (["finetune", "digits", "--set", "teacher.source=mynets:small", "--set", "teacher.pretrained=false",
       "--set", "output_dir=run"], "--trust-code"),
     (["finetune", "digits", "--resume", "nowhere"], "no such checkpoint"),
+    (["finetune", "digits", "--set", "teacher.source=timm:resnet18", "--set", "teacher.pretrained=false",
+      "--set", "teacher.arch_kwargs={features_only: true, in_chans: 1}", "--set", "output_dir=new/run"],
+     ("the teacher returns a list, not a tensor of class scores", "distils classifiers")),
+    (["finetune", "digits", "--set", "teacher.source=timm:resnet18", "--set", "teacher.pretrained=false",
+      "--set", "output_dir=new/run"], ("the teacher does not run on the data's images of shape (1, 1, 32, 32)",
+                                       "expected input[1, 1, 32, 32] to have 3 channels")),
 ]
 
 

@@ -13,11 +13,13 @@ import torch
 
 from ..convert import ConversionPlan
 from ..errors import DsdError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, make_dirs, remove_empty_dirs
 from ..calibration import recalibrate_batchnorm
 from ..io import ModelSource, parse_source, plan_path_for, save_converted
 from ..io.sources import check_trusted
+from ..modes import check_runs, eval_mode
 from ..savings import compare
+from ..validation import check_class_scores
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import build_loaders, check_data
 from .distributed import init_distributed
@@ -103,6 +105,13 @@ def student_warnings(plan: ConversionPlan) -> List[str]:
             "and fold the fine-tuned model (dsd.fold_batchnorm)"]
 
 
+def _check_teacher(teacher: torch.nn.Module, example: torch.Tensor) -> None:
+    """The teacher runs on the data and gives class scores (distillation and accuracy need logits), or one line."""
+    check_runs(teacher, example, "the teacher", "the data's images")
+    with torch.no_grad(), eval_mode(teacher):
+        check_class_scores(teacher(example), "the teacher", "dsd finetune distils classifiers")
+
+
 def _refuse_taken_outputs(run_dir: Path) -> None:
     """A fresh run writes only into an output_dir where none of its files' names is taken (else: ``force``)."""
     if (run_dir / CHECKPOINT_NAME).exists():
@@ -127,6 +136,7 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
             check_trusted(text, trust_code, f"the recipe's {where}")
     check_data(recipe.data)
     env = init_distributed(recipe.device)
+    created: List[Path] = []  # the output folder and those above it that this run made
     try:
         checkpoint = _resume_checkpoint(resume, recipe, allow_recipe_change) if resume else None
         if env.is_main:
@@ -138,13 +148,14 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
             _refuse_taken_outputs(run_dir)
         if env.is_main:
             try:
-                run_dir.mkdir(parents=True, exist_ok=True)
+                created = make_dirs(run_dir)
             except OSError as error:
                 raise DsdError(f"output_dir: cannot create {run_dir}: {error.strerror}") from error
         teacher = load_teacher(recipe.teacher, env, progress and env.is_main, trust_code)
         loaders = build_loaders(recipe.data, recipe.seed, env.world_size, env.rank, env.device.type == "cuda",
                                 model=teacher)
         example = next(iter(loaders.val))[0][:1]
+        _check_teacher(teacher, example)
         plan = ConversionPlan.from_dict(checkpoint["plan"]) if checkpoint and checkpoint.get("plan") else None
         student, plan = build_student(teacher, recipe, example, plan, calibration=loaders.train, env=env)
         if env.is_main and checkpoint is None:
@@ -175,5 +186,8 @@ def finetune(recipe: Recipe, resume: Optional[str] = None, stop_after_epoch: Opt
             save_converted(student, plan, run_dir / STUDENT_NAME, source)
             atomic_write_text(run_dir / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2) + "\n")
         return summary
+    except BaseException:
+        remove_empty_dirs(created)  # a run that wrote nothing leaves no folder behind
+        raise
     finally:
         env.close()
