@@ -13,11 +13,11 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import ExampleInputsError, short_error
+from .errors import DsdError, ExampleInputsError, short_error
 
 __all__ = ["eval_mode", "full_precision", "record_shapes", "attributes_kept", "run_on_meta", "call_shapes",
            "output_shape", "floating_outputs", "CallShapes", "as_args", "example_inputs_error",
-           "check_runs"]
+           "check_runs", "check_class_scores"]
 
 Shape = Tuple[int, ...]
 CallShapes = Dict[str, List[Tuple[Shape, Shape]]]  # name -> (input shape, output shape) per call
@@ -286,6 +286,15 @@ def check_runs(model: nn.Module, example_inputs: Any, what: str = "the model", i
             model(*as_args(example_inputs))
         except Exception as error:
             raise example_inputs_error(example_inputs, error, what, inputs) from error
+
+
+def check_class_scores(logits: Any, model: str, what: str) -> None:
+    """Refuse, in one line, outputs that are not a (batch, classes) tensor of class scores; ``model`` names the
+    model, ``what`` says what needs them."""
+    if not isinstance(logits, torch.Tensor):  # a detector's list of dicts, a feature extractor's list of maps
+        raise DsdError(f"{model} returns a {type(logits).__name__}, not a tensor of class scores; {what}")
+    if logits.dim() != 2:
+        raise DsdError(f"{model} returns outputs of shape {tuple(logits.shape)}, not class scores; {what}")
 
 
 def call_shapes(model: nn.Module, args: Tuple[Any, ...], modules: Mapping[str, nn.Module]) -> CallShapes:

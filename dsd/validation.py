@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from .errors import DsdError
 from .images import image_folder, image_transform
-from .modes import check_runs, eval_mode
+from .modes import check_class_scores, check_runs, eval_mode
 
-__all__ = ["check_class_scores", "Accuracy", "ValidationResult", "validation_loader", "validate"]
+__all__ = ["Accuracy", "ValidationResult", "validation_loader", "validate"]
 
 DIGITS = "digits"
 
@@ -80,16 +80,8 @@ def _image_folder(root: Path, input_size: Sequence[int], model: Optional[nn.Modu
     return dataset
 
 
-def check_class_scores(logits: Any, model: str, what: str = "dsd validate evaluates classifiers") -> None:
-    """Refuse, in one line, outputs that are not a (batch, classes) tensor of class scores (``model`` names it)."""
-    if not isinstance(logits, torch.Tensor):  # a detector's list of dicts, a feature extractor's list of maps
-        raise DsdError(f"{model} returns a {type(logits).__name__}, not a tensor of class scores; {what}")
-    if logits.dim() != 2:
-        raise DsdError(f"{model} returns outputs of shape {tuple(logits.shape)}, not class scores; {what}")
-
-
 def _check_head(logits: Any, classes: int, name: str) -> None:
-    check_class_scores(logits, f"the {name} model")
+    check_class_scores(logits, f"the {name} model", "dsd validate evaluates classifiers")
     if logits.shape[1] != classes:
         raise DsdError(f"the {name} model's head has {logits.shape[1]} outputs but the data has {classes} classes; "
                        f"use a model trained for these classes (e.g. --arch-kwarg num_classes={classes} with its weights)")

@@ -17,9 +17,8 @@ from ..fileio import atomic_write_text, make_dirs, remove_empty_dirs
 from ..calibration import recalibrate_batchnorm
 from ..io import ModelSource, parse_source, plan_path_for, save_converted
 from ..io.sources import check_trusted
-from ..modes import check_runs, eval_mode
+from ..modes import check_class_scores, check_runs, eval_mode
 from ..savings import compare
-from ..validation import check_class_scores
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import build_loaders, check_data
 from .distributed import init_distributed
