@@ -335,7 +335,8 @@ def rewrite(model: nn.Module, layers: Dict[str, nn.Module], options: ConvertOpti
     """Swap the new layers in under every name their originals have; re-estimate BatchNorm if asked."""
     swap_modules(model, layers)
     if options.recalibrate_bn:
-        recalibrate_batchnorm(model, [(b,) for b in batches], len(batches), next(model.parameters()).device)  # inputs
+        # already the model's inputs: as 1-tuples, a detector's list of images is not read as an (inputs, labels) pair
+        recalibrate_batchnorm(model, [(b,) for b in batches], len(batches), next(model.parameters()).device)
     return model
 
 

@@ -17,7 +17,7 @@ from ..convert.pipeline import apply_plan
 from ..convert.plan import ConversionPlan
 from ..errors import DsdError
 from ..fileio import OutputSet
-from .sources import PLAN_SUFFIX, ModelSource, build_arch, load_into, parse_source
+from .sources import PLAN_SUFFIX, ModelSource, build_arch, load_into, parse_source, read_safetensors
 
 __all__ = ["save_converted", "write_converted", "load_converted", "plan_path_for"]
 
@@ -78,7 +78,6 @@ def load_converted(plan_path: PathLike, model: Optional[nn.Module] = None, trust
     ``model``: a fresh original, where the plan cannot build one (the original came from a pickled module).
     A plan whose architecture is ``package.module:factory`` imports and runs that code: only with
     ``trust_code=True``; ``timm:``, ``torchvision:`` and ``dsd:`` architectures are always safe to load."""
-    from safetensors.torch import load_file
     plan_path = Path(plan_path)
     if plan_path.suffix == ".safetensors":
         plan_path = plan_path_for(plan_path)
@@ -104,9 +103,5 @@ def load_converted(plan_path: PathLike, model: Optional[nn.Module] = None, trust
         raise DsdError(f"{weights} is not the weights file {plan_path} was written with (its SHA-256 differs: "
                        "an interrupted or concurrent run?); convert again")
     apply_plan(model, plan)
-    try:
-        state_dict = load_file(str(weights))
-    except Exception as error:
-        raise DsdError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {error}") from error
-    load_into(model, state_dict, weights, f"the model rebuilt from {plan_path}")
+    load_into(model, read_safetensors(weights), weights, f"the model rebuilt from {plan_path}")
     return model.eval()

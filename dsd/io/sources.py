@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..errors import DsdError
 
-__all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file", "load_into",
+__all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file", "read_safetensors", "load_into",
            "STATE_DICT_SUFFIXES", "SUPPORTED_FORMATS", "PLAN_SUFFIX", "REGISTRIES", "check_trusted"]
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt")  # .tar: timm's train.py writes model_best.pth.tar
@@ -208,6 +208,15 @@ def _as_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
                    f"or the whole model")
 
 
+def read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, as saved; one line where the file cannot be read."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise DsdError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+
+
 def load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``weights_only=True`` torch file (no code from the file runs), its
     keys as the model names its modules: the prefixes a DDP or ``torch.compile`` wrapper adds when the wrapped model
@@ -216,11 +225,7 @@ def load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
 
     _check_file(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return clean_state_dict(load_file(str(path)))
-        except Exception as error:
-            raise DsdError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+        return clean_state_dict(read_safetensors(path))
     try:
         # timm's training checkpoints keep their argparse.Namespace of arguments (data only), as timm loads them
         with torch.serialization.safe_globals([argparse.Namespace]):
