@@ -106,6 +106,13 @@ _INPLACE, _BROADCAST, _REDUCTION = "in place", "broadcast", "reduction"
 _UNTAGGED_ELEMENTWISE = {"aten::hardswish", "aten::hardswish_"}  # element-wise, not tagged pointwise in ATen
 
 
+def _writes(schema, kwarg_only: bool) -> bool:
+    """Whether the op writes into one of its arguments: the first (``self``), or a keyword-only one (``out``).
+    Read from the schema, which every torch release has (torch 2.11 has no ``torch.Tag.out``)."""
+    arguments = [a for a in schema.arguments if a.kwarg_only] if kwarg_only else schema.arguments[:1]
+    return any(a.alias_info is not None and a.alias_info.is_write for a in arguments)
+
+
 @functools.lru_cache(maxsize=None)
 def _shape_rule(func) -> Optional[str]:
     """How an ATen op with one result shapes it from its inputs, where that is all there is to its shape:
@@ -115,9 +122,9 @@ def _shape_rule(func) -> Optional[str]:
     tags, schema = set(func.tags), func._schema
     if schema.name in _UNTAGGED_ELEMENTWISE:
         tags.add(torch.Tag.pointwise)
-    if len(schema.returns) != 1 or torch.Tag.out in tags:
+    if len(schema.returns) != 1 or _writes(schema, kwarg_only=True):  # an out= variant
         return None
-    if torch.Tag.inplace in tags:
+    if _writes(schema, kwarg_only=False) and schema.name.endswith("_"):  # in place on its self
         twin = getattr(getattr(torch.ops.aten, schema.name.split("::")[-1].rstrip("_"), None), func._overloadname, None)
         elementwise = torch.Tag.pointwise in tags or (twin is not None and _shape_rule(twin) == _BROADCAST)
         return _INPLACE if elementwise else None

@@ -155,6 +155,15 @@ def test_in_place_elementwise_ops_short_cut_on_meta_return_their_input_and_other
     assert _result_on_meta(A.add.Tensor, (torch.ones(2), torch.ones(2)), {}) is None  # real tensors: computed
 
 
+def test_out_variants_and_in_place_ops_are_read_from_the_schema():
+    """torch 2.11 has no ``torch.Tag.out``: reading it stopped every conversion there (an H200's image)."""
+    from dsd.modes import _shape_rule, _writes
+    assert _writes(A.add.out._schema, kwarg_only=True) and not _writes(A.add.Tensor._schema, kwarg_only=True)
+    assert _writes(A.add_.Tensor._schema, kwarg_only=False) and not _writes(A.add.Tensor._schema, kwarg_only=False)
+    assert _shape_rule(A.add.out) is None and _shape_rule(A.add_.Tensor) == "in place"
+    assert _shape_rule(A.add.Tensor) == "broadcast" and _shape_rule(A.sum.dim_IntList) == "reduction"
+
+
 @pytest.mark.parametrize("name", ["mobilenetv3_large_100", "efficientnet_b0", "regnety_016", "convnext_tiny"])
 def test_meta_run_of_models_with_many_elementwise_ops_gives_a_real_runs_shapes(name):
     model = timm.create_model(name).eval()
