@@ -58,12 +58,21 @@ def layer_variants(channels: int, on_gpu: bool) -> Dict[str, nn.Module]:
 
 
 def interleaved(modules: Dict[str, nn.Module], shape, settings: BenchmarkSettings, rounds: int) -> Dict[str, LatencyStats]:
-    """Each module timed ``rounds`` times in alternation; the median of the per-round medians."""
+    """Each module timed ``rounds`` times in alternation; the median of the per-round medians. A module that fails
+    to run (the fused kernel on a GPU whose shared memory its blocks outgrow) is left out with its error."""
     per_round: Dict[str, List[LatencyStats]] = {name: [] for name in modules}
+    failed: Dict[str, str] = {}
     for _ in range(rounds):
         for name, module in modules.items():
-            per_round[name].append(time_module(module, shape, settings))
-    return {name: sorted(stats, key=lambda s: s.median_ms)[len(stats) // 2] for name, stats in per_round.items()}
+            if name in failed:
+                continue
+            try:
+                per_round[name].append(time_module(module, shape, settings))
+            except Exception as error:  # any failure of one variant: the others' figures still stand
+                failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                print(f"  {name} failed: {failed[name]}", flush=True)
+    return {name: sorted(stats, key=lambda s: s.median_ms)[len(stats) // 2]
+            for name, stats in per_round.items() if name not in failed}
 
 
 def layer_rows(args, device: str, dtypes: List[str]) -> List[Dict[str, Any]]:

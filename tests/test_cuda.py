@@ -71,14 +71,15 @@ def test_forms_timed_as_cuda_graph_replays():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_the_autotuner_keeps_to_this_gpus_shared_memory():
-    """float32 at 256 channels, batch 64: the largest blocks need more shared memory than an H100 has."""
+@pytest.mark.parametrize("rank, dtype", [(1, torch.float32), (2, torch.bfloat16)])
+def test_the_autotuner_keeps_to_this_gpus_shared_memory(rank, dtype):
+    """256 channels, batch 64: the largest blocks need more shared memory than an H100 or H200 has, in float32
+    at rank 1 and in bfloat16 at rank 2."""
     torch.manual_seed(0)
-    x = torch.randn(64, 256, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
-    dw, pw = torch.randn(256, 1, 3, 3, device="cuda"), torch.randn(256, 256, 1, 1, device="cuda")
-    got = separable_conv2d(x, dw, pw, None, 1, 1, 1)
-    case = (64, 256, 256, 14, 1, 3, 1, 1, 1, False)
-    assert _error(got, x, dw, pw, None, case) < TOLERANCE[torch.float32]
+    case = (64, 256, 256, 14, rank, 3, 1, 1, 1, False)
+    x, dw, pw, _ = _inputs(case, dtype)
+    got = separable_conv2d(x.contiguous(memory_format=torch.channels_last), dw, pw, None, 1, 1, 1)
+    assert _error(got, x, dw, pw, None, case) < TOLERANCE[dtype]
 
 
 # every case in bf16 (what the kernel is for), two in the other dtypes: each case compiles up to ten block

@@ -112,7 +112,8 @@ def test_compile_keeps_working_with_the_custom_op():
 
 def test_the_autotuner_is_offered_only_blocks_the_gpus_shared_memory_holds():
     """On an H100 (232,448 bytes per block, opt-in) the largest blocks in float32 asked for 280,832 and failed
-    instead of being skipped: they are pruned before the autotuner sees them; in bf16 they fit."""
+    instead of being skipped, and on an H200 (the same limit) bfloat16 blocks at rank 2 asked for 248,064: they
+    are pruned before the autotuner sees them; in bfloat16 at rank 1 they fit."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
     from unittest import mock
@@ -121,12 +122,14 @@ def test_the_autotuner_is_offered_only_blocks_the_gpus_shared_memory_holds():
     gpu = SimpleNamespace(is_cuda=True, device=0)
     h100 = SimpleNamespace(shared_memory_per_block_optin=232448)
 
-    def offered(dot_fp32):
-        args = {"M": 256, "C": 256, "x_ptr": gpu, "DOT_FP32": dot_fp32}
+    def offered(dot_fp32, rank=1):
+        args = {"M": 256, "C": 256, "x_ptr": gpu, "DOT_FP32": dot_fp32, "R": rank}
         with mock.patch("torch.cuda.get_device_properties", return_value=h100):
             return _fitting(CONFIGS, args)
     widest = [cfg for cfg in CONFIGS if cfg.kwargs["BLOCK_P"] == 128 and cfg.kwargs["BLOCK_M"] == 256]
     assert widest and not set(widest) & set(offered(True))
     assert set(widest) <= set(offered(False))
-    cpu = {"M": 256, "C": 256, "x_ptr": torch.empty(1), "DOT_FP32": True}  # no GPU: only the channel rule
+    three_stages = [cfg for cfg in widest if cfg.num_stages == 3]
+    assert three_stages and not set(three_stages) & set(offered(False, rank=2))
+    cpu = {"M": 256, "C": 256, "x_ptr": torch.empty(1), "DOT_FP32": True, "R": 1}  # no GPU: only the channel rule
     assert all(cfg.kwargs["BLOCK_M"] <= 256 for cfg in _fitting(CONFIGS, cpu))

@@ -106,15 +106,16 @@ def _block(size: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(size)))
 
 
-_SHARED_MEMORY_HEADROOM = 4096  # the estimate below came 2,304 bytes short of the 280,832 Triton asked for
+_SHARED_MEMORY_HEADROOM = 4096  # Triton asked for 2,304 bytes more than the blocks below in every case measured
 
 
-def _shared_memory(config: triton.Config, dot_bytes: int) -> int:
-    """Bytes of shared memory ``config`` takes, estimated: the dot's operand blocks per pipeline stage and the
-    float32 output block's change of layout before it is stored (278,528 for the largest blocks in float32,
-    where an H100 run of Triton asked for 280,832)."""
+def _shared_memory(config: triton.Config, dot_bytes: int, rank: int) -> int:
+    """Bytes of shared memory ``config`` takes, at most: the dot's operand blocks per pipeline stage and
+    depthwise slice, and the float32 output block's change of layout before it is stored. Triton asked for
+    280,832 bytes in float32 at rank 1 with the largest blocks (an H100), this bound plus 2,304; and for 248,064
+    in bfloat16 at rank 2 (an H200, 256 channels), which the bound without the rank had let through."""
     p, m, c = config.kwargs["BLOCK_P"], config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"]
-    return config.num_stages * (p * c + c * m) * dot_bytes + p * m * 4
+    return config.num_stages * rank * (p * c + c * m) * dot_bytes + p * m * 4
 
 
 def _fitting(configs, named_args, **kwargs):
@@ -127,7 +128,8 @@ def _fitting(configs, named_args, **kwargs):
     dot_bytes = 4 if named_args["DOT_FP32"] else 2
     fitting = [cfg for cfg in configs
                if cfg.kwargs["BLOCK_M"] <= _block(m, 512) and cfg.kwargs["BLOCK_C"] <= _block(c, 64)
-               and (limit is None or _shared_memory(cfg, dot_bytes) + _SHARED_MEMORY_HEADROOM <= limit)]
+               and (limit is None or _shared_memory(cfg, dot_bytes, named_args["R"]) + _SHARED_MEMORY_HEADROOM
+                    <= limit)]
     return fitting or configs[:1]
 
 
