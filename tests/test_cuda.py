@@ -159,3 +159,16 @@ def test_models_timed_interleaved_as_cuda_graphs():
     torch.cuda.synchronize()
     assert all(s.median_ms > 0 for s in stats)
 
+
+
+def test_torch_compile_on_cuda_computes_rank_2_in_the_dense_form():
+    """The static rule on CUDA: the dense form, which the slices lost to at every layer measured but one."""
+    from dsd.timing import chosen_forms
+    torch.manual_seed(0)
+    layer = DepthwiseSeparableConv2d(64, 64, 3, rank=2, padding=((1, 1), (1, 1))).cuda().eval()
+    x = torch.randn(8, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer)(x), FORMS["multiplier"](layer, layer._pad(x)), rtol=1e-4,
+                                   atol=1e-4)
+    settings = BenchmarkSettings(device="cuda", runtime="compile", channels_last=True)
+    assert chosen_forms(torch.nn.Sequential(layer), tuple(x.shape), settings) == {"0": "dense"}

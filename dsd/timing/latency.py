@@ -189,7 +189,8 @@ def chosen_forms(model: nn.Module, input_shape: Sequence[int], settings: Benchma
         model = on_device(model, settings)
         with _measuring(settings):
             model(_input(input_shape, settings))
-    return {name: layer.pinned_form or next(iter(layer.tuned_forms().values()), None) or static_form(layer)
+    return {name: layer.pinned_form or next(iter(layer.tuned_forms().values()), None)
+            or static_form(layer, settings.device)
             for name, layer in model.named_modules() if isinstance(layer, DepthwiseSeparableConv2d)}
 
 
