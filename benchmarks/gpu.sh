@@ -1,34 +1,41 @@
 #!/usr/bin/env bash
-# The GPU figures in one call of at most 10 minutes (a lent GPU machine runs the checkout from source, no
-# install; run ../shared/tools/gpu-pack first where its image lacks fvcore), most wanted first:
-# benchmarks/latency.py as CUDA-graph replays, the fused kernel's block configurations (fused_configs.py),
-# benchmarks/kernels.py's GPU rows (the fused kernel among the timed forms), the tests that need a GPU
-# (tests/test_cuda.py: the fused kernel compiles its block configurations, minutes on a cold Triton cache),
-# latency.py in eager PyTorch, a separable layer's host time per eager call (call_overhead.py), and as
-# CUDA-graph replays with the fused kernel among the forms. Each step has its
-# own time limit, so one that overruns leaves the others' results. Logs and result files go to $OUT (default:
-# benchmarks/results/gpu-run). On an H100: latency.py about 35 s a runtime, fused_configs.py 40 s, kernels.py
-# 100 s and test_cuda.py over 120 s on a cold Triton cache.
+# The GPU figures and tests, in two calls of at most 10 minutes each on a lent GPU machine, which runs the
+# checkout from source, no install (run ../shared/tools/gpu-pack first where its image lacks fvcore):
+#   bash benchmarks/gpu.sh figures   # latency.py as CUDA-graph replays (the layers' forms timed as replays too),
+#                                    # kernels.py's GPU rows at batch 64 (the fused kernel among the forms),
+#                                    # latency.py under torch.compile, call_overhead.py, fused_configs.py
+#   bash benchmarks/gpu.sh tests     # tests/test_cuda.py: the fused kernel compiles every block configuration
+# Each step has its own time limit and is stopped with SIGINT, so pytest still prints what failed; result files
+# go to $OUT (default: benchmarks/results/gpu-run) as each step ends. On an H200 (torch 2.11, a cold Triton
+# cache): latency.py 60 s for three models as replays, kernels.py 40 s, torch.compile of resnet18's three
+# variants 70 s, fused_configs.py 25 s, and test_cuda.py about 6 minutes.
 set -uo pipefail
 cd "$(dirname "$0")"
+part=${1:-figures}
 out=${OUT:-results/gpu-run}; mkdir -p "$out"
 export PYTHONPATH=$PWD/..:$PWD/../.gpu-deps${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 models=(timm:resnet18 timm:resnet50 timm:vgg16)
-step() { local limit=$1; shift; echo "== $* (limit ${limit}s)"; timeout "$limit" "$@"; echo "== exit $?"; }
+stamp=$(mktemp)
+step() {
+  local limit=$1; shift; echo "== $* (limit ${limit}s)"; timeout -s INT -k 15 "$limit" "$@"; echo "== exit $?"
+  find results -maxdepth 1 -name '*gpu*.json' -newer "$stamp" -exec cp {} "$out"/ \;
+}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $py -c "import torch, triton; print(torch.__version__, triton.__version__)"
-  step 80 $py latency.py --models "${models[@]}" --iters 20 --runtimes cudagraph-bf16-cl
-  step 60 $py fused_configs.py
-  DSD_FUSED_KERNEL=1 step 160 $py kernels.py --devices cuda --models --iters 20 --result-name kernels_gpu
-  step 150 $py -m pytest -q -p no:cacheprovider ../tests/test_cuda.py
-  step 60 $py latency.py --models "${models[@]}" --iters 20 --runtimes eager-bf16-cl eager \
-    --result-name latency_gpu_eager
-  step 20 $py call_overhead.py --devices cuda --calls 2000 --result-name call_overhead_gpu
-  DSD_FUSED_KERNEL=1 step 60 $py latency.py --models "${models[@]}" --iters 20 --runtimes cudagraph-bf16-cl \
-    --result-name latency_gpu_fused
-} 2>&1 | tee "$out/gpu.log"
-cp results/latency_gpu.json results/latency_gpu_fused.json results/fused_configs_gpu.json \
-  results/latency_gpu_eager.json results/kernels_gpu.json results/call_overhead_gpu.json "$out"/ 2>/dev/null
-true
+  case $part in
+    figures)
+      step 90 $py latency.py --models "${models[@]}" --iters 20 --runtimes cudagraph-bf16-cl
+      DSD_FUSED_KERNEL=1 step 100 $py kernels.py --devices cuda --batch-sizes 64 --models --iters 20 \
+        --result-name kernels_gpu
+      step 120 $py latency.py --models timm:resnet18 --iters 20 --runtimes compile-bf16-cl \
+        --result-name latency_gpu_compile
+      step 40 $py call_overhead.py --devices cuda --calls 2000 --result-name call_overhead_gpu
+      step 60 $py fused_configs.py ;;
+    tests)
+      step 540 $py -m pytest -v -p no:cacheprovider --tb=short --durations=5 ../tests/test_cuda.py ;;
+    *) echo "gpu.sh: unknown part '$part'; choose figures or tests" >&2 ;;
+  esac
+} 2>&1 | tee "$out/gpu-$part.log"
+rm -f "$stamp"
