@@ -162,7 +162,7 @@ def test_models_timed_interleaved_as_cuda_graphs():
 
 
 def test_torch_compile_on_cuda_computes_rank_2_in_the_dense_form():
-    """The static rule on CUDA: the dense form, which the slices lost to at every layer measured but one."""
+    """The static rule on CUDA: the dense form, which the slices lost to at all but the smallest layer measured."""
     from dsd.timing import chosen_forms
     torch.manual_seed(0)
     layer = DepthwiseSeparableConv2d(64, 64, 3, rank=2, padding=((1, 1), (1, 1))).cuda().eval()
