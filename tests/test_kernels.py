@@ -131,14 +131,15 @@ def test_compile_keeps_working_with_the_custom_op():
 
 
 def test_the_autotuner_is_offered_only_blocks_the_gpus_shared_memory_holds():
-    """On an H100 (232,448 bytes per block, opt-in) the largest blocks in float32 asked for 280,832 and failed
-    instead of being skipped, and on an H200 (the same limit) bfloat16 blocks at rank 2 asked for 248,064: they
-    are pruned before the autotuner sees them; in bfloat16 at rank 1 they fit."""
+    """On an H100 (232,448 bytes per block, opt-in) the largest blocks in float32 ask for 280,832: they are pruned
+    before the autotuner compiles them; in bfloat16 at rank 1 they fit. The single-stage block is always offered,
+    even where the bound prunes every other (float32 at rank 3 with a 5x5 kernel outgrew an H200 in every
+    pipelined block, and the kernel failed)."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
     from unittest import mock
 
-    from dsd.kernels.separable_triton import CONFIGS, _fitting
+    from dsd.kernels.separable_triton import CONFIGS, SINGLE_STAGE, _fitting
     gpu = SimpleNamespace(is_cuda=True, device=0)
     h100 = SimpleNamespace(shared_memory_per_block_optin=232448)
 
@@ -149,7 +150,15 @@ def test_the_autotuner_is_offered_only_blocks_the_gpus_shared_memory_holds():
     widest = [cfg for cfg in CONFIGS if cfg.kwargs["BLOCK_P"] == 128 and cfg.kwargs["BLOCK_M"] == 256]
     assert widest and not set(widest) & set(offered(True))
     assert set(widest) <= set(offered(False))
-    three_stages = [cfg for cfg in widest if cfg.num_stages == 3]
-    assert three_stages and not set(three_stages) & set(offered(False, rank=2))
+    assert all(SINGLE_STAGE in offered(fp32, rank) for fp32 in (True, False) for rank in (1, 3, 64))
+    assert offered(True, rank=64) == [SINGLE_STAGE]
     cpu = {"M": 256, "C": 256, "x_ptr": torch.empty(1), "DOT_FP32": True, "R": 1}  # no GPU: only the channel rule
     assert all(cfg.kwargs["BLOCK_M"] <= 256 for cfg in _fitting(CONFIGS, cpu))
+
+
+def test_blocks_are_tuned_per_layer_geometry():
+    """A block tuned for one rank (or kernel, stride, dilation) was reused for another layer of the same shape,
+    where it ran out of shared memory (an H200: rank 2 after rank 1, bfloat16, 256 channels at 14x14)."""
+    pytest.importorskip("triton")
+    from dsd.kernels.separable_triton import _autotuned_kernel
+    assert {"N", "C", "HO", "WO", "M", "R", "KH", "KW", "SH", "SW", "DH", "DW", "TF32"} <= set(_autotuned_kernel.keys)

@@ -99,6 +99,11 @@ CONFIGS = [
     _config(128, 128, 32, 8, 3), _config(128, 256, 32, 8, 3, 8), _config(128, 256, 32, 8, 2, 16),
     _config(64, 256, 32, 4, 2, 8), _config(64, 256, 32, 8, 2), _config(64, 512, 32, 8, 2, 8),
 ]
+# Unpipelined, so nothing is staged in shared memory ahead of use: offered at every shape, so that one block always
+# fits (float32 at rank 3 with a 5x5 kernel outgrew an H200's shared memory in every pipelined block: Triton stages
+# the depthwise taps' loads: 247,168 bytes in the smallest, 16,384 in this one, compiled for sm_90 by Triton 3.6).
+SINGLE_STAGE = _config(64, 64, 32, 4, 1)
+CONFIGS.append(SINGLE_STAGE)
 
 
 def _block(size: int, largest: int) -> int:
@@ -106,21 +111,22 @@ def _block(size: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(size)))
 
 
-_SHARED_MEMORY_HEADROOM = 4096  # Triton asked for 2,304 bytes more than the blocks below in every case measured
+_SHARED_MEMORY_HEADROOM = 4096  # Triton asked for 2,304 bytes more than this bound in the one case measured
 
 
 def _shared_memory(config: triton.Config, dot_bytes: int, rank: int) -> int:
-    """Bytes of shared memory ``config`` takes, at most: the dot's operand blocks per pipeline stage and
-    depthwise slice, and the float32 output block's change of layout before it is stored. Triton asked for
-    280,832 bytes in float32 at rank 1 with the largest blocks (an H100), this bound plus 2,304; and for 248,064
-    in bfloat16 at rank 2 (an H200, 256 channels), which the bound without the rank had let through."""
+    """A rough bound of the shared memory ``config`` takes, to skip compiling blocks that cannot fit: the dot's
+    operand blocks per pipeline stage and depthwise slice, and the float32 output block's change of layout (280,832
+    bytes asked in float32 at rank 1 with the largest blocks on an H100: this plus 2,304). Not exact (Triton also
+    stages some depthwise taps' loads in float32, more with a larger kernel), so :data:`SINGLE_STAGE` is always
+    offered too, and the autotuner times a block that does not fit as infinitely slow."""
     p, m, c = config.kwargs["BLOCK_P"], config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"]
     return config.num_stages * rank * (p * c + c * m) * dot_bytes + p * m * 4
 
 
 def _fitting(configs, named_args, **kwargs):
-    """The configurations whose channel blocks the layer fills (no output block wider than the layer's) and
-    whose shared memory this GPU has (Triton's autotuner did not skip one that had too little)."""
+    """The configurations whose channel blocks the layer fills (no output block wider than the layer's) and that
+    this GPU's shared memory may hold by :func:`_shared_memory`, and :data:`SINGLE_STAGE` always."""
     m, c, x = named_args["M"], named_args["C"], named_args["x_ptr"]
     # the opt-in limit Triton checks against (232,448 bytes on an H100); not exposed on every build (ROCm)
     limit = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", None) \
@@ -130,10 +136,13 @@ def _fitting(configs, named_args, **kwargs):
                if cfg.kwargs["BLOCK_M"] <= _block(m, 512) and cfg.kwargs["BLOCK_C"] <= _block(c, 64)
                and (limit is None or _shared_memory(cfg, dot_bytes, named_args["R"]) + _SHARED_MEMORY_HEADROOM
                     <= limit)]
-    return fitting or configs[:1]
+    return fitting if SINGLE_STAGE in fitting else fitting + [SINGLE_STAGE]
 
 
-_autotuned_kernel = triton.autotune(CONFIGS, key=["N", "C", "HO", "WO", "M"],
+# Tuned per layer geometry, not only per shape: the block tuned for a rank-1 layer was reused for a rank-2 layer of
+# the same shape and ran out of shared memory there (an H200, bfloat16, 256 channels at 14x14, benchmarks/kernels.py).
+_TUNING_KEY = ["N", "C", "HO", "WO", "M", "R", "KH", "KW", "SH", "SW", "DH", "DW", "TF32"]
+_autotuned_kernel = triton.autotune(CONFIGS, key=_TUNING_KEY,
                                     prune_configs_by={"early_config_prune": _fitting})(
     triton.heuristics({"EVEN_C": lambda args: args["C"] % args["BLOCK_C"] == 0})(_separable_conv2d_kernel))
 
