@@ -162,3 +162,22 @@ def test_blocks_are_tuned_per_layer_geometry():
     pytest.importorskip("triton")
     from dsd.kernels.separable_triton import _autotuned_kernel
     assert {"N", "C", "HO", "WO", "M", "R", "KH", "KW", "SH", "SW", "DH", "DW", "TF32"} <= set(_autotuned_kernel.keys)
+
+
+@pytest.mark.slow
+def test_the_single_stage_block_fits_a_hopper_gpus_shared_memory():
+    """Compiled for sm_90 here (no GPU needed): the block always offered fits in an H100's or H200's 232,448
+    bytes where every pipelined block outgrows them (float32, rank 3, a 5x5 kernel)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsd.kernels.separable_triton import SINGLE_STAGE, _separable_conv2d_kernel as kernel
+    names = kernel.arg_names
+    constants = dict(SH=1, SW=1, PH=2, PW=2, DH=1, DW=1, KH=5, KW=5, R=3, HAS_BIAS=True, DOT_FP32=True, TF32=False,
+                     EVEN_C=True, **SINGLE_STAGE.kwargs)
+    signature = {n: "constexpr" if n in constants else "*fp32" if n.endswith("_ptr") else "i32" for n in names}
+    source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": SINGLE_STAGE.num_warps, "num_stages": SINGLE_STAGE.num_stages})
+    assert compiled.metadata.shared <= 232448
