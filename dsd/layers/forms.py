@@ -21,9 +21,9 @@ first call with each kind of input and keeps the fastest, as ``torch.backends.cu
 cuDNN's algorithms; a CUDA graph capture, which cannot time, uses what its warm-up runs measured (time them as
 replays inside :func:`forms_timed_as_cuda_graphs`: launch overhead, which a graph does not pay, counts in
 eager). Training, tracing, scripting, compiling, exporting and ``torch.use_deterministic_algorithms`` take the
-static rule (:func:`static_form`, which on CUDA differs from a CPU's) instead; so does everything after ``autotune_forms(False)`` (or with
-``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's calibration and fine-tuning, which must give
-the same weights on every run). A layer pinned to a form (``layer.pin_form``; the ONNX export pins each layer
+static rule (:func:`static_form`, which on CUDA differs from a CPU's) instead; so does everything after
+``autotune_forms(False)`` (or with ``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's calibration
+and fine-tuning, which must give the same weights on every run). A layer pinned to a form (``layer.pin_form``; the ONNX export pins each layer
 to what runs fastest in ONNX Runtime) computes in that form everywhere.
 """
 from __future__ import annotations
@@ -222,8 +222,7 @@ def fused_applies(layer, x: torch.Tensor) -> bool:
 def candidate_forms(layer, x: Optional[torch.Tensor] = None) -> Tuple[str, ...]:
     """The forms worth timing: slices only where there are channels enough for r conv launches to pay; the
     fused kernel where :func:`fused_applies` to the input ``x`` (never without one: ONNX has no such op)."""
-    forms = ("multiplier", "dense") if layer.rank == 1 or layer.in_channels <= MULTIPLIER_FORM_CHANNELS \
-        else ("multiplier", "slices", "dense")
+    forms = ("multiplier", "dense") if static_form(layer) == "multiplier" else ("multiplier", "slices", "dense")
     return forms + ("fused",) if x is not None and fused_applies(layer, x) else forms
 
 
