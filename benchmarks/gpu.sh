@@ -7,11 +7,12 @@
 #   bash benchmarks/gpu.sh tests     # tests/test_cuda.py: the fused kernel compiles every block configuration
 # Each step has its own time limit and is stopped with SIGINT, so pytest still prints what failed; result files
 # go to $OUT (default: benchmarks/results/gpu-run) as each step ends. On an H200 (torch 2.11, a cold Triton
-# cache): latency.py 60 s for three models as replays, kernels.py 40 s, torch.compile of resnet18's three
-# variants 70 s, fused_configs.py 25 s, and test_cuda.py about 6 minutes.
+# cache): the latency, kernels and torch.compile steps about 3 minutes together, fused_configs.py 25 s; 13 of
+# test_cuda.py's tests took about 290 s, so give the whole file 6 minutes or more.
 set -uo pipefail
 cd "$(dirname "$0")"
 part=${1:-figures}
+case $part in figures|tests) ;; *) echo "gpu.sh: unknown part '$part'; choose figures or tests" >&2; exit 2 ;; esac
 out=${OUT:-results/gpu-run}; mkdir -p "$out"
 export PYTHONPATH=$PWD/..:$PWD/../.gpu-deps${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -35,7 +36,6 @@ step() {
       step 60 $py fused_configs.py ;;
     tests)
       step 540 $py -m pytest -v -p no:cacheprovider --tb=short --durations=5 ../tests/test_cuda.py ;;
-    *) echo "gpu.sh: unknown part '$part'; choose figures or tests" >&2 ;;
   esac
 } 2>&1 | tee "$out/gpu-$part.log"
 rm -f "$stamp"

@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from ..errors import DsdError
 
-__all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file", "read_safetensors", "load_into",
+__all__ = ["ModelSource", "SourceRef", "parse_source", "build_arch", "load_model", "load_state_dict_file",
+           "read_safetensors", "load_into",
            "STATE_DICT_SUFFIXES", "SUPPORTED_FORMATS", "PLAN_SUFFIX", "REGISTRIES", "check_trusted"]
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt")  # .tar: timm's train.py writes model_best.pth.tar

@@ -23,8 +23,8 @@ replays inside :func:`forms_timed_as_cuda_graphs`: launch overhead, which a grap
 eager). Training, tracing, scripting, compiling, exporting and ``torch.use_deterministic_algorithms`` take the
 static rule (:func:`static_form`, which on CUDA differs from a CPU's) instead; so does everything after
 ``autotune_forms(False)`` (or with ``DSD_AUTOTUNE_FORMS=0``) and inside :func:`static_forms` (dsd's calibration
-and fine-tuning, which must give the same weights on every run). A layer pinned to a form (``layer.pin_form``; the ONNX export pins each layer
-to what runs fastest in ONNX Runtime) computes in that form everywhere.
+and fine-tuning, which must give the same weights on every run). A layer pinned to a form (``layer.pin_form``;
+the ONNX export pins each layer to what runs fastest in ONNX Runtime) computes in that form everywhere.
 """
 from __future__ import annotations
 
@@ -208,8 +208,7 @@ def static_form(layer, device: Union[torch.device, str] = "cpu") -> str:
     under torch.compile in slices, 1.02x as replays with its layers in the dense form they measured fastest."""
     if layer.rank == 1 or layer.in_channels <= MULTIPLIER_FORM_CHANNELS:
         return "multiplier"
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return "dense" if kind == "cuda" else "slices"
+    return "dense" if torch.device(device).type == "cuda" else "slices"
 
 
 def fused_applies(layer, x: torch.Tensor) -> bool:
