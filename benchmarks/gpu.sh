@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
 # The GPU figures and tests, in two calls of at most 10 minutes each on a lent GPU machine, which runs the
 # checkout from source, no install (run ../shared/tools/gpu-pack first where its image lacks fvcore):
-#   bash benchmarks/gpu.sh figures   # latency.py as CUDA-graph replays (the layers' forms timed as replays too),
-#                                    # kernels.py's GPU rows at batch 64 (the fused kernel among the forms),
-#                                    # latency.py under torch.compile, call_overhead.py, fused_configs.py
-#   bash benchmarks/gpu.sh tests     # tests/test_cuda.py: the fused kernel compiles every block configuration
+#   bash benchmarks/gpu.sh figures [STEP...]  # all or the steps named: replays (latency.py as CUDA-graph
+#                                    # replays, the layers' forms timed as replays too), kernels (kernels.py's GPU
+#                                    # rows at batch 64, the fused kernel among the forms), compile (latency.py under
+#                                    # torch.compile, default and reduce-overhead), overhead (call_overhead.py),
+#                                    # configs (fused_configs.py)
+#   bash benchmarks/gpu.sh tests [NODE...]  # tests/test_cuda.py (or the test ids given, run in that order): the
+#                                           # fused kernel compiles every block configuration
 # Each step has its own time limit and is stopped with SIGINT, so pytest still prints what failed; result files
 # go to $OUT (default: benchmarks/results/gpu-run) as each step ends. On an H200 (torch 2.11, a cold Triton
 # cache): the latency, kernels and torch.compile steps about 3 minutes together, fused_configs.py 25 s; 13 of
 # test_cuda.py's tests took about 290 s, so give the whole file 6 minutes or more.
+# TESTS_LIMIT_S (default 540) bounds the tests step.
 set -uo pipefail
 cd "$(dirname "$0")"
 part=${1:-figures}
-case $part in figures|tests) ;; *) echo "gpu.sh: unknown part '$part'; choose figures or tests" >&2; exit 2 ;; esac
+steps=(replays kernels compile overhead configs)
+case $part in
+  figures) for name in "${@:2}"; do
+             [[ " ${steps[*]} " == *" $name "* ]] || { echo "gpu.sh: unknown step '$name'; choose from ${steps[*]}" >&2
+                                                       exit 2; }
+           done
+           [ $# -gt 1 ] && steps=("${@:2}") ;;
+  tests) [ $# -gt 1 ] || set -- "$part" ../tests/test_cuda.py ;;
+  *) echo "gpu.sh: unknown part '$part'; choose figures or tests" >&2; exit 2 ;;
+esac
+wanted() { [[ " ${steps[*]} " == *" $1 "* ]]; }
 out=${OUT:-results/gpu-run}; mkdir -p "$out"
 export PYTHONPATH=$PWD/..:$PWD/../.gpu-deps${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -27,15 +41,15 @@ step() {
   $py -c "import torch, triton; print(torch.__version__, triton.__version__)"
   case $part in
     figures)
-      step 90 $py latency.py --models "${models[@]}" --iters 20 --runtimes cudagraph-bf16-cl
-      DSD_FUSED_KERNEL=1 step 100 $py kernels.py --devices cuda --batch-sizes 64 --models --iters 20 \
-        --result-name kernels_gpu
-      step 120 $py latency.py --models timm:resnet18 --iters 20 --runtimes compile-bf16-cl \
-        --result-name latency_gpu_compile
-      step 40 $py call_overhead.py --devices cuda --calls 2000 --result-name call_overhead_gpu
-      step 60 $py fused_configs.py ;;
+      wanted replays && step 90 $py latency.py --models "${models[@]}" --iters 20 --runtimes cudagraph-bf16-cl
+      wanted kernels && DSD_FUSED_KERNEL=1 step 100 $py kernels.py --devices cuda --batch-sizes 64 --models \
+        --iters 20 --result-name kernels_gpu
+      wanted compile && step 200 $py latency.py --models timm:resnet18 --iters 20 \
+        --runtimes compile-bf16-cl compile-graphs-bf16-cl --result-name latency_gpu_compile
+      wanted overhead && step 40 $py call_overhead.py --devices cuda --calls 2000 --result-name call_overhead_gpu
+      wanted configs && step 60 $py fused_configs.py ;;
     tests)
-      step 540 $py -m pytest -v -p no:cacheprovider --tb=short --durations=5 ../tests/test_cuda.py ;;
+      step "${TESTS_LIMIT_S:-540}" $py -m pytest -v -p no:cacheprovider --tb=short --durations=5 "${@:2}" ;;
   esac
 } 2>&1 | tee "$out/gpu-$part.log"
 rm -f "$stamp"

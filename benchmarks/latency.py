@@ -35,6 +35,8 @@ RUNTIMES = {  # name: BenchmarkSettings fields
     "eager-bf16-cl": dict(runtime="eager", dtype="bfloat16", channels_last=True),
     "cudagraph-bf16-cl": dict(runtime="cudagraph", dtype="bfloat16", channels_last=True),
     "compile-bf16-cl": dict(runtime="compile", dtype="bfloat16", channels_last=True),
+    "compile-graphs-bf16-cl": dict(runtime="compile", compile_mode="reduce-overhead", dtype="bfloat16",
+                                   channels_last=True),
 }
 DEFAULT_RUNTIMES = {"cpu": ["eager", "eager-cl", "compile-cl", "onnxruntime"],
                     "cuda": ["eager-bf16-cl", "cudagraph-bf16-cl", "compile-bf16-cl", "eager", "onnxruntime"]}

@@ -149,13 +149,16 @@ def test_the_fused_form_under_autocast_and_a_cuda_graph():
         torch.testing.assert_close(out, FORMS["multiplier"](layer, static), rtol=2e-2, atol=2e-2)
 
 
-def test_models_timed_interleaved_as_cuda_graphs():
+@pytest.mark.parametrize("runtime", [dict(runtime="cudagraph"),
+                                     dict(runtime="compile", compile_mode="reduce-overhead")])
+def test_models_timed_interleaved_as_cuda_graphs(runtime):
     """Each replay reads its model's weights: a later capture (which empties the allocator's cache) must not
-    unmap an earlier one's (an illegal memory access with timm models, batch 64, before the step held the copy)."""
+    unmap an earlier one's (an illegal memory access with timm models, batch 64, before the step held the copy);
+    torch.compile's CUDA-graph trees share one memory pool between the models."""
     original = timm.create_model("resnet18").eval()
     converted, _ = dsd.convert_model(original, torch.randn(1, 3, 224, 224), rank=1)
-    settings = BenchmarkSettings(device="cuda", dtype="bfloat16", batch_size=64, channels_last=True,
-                                 runtime="cudagraph", warmup=2, iters=3)
+    settings = BenchmarkSettings(device="cuda", dtype="bfloat16", batch_size=64, channels_last=True, warmup=2,
+                                 iters=3, **runtime)
     stats = measure([original, converted], (64, 3, 224, 224), settings)
     torch.cuda.synchronize()
     assert all(s.median_ms > 0 for s in stats)

@@ -274,6 +274,8 @@ def test_timings_cached_by_other_code_of_the_same_version_are_not_reused(monkeyp
     (dict(device="mps"), "cpu or cuda"),
     (dict(compile=True, runtime="onnxruntime"), "disagree"),
     (dict(speed="fast"), "unknown benchmark setting 'speed'"),
+    (dict(compile_mode="fast", runtime="compile"), "compile_mode must be one of default, reduce-overhead"),
+    (dict(compile_mode="reduce-overhead"), "applies to runtime compile, not 'eager'"),
 ])
 def test_bad_settings_are_refused_in_words(changes, message):
     with pytest.raises(DsdError, match=message):
@@ -291,6 +293,13 @@ def test_onnxruntime_missing_is_refused(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     with pytest.raises(DsdError, match=r"pip install 'dsd\[onnx\]'"):
         BenchmarkSettings(runtime="onnxruntime")
+
+
+def test_the_compile_mode_is_described_where_it_is_not_the_default():
+    assert BenchmarkSettings(runtime="compile").describe().startswith("compile, cpu")
+    graphs = BenchmarkSettings(runtime="compile", compile_mode="reduce-overhead")
+    assert graphs.describe().startswith("compile (reduce-overhead), cpu")
+    assert BenchmarkSettings.from_dict(graphs.to_dict()) == graphs
 
 
 def test_the_compile_flag_of_earlier_releases_still_reads():

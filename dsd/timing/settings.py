@@ -9,10 +9,11 @@ import torch
 
 from ..errors import DsdError
 
-__all__ = ["BenchmarkSettings", "DTYPES", "RUNTIMES"]
+__all__ = ["BenchmarkSettings", "COMPILE_MODES", "DTYPES", "RUNTIMES"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RUNTIMES = ("eager", "compile", "cudagraph", "onnxruntime")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _help(text: str, **cli: Any) -> Dict[str, Any]:
@@ -26,7 +27,8 @@ class BenchmarkSettings:
 
     ``runtime``: ``eager`` (PyTorch as is), ``compile`` (``torch.compile``), ``cudagraph`` (a captured CUDA
     graph replayed: what ``torch.compile(mode="reduce-overhead")`` and TensorRT deployments see) or
-    ``onnxruntime`` (dsd's ONNX export in an ``InferenceSession``: CPU provider, CUDA provider on ``cuda``).
+    ``onnxruntime`` (dsd's ONNX export in an ``InferenceSession``: CPU provider, CUDA provider on ``cuda``);
+    ``compile_mode``: ``torch.compile``'s ``mode`` under runtime ``compile``.
     """
     device: str = field(default="cpu", metadata=_help("device to time on: cpu, cuda, cuda:1"))
     dtype: str = field(default="float32", metadata=_help(
@@ -34,6 +36,8 @@ class BenchmarkSettings:
     batch_size: int = field(default=1, metadata=_help("batch size of the timed inputs"))
     channels_last: bool = field(default=False, metadata=_help("time in the channels_last memory format"))
     runtime: str = field(default="eager", metadata=_help("what runs the model", choices=RUNTIMES))
+    compile_mode: str = field(default="default", metadata=_help(
+        "torch.compile's mode under --runtime compile", choices=COMPILE_MODES))
     threads: Optional[int] = field(default=None, metadata=_help(
         "CPU threads (torch and onnxruntime); default: torch's current setting"))
     warmup: int = field(default=10, metadata=_help("untimed iterations first"))  # timm benchmark.py: 10 and 40
@@ -44,6 +48,11 @@ class BenchmarkSettings:
             raise DsdError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.runtime not in RUNTIMES:
             raise DsdError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise DsdError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and self.runtime != "compile":
+            raise DsdError(f"compile_mode {self.compile_mode!r} applies to runtime compile, not {self.runtime!r}: "
+                           "add --runtime compile or drop --compile-mode")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -91,7 +100,8 @@ class BenchmarkSettings:
     def describe(self) -> str:
         """How the timings are taken, in a few words: ``eager, cpu, float32, channels_last, batch 8``."""
         layout = ", channels_last" if self.channels_last else ""
-        return f"{self.runtime}, {self.device}, {self.dtype}{layout}, batch {self.batch_size}"
+        runtime = self.runtime if self.compile_mode == "default" else f"{self.runtime} ({self.compile_mode})"
+        return f"{runtime}, {self.device}, {self.dtype}{layout}, batch {self.batch_size}"
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
