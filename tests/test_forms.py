@@ -211,7 +211,8 @@ def test_candidates_and_static_rule():
     # on CUDA the slices lose to the dense conv at every layer measured but 512 channels 7x7 in bf16, batch 64
     assert static_form(_layer(), "cuda") == static_form(_layer(), torch.device("cuda", 1)) == "dense"
     assert static_form(_layer(), "cpu") == static_form(_layer(), "meta") == "slices"
-    assert static_form(_layer(rank=1), "cuda") == static_form(_layer(channels=3, rank=4), "cuda") == "multiplier"
+    assert static_form(_layer(rank=1), "cuda") == "multiplier"
+    assert static_form(_layer(channels=3, rank=4), "cuda") == "dense"  # a depth multiplier is slow on CUDA too
     assert candidate_forms(_layer(channels=3, rank=4)) == ("multiplier", "dense")
     assert candidate_forms(_layer()) == ("multiplier", "slices", "dense")
 

@@ -201,14 +201,17 @@ FORMS: Dict[str, Form] = {"multiplier": multiplier_forward, "slices": slices_for
 
 
 def static_form(layer, device: Union[torch.device, str] = "cpu") -> str:
-    """The form taken where nothing is timed: rank 1 and few channels as written; else on CUDA the recomposed
-    dense conv and elsewhere the slices. On CUDA the slices ran 0.40-0.95x of the dense conv's speed as CUDA-graph
-    replays (64-512 channels, batch 8 and 64, float32 and bfloat16, an H100 and an H200; 1.02-1.22x only at
-    512 channels 7x7 in bfloat16 at batch 64), and resnet18 at ``target_flops=0.5`` ran 0.40x of its original
-    under torch.compile in slices, 1.02x as replays with its layers in the dense form they measured fastest."""
-    if layer.rank == 1 or layer.in_channels <= MULTIPLIER_FORM_CHANNELS:
+    """The form taken where nothing is timed: rank 1 as written; at rank >= 2 on CUDA the recomposed dense conv;
+    elsewhere few channels as written and more as slices. On CUDA the slices ran 0.40-0.95x of the dense conv's
+    speed as CUDA-graph replays (64-512 channels, batch 8 and 64, float32 and bfloat16, an H100 and an H200;
+    1.02-1.22x only at 512 channels 7x7 in bfloat16 at batch 64) and a depth multiplier 0.06-0.34x; resnet18 at
+    ``target_flops=0.5`` ran 0.40x of its original under torch.compile in slices and 0.81x with its RGB stem
+    as a multiplier conv, where every layer measured fastest dense as replays (an H200, bf16, batch 64)."""
+    if layer.rank == 1:
         return "multiplier"
-    return "dense" if torch.device(device).type == "cuda" else "slices"
+    if torch.device(device).type == "cuda":
+        return "dense"
+    return "multiplier" if layer.in_channels <= MULTIPLIER_FORM_CHANNELS else "slices"
 
 
 def fused_applies(layer, x: torch.Tensor) -> bool:
