@@ -4,14 +4,15 @@
 #   bash benchmarks/gpu.sh figures [STEP...]  # all or the steps named: replays (latency.py as CUDA-graph
 #                                    # replays, the layers' forms timed as replays too), kernels (kernels.py's GPU
 #                                    # rows at batch 64, the fused kernel among the forms), compile (latency.py under
-#                                    # torch.compile, default and reduce-overhead), overhead (call_overhead.py),
+#                                    # torch.compile: default, reduce-overhead, each with and without freezing),
+#                                    # overhead (call_overhead.py),
 #                                    # configs (fused_configs.py)
 #   bash benchmarks/gpu.sh tests [NODE...]  # tests/test_cuda.py (or the test ids given, run in that order): the
 #                                           # fused kernel compiles every block configuration
 # Each step has its own time limit and is stopped with SIGINT, so pytest still prints what failed; result files
 # go to $OUT (default: benchmarks/results/gpu-run) as each step ends. On an H200 (torch 2.11, a cold Triton
-# cache): the latency, kernels and torch.compile steps about 3 minutes together, fused_configs.py 25 s; 13 of
-# test_cuda.py's tests took about 290 s, so give the whole file 6 minutes or more.
+# cache): kernels.py 75 s, latency.py under compile in two runtimes 80 s, fused_configs.py 25 s; test_cuda.py's
+# 21 tests 414 s in two calls (268 s and 146 s), so give the whole file 8 minutes.
 # TESTS_LIMIT_S (default 540) bounds the tests step.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -44,8 +45,8 @@ step() {
       wanted replays && step 90 $py latency.py --models "${models[@]}" --iters 20 --runtimes cudagraph-bf16-cl
       wanted kernels && DSD_FUSED_KERNEL=1 step 100 $py kernels.py --devices cuda --batch-sizes 64 --models \
         --iters 20 --result-name kernels_gpu
-      wanted compile && step 200 $py latency.py --models timm:resnet18 --iters 20 \
-        --runtimes compile-bf16-cl compile-graphs-bf16-cl --result-name latency_gpu_compile
+      wanted compile && step 300 $py latency.py --models timm:resnet18 --iters 20 --runtimes compile-bf16-cl \
+        compile-graphs-bf16-cl compile-frozen-bf16-cl compile-graphs-frozen-bf16-cl --result-name latency_gpu_compile
       wanted overhead && step 40 $py call_overhead.py --devices cuda --calls 2000 --result-name call_overhead_gpu
       wanted configs && step 60 $py fused_configs.py ;;
     tests)

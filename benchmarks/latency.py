@@ -31,12 +31,16 @@ RUNTIMES = {  # name: BenchmarkSettings fields
     "eager": dict(runtime="eager"),
     "eager-cl": dict(runtime="eager", channels_last=True),
     "compile-cl": dict(runtime="compile", channels_last=True),
+    "compile-frozen-cl": dict(runtime="compile", freezing=True, channels_last=True),
     "onnxruntime": dict(runtime="onnxruntime"),
     "eager-bf16-cl": dict(runtime="eager", dtype="bfloat16", channels_last=True),
     "cudagraph-bf16-cl": dict(runtime="cudagraph", dtype="bfloat16", channels_last=True),
     "compile-bf16-cl": dict(runtime="compile", dtype="bfloat16", channels_last=True),
     "compile-graphs-bf16-cl": dict(runtime="compile", compile_mode="reduce-overhead", dtype="bfloat16",
                                    channels_last=True),
+    "compile-frozen-bf16-cl": dict(runtime="compile", freezing=True, dtype="bfloat16", channels_last=True),
+    "compile-graphs-frozen-bf16-cl": dict(runtime="compile", compile_mode="reduce-overhead", freezing=True,
+                                          dtype="bfloat16", channels_last=True),
 }
 DEFAULT_RUNTIMES = {"cpu": ["eager", "eager-cl", "compile-cl", "onnxruntime"],
                     "cuda": ["eager-bf16-cl", "cudagraph-bf16-cl", "compile-bf16-cl", "eager", "onnxruntime"]}

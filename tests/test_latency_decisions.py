@@ -10,7 +10,7 @@ import dsd
 from dsd.errors import DsdError
 from dsd.layers import DepthwiseSeparableConv2d, static_forms
 from dsd.layers.cost import dense_macs_per_pixel, output_pixels, separable_macs_per_pixel
-from dsd.timing import BenchmarkSettings, LatencyStats, Speedup, cache, measure, measure_layer
+from dsd.timing import BenchmarkSettings, LatencyStats, Speedup, cache, measure, measure_layer, runtimes
 
 
 class Net(nn.Module):
@@ -276,6 +276,8 @@ def test_timings_cached_by_other_code_of_the_same_version_are_not_reused(monkeyp
     (dict(speed="fast"), "unknown benchmark setting 'speed'"),
     (dict(compile_mode="fast", runtime="compile"), "compile_mode must be one of default, reduce-overhead"),
     (dict(compile_mode="reduce-overhead"), "applies to runtime compile, not 'eager'"),
+    (dict(freezing=True), "freezing applies to runtime compile, not 'eager'"),
+    (dict(freezing="yes", runtime="compile"), "freezing must be true or false"),
 ])
 def test_bad_settings_are_refused_in_words(changes, message):
     with pytest.raises(DsdError, match=message):
@@ -300,6 +302,21 @@ def test_the_compile_mode_is_described_where_it_is_not_the_default():
     graphs = BenchmarkSettings(runtime="compile", compile_mode="reduce-overhead")
     assert graphs.describe().startswith("compile (reduce-overhead), cpu")
     assert BenchmarkSettings.from_dict(graphs.to_dict()) == graphs
+    frozen = graphs.updated(freezing=True)
+    assert frozen.describe().startswith("compile (reduce-overhead, freezing), cpu")
+
+
+def test_a_frozen_compile_computes_what_eager_does():
+    """Inductor's freezing folds what is computed from the weights alone (a rank-r layer's recomposed kernels):
+    the timed step must still compute the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DepthwiseSeparableConv2d(16, 24, 3, rank=2, padding=((1, 1), (1, 1))), nn.BatchNorm2d(24),
+                          nn.ReLU()).eval()
+    x = torch.randn(2, 16, 12, 12)
+    settings = BenchmarkSettings(runtime="compile", freezing=True, batch_size=2)
+    step = runtimes.prepare_step(model, x, settings)
+    with torch.inference_mode():
+        torch.testing.assert_close(step(), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_the_compile_flag_of_earlier_releases_still_reads():

@@ -69,8 +69,11 @@ def _import_cpp_extension_quietly() -> None:
 @_runtime("compile")
 def _compiled(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
     _import_cpp_extension_quietly()
-    module = torch.compile(on_device(module, settings), mode=settings.compile_mode)
-    if settings.compile_mode != "reduce-overhead":
+    from torch._inductor import list_mode_options
+    # torch.compile takes a mode or Inductor options, not both: the mode's options, with freezing where asked
+    options = {**list_mode_options(settings.compile_mode), "freezing": settings.freezing}
+    module = torch.compile(on_device(module, settings), options=options)
+    if not options.get("triton.cudagraphs"):
         return lambda: module(x)
 
     def step() -> Any:

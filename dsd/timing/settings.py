@@ -28,7 +28,8 @@ class BenchmarkSettings:
     ``runtime``: ``eager`` (PyTorch as is), ``compile`` (``torch.compile``), ``cudagraph`` (a captured CUDA
     graph replayed: what ``torch.compile(mode="reduce-overhead")`` and TensorRT deployments see) or
     ``onnxruntime`` (dsd's ONNX export in an ``InferenceSession``: CPU provider, CUDA provider on ``cuda``);
-    ``compile_mode``: ``torch.compile``'s ``mode`` under runtime ``compile``.
+    ``compile_mode``: ``torch.compile``'s ``mode`` under runtime ``compile``; ``freezing``: Inductor's
+    ``freezing`` there too (PyTorch's setting for compiled inference, off by default as in PyTorch).
     """
     device: str = field(default="cpu", metadata=_help("device to time on: cpu, cuda, cuda:1"))
     dtype: str = field(default="float32", metadata=_help(
@@ -38,6 +39,9 @@ class BenchmarkSettings:
     runtime: str = field(default="eager", metadata=_help("what runs the model", choices=RUNTIMES))
     compile_mode: str = field(default="default", metadata=_help(
         "torch.compile's mode under --runtime compile", choices=COMPILE_MODES))
+    freezing: bool = field(default=False, metadata=_help(
+        "under --runtime compile, Inductor's inference freezing: weights become constants and what is computed "
+        "from them alone (BatchNorm folding, separable layers' recomposed kernels) is computed once"))
     threads: Optional[int] = field(default=None, metadata=_help(
         "CPU threads (torch and onnxruntime); default: torch's current setting"))
     warmup: int = field(default=10, metadata=_help("untimed iterations first"))  # timm benchmark.py: 10 and 40
@@ -53,6 +57,11 @@ class BenchmarkSettings:
         if self.compile_mode != "default" and self.runtime != "compile":
             raise DsdError(f"compile_mode {self.compile_mode!r} applies to runtime compile, not {self.runtime!r}: "
                            "add --runtime compile or drop --compile-mode")
+        if not isinstance(self.freezing, bool):
+            raise DsdError(f"freezing must be true or false, got {self.freezing!r}")
+        if self.freezing and self.runtime != "compile":
+            raise DsdError(f"freezing applies to runtime compile, not {self.runtime!r}: add --runtime compile or "
+                           "drop --freezing")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -100,7 +109,8 @@ class BenchmarkSettings:
     def describe(self) -> str:
         """How the timings are taken, in a few words: ``eager, cpu, float32, channels_last, batch 8``."""
         layout = ", channels_last" if self.channels_last else ""
-        runtime = self.runtime if self.compile_mode == "default" else f"{self.runtime} ({self.compile_mode})"
+        how = [mode for mode in (self.compile_mode,) if mode != "default"] + ["freezing"] * self.freezing
+        runtime = f"{self.runtime} ({', '.join(how)})" if how else self.runtime
         return f"{runtime}, {self.device}, {self.dtype}{layout}, batch {self.batch_size}"
 
     def to_dict(self) -> Dict[str, Any]:
