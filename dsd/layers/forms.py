@@ -44,10 +44,10 @@ from ..kernels import (FUSED_DTYPES, arrange_weights, arranged_separable_conv2d,
 __all__ = ["FORMS", "MULTIPLIER_FORM_CHANNELS", "static_form", "candidate_forms", "fused_applies", "choose_form",
            "run_form", "autotune_forms", "forms_autotuned", "static_forms", "forms_timed_as_cuda_graphs"]
 
-# Up to this many input channels, rank r runs as one depthwise conv with depth multiplier r when not timed:
-# with so few groups it is a (grouped) dense conv on the fast kernels, where r rank-1 slices would cost r conv
-# launches (CREPE's 1-channel conv at rank 64 made the model 6x slower than its original as slices; from 16
-# channels on, slices win at low ranks).
+# Up to this many input channels, rank r runs as one depthwise conv with depth multiplier r when not timed on a
+# CPU (on CUDA the static rule takes the dense form): with so few groups it is a (grouped) dense conv on the fast
+# kernels, where r rank-1 slices would cost r conv launches (CREPE's 1-channel conv at rank 64 made the model 6x
+# slower than its original as slices; from 16 channels on, slices win at low ranks).
 MULTIPLIER_FORM_CHANNELS = 8
 TIMED_ROUNDS = 3  # each candidate runs once per round, after one untimed run; its fastest run counts
 
