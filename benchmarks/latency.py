@@ -6,7 +6,8 @@
 Variants: rank 1 wherever it is cheaper, and ``target_flops=0.5`` (svd init: weights do not change
 latency). Runtimes (``dsd.BenchmarkSettings``): on a CPU eager NCHW, eager channels_last, torch.compile
 channels_last and onnxruntime; on a GPU (``--device cuda``) also bf16 channels_last eager, CUDA-graph
-replay and torch.compile, and onnxruntime where its CUDA provider is present. In each runtime the
+replay and torch.compile (default and reduce-overhead), and onnxruntime where its CUDA provider is present;
+``--runtimes`` also offers torch.compile with Inductor's freezing (``compile-frozen-*``). In each runtime the
 original and its variants are timed interleaved in one run; the speedup carries its bootstrap p10-p90
 interval. A variant a budget cannot reach is listed with the reason.
 """
@@ -43,7 +44,8 @@ RUNTIMES = {  # name: BenchmarkSettings fields
                                           dtype="bfloat16", channels_last=True),
 }
 DEFAULT_RUNTIMES = {"cpu": ["eager", "eager-cl", "compile-cl", "onnxruntime"],
-                    "cuda": ["eager-bf16-cl", "cudagraph-bf16-cl", "compile-bf16-cl", "eager", "onnxruntime"]}
+                    "cuda": ["eager-bf16-cl", "cudagraph-bf16-cl", "compile-bf16-cl", "compile-graphs-bf16-cl", "eager",
+                             "onnxruntime"]}
 VARIANTS = {"rank1": dict(rank=1), "flops-0.5": dict(target_flops=0.5, target_flops_of="convs")}
 
 
