@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # The GPU figures and tests, in two calls of at most 10 minutes each on a lent GPU machine, which runs the
 # checkout from source, no install (run ../shared/tools/gpu-pack first where its image lacks fvcore):
-#   bash benchmarks/gpu.sh figures [STEP...]  # all or the steps named: replays (latency.py as CUDA-graph
-#                                    # replays, the layers' forms timed as replays too), kernels (kernels.py's GPU
-#                                    # rows at batch 64, the fused kernel among the forms), compile (latency.py under
-#                                    # torch.compile: default, reduce-overhead, each with and without freezing),
-#                                    # overhead (call_overhead.py),
-#                                    # configs (fused_configs.py)
-#   bash benchmarks/gpu.sh tests [NODE...]  # tests/test_cuda.py (or the test ids given, run in that order): the
-#                                           # fused kernel compiles every block configuration
+#   bash benchmarks/gpu.sh figures [STEP...]  # all steps, or those named: replays (latency.py as CUDA-graph
+#       replays, the layers' forms timed as replays too), kernels (kernels.py's GPU rows at batch 64, the fused
+#       kernel among the forms), compile (latency.py under torch.compile: default and reduce-overhead, each with
+#       and without freezing), overhead (call_overhead.py), configs (fused_configs.py)
+#   bash benchmarks/gpu.sh tests [NODE...]  # tests/test_cuda.py, or the test ids given, run in that order (the
+#       fused kernel compiles every block configuration)
 # Each step has its own time limit and is stopped with SIGINT, so pytest still prints what failed; result files
 # go to $OUT (default: benchmarks/results/gpu-run) as each step ends. On an H200 (torch 2.11, a cold Triton
 # cache): kernels.py 75 s, latency.py under compile in two runtimes 80 s, fused_configs.py 25 s; test_cuda.py's
@@ -18,16 +16,15 @@ set -uo pipefail
 cd "$(dirname "$0")"
 part=${1:-figures}
 steps=(replays kernels compile overhead configs)
+wanted() { [[ " ${steps[*]} " == *" $1 "* ]]; }
 case $part in
   figures) for name in "${@:2}"; do
-             [[ " ${steps[*]} " == *" $name "* ]] || { echo "gpu.sh: unknown step '$name'; choose from ${steps[*]}" >&2
-                                                       exit 2; }
+             wanted "$name" || { echo "gpu.sh: unknown step '$name'; choose from ${steps[*]}" >&2; exit 2; }
            done
            [ $# -gt 1 ] && steps=("${@:2}") ;;
   tests) [ $# -gt 1 ] || set -- "$part" ../tests/test_cuda.py ;;
   *) echo "gpu.sh: unknown part '$part'; choose figures or tests" >&2; exit 2 ;;
 esac
-wanted() { [[ " ${steps[*]} " == *" $1 "* ]]; }
 out=${OUT:-results/gpu-run}; mkdir -p "$out"
 export PYTHONPATH=$PWD/..:$PWD/../.gpu-deps${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}

@@ -54,14 +54,6 @@ class BenchmarkSettings:
             raise DsdError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise DsdError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.compile_mode != "default" and self.runtime != "compile":
-            raise DsdError(f"compile_mode {self.compile_mode!r} applies to runtime compile, not {self.runtime!r}: "
-                           "add --runtime compile or drop --compile-mode")
-        if not isinstance(self.freezing, bool):
-            raise DsdError(f"freezing must be true or false, got {self.freezing!r}")
-        if self.freezing and self.runtime != "compile":
-            raise DsdError(f"freezing applies to runtime compile, not {self.runtime!r}: add --runtime compile or "
-                           "drop --freezing")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -76,11 +68,18 @@ class BenchmarkSettings:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise DsdError(f"{name} must be an integer >= {least}, got {value!r}")
-        if not isinstance(self.channels_last, bool):
-            raise DsdError(f"channels_last must be true or false, got {self.channels_last!r}")
+        for name in ("channels_last", "freezing"):
+            if not isinstance(getattr(self, name), bool):
+                raise DsdError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._check_runtime(device)
 
     def _check_runtime(self, device: torch.device) -> None:
+        if self.compile_mode != "default" and self.runtime != "compile":
+            raise DsdError(f"compile_mode {self.compile_mode!r} applies to runtime compile, not {self.runtime!r}: "
+                           "add --runtime compile or drop --compile-mode")
+        if self.freezing and self.runtime != "compile":
+            raise DsdError(f"freezing applies to runtime compile, not {self.runtime!r}: add --runtime compile or "
+                           "drop --freezing")
         if self.runtime == "cudagraph" and device.type != "cuda":
             raise DsdError("runtime cudagraph replays a CUDA graph and needs a CUDA device: add --device cuda, "
                            "or choose eager, compile or onnxruntime")
@@ -109,7 +108,8 @@ class BenchmarkSettings:
     def describe(self) -> str:
         """How the timings are taken, in a few words: ``eager, cpu, float32, channels_last, batch 8``."""
         layout = ", channels_last" if self.channels_last else ""
-        how = [mode for mode in (self.compile_mode,) if mode != "default"] + ["freezing"] * self.freezing
+        how = [self.compile_mode] if self.compile_mode != "default" else []
+        how += ["freezing"] if self.freezing else []
         runtime = f"{self.runtime} ({', '.join(how)})" if how else self.runtime
         return f"{runtime}, {self.device}, {self.dtype}{layout}, batch {self.batch_size}"
 
