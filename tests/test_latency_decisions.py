@@ -319,6 +319,18 @@ def test_a_frozen_compile_computes_what_eager_does():
         torch.testing.assert_close(step(), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_every_model_timed_under_compile_is_compiled():
+    """Dynamo keeps its compiled code per code object across the process and beyond 8 entries (its recompile
+    limit) runs a frame eagerly, silently: a target_latency search times layers of many geometries, a benchmark
+    many models, and the ninth would have been timed in eager PyTorch as if compiled."""
+    from torch._dynamo.utils import counters
+    settings = BenchmarkSettings(runtime="compile", batch_size=1, warmup=1, iters=1)
+    for width in range(1, 11):
+        compiled = counters["frames"]["ok"]
+        measure([nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU())], (1, 3, 8, 8), settings)
+        assert counters["frames"]["ok"] > compiled, f"model {width} ran eagerly"
+
+
 def test_the_compile_flag_of_earlier_releases_still_reads():
     assert BenchmarkSettings.from_dict({"compile": True}).runtime == "compile"
     assert BenchmarkSettings.from_dict({"compile": False, "device": "cpu"}).runtime == "eager"

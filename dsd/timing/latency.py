@@ -66,10 +66,16 @@ def measure(modules: Sequence[nn.Module], input_shape: Sequence[int], settings: 
     """Latency of each module on one random input of ``input_shape`` (batch included), timed interleaved.
 
     In ONNX Runtime each module is timed as :func:`dsd.export_onnx` writes it: a copy whose separable layers
-    of rank >= 2 are pinned to their fastest form there (:func:`pin_onnxruntime_forms`)."""
+    of rank >= 2 are pinned to their fastest form there (:func:`pin_onnxruntime_forms`). Under torch.compile
+    each measurement starts from empty compile caches (``torch.compiler.reset()``), as a deployed model
+    compiles alone: a model compiled elsewhere in the process compiles again on its next call."""
     if settings.runtime == "onnxruntime":
         modules = [_with_onnxruntime_forms(module, input_shape, settings) for module in modules]
     events = settings.is_cuda and settings.runtime != "onnxruntime"
+    if settings.runtime == "compile":
+        # Dynamo keeps compiled code per code object for the whole process and past its recompile limit (8)
+        # runs a frame eagerly, silently: the models of earlier measurements would have the ninth timed uncompiled
+        torch.compiler.reset()
     with _measuring(settings):
         x = _input(input_shape, settings)
         steps = [prepare_step(module, x, settings) for module in modules]
