@@ -306,17 +306,23 @@ def test_the_compile_mode_is_described_where_it_is_not_the_default():
     assert frozen.describe().startswith("compile (reduce-overhead, freezing), cpu")
 
 
-def test_a_frozen_compile_computes_what_eager_does():
-    """Inductor's freezing folds what is computed from the weights alone (a rank-r layer's recomposed kernels):
-    the timed step must still compute the model."""
+def test_a_frozen_compile_computes_what_eager_does_with_the_recomposed_kernel_computed_once():
+    """Inductor's freezing folds what is computed from the weights alone (a dense-form layer's recomposed kernel):
+    the timed step still computes the model, and a depthwise weight changed after compiling no longer reaches
+    the output (Dynamo reads ``torch._inductor.config.freezing`` as it traces, not the options given to
+    torch.compile: with those alone the weights stayed graph inputs and nothing was frozen)."""
     torch.manual_seed(0)
-    model = nn.Sequential(DepthwiseSeparableConv2d(16, 24, 3, rank=2, padding=((1, 1), (1, 1))), nn.BatchNorm2d(24),
-                          nn.ReLU()).eval()
+    layer = DepthwiseSeparableConv2d(16, 24, 3, rank=2, padding=((1, 1), (1, 1))).pin_form("dense")
+    model = nn.Sequential(layer, nn.BatchNorm2d(24), nn.ReLU()).eval()
     x = torch.randn(2, 16, 12, 12)
-    settings = BenchmarkSettings(runtime="compile", freezing=True, batch_size=2)
-    step = runtimes.prepare_step(model, x, settings)
-    with torch.inference_mode():
-        torch.testing.assert_close(step(), model(x), rtol=1e-5, atol=1e-5)
+    for freezing in (True, False):
+        settings = BenchmarkSettings(runtime="compile", freezing=freezing, batch_size=2)
+        with torch.inference_mode():
+            step = runtimes.prepare_step(model, x, settings)
+            torch.testing.assert_close(step(), model(x), rtol=1e-5, atol=1e-5)
+            before = step().clone()
+            step.module[0].depthwise.weight.mul_(2.0)
+            assert torch.equal(step(), before) == freezing
 
 
 def test_every_model_timed_under_compile_is_compiled():

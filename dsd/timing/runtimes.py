@@ -68,19 +68,29 @@ def _import_cpp_extension_quietly() -> None:
 
 @_runtime("compile")
 def _compiled(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
-    _import_cpp_extension_quietly()
-    from torch._inductor import list_mode_options
-    # torch.compile takes a mode or Inductor options, not both: the mode's options, with freezing where asked
-    options = {**list_mode_options(settings.compile_mode), "freezing": settings.freezing}
-    module = torch.compile(on_device(module, settings), options=options)
-    if not options.get("triton.cudagraphs"):
-        return lambda: module(x)
+    return _CompiledStep(module, x, settings)
 
-    def step() -> Any:
-        # each call one inference step of CUDA-graph trees: models timed interleaved share their memory pool
-        torch.compiler.cudagraph_mark_step_begin()
-        return module(x)
-    return step
+
+class _CompiledStep:
+    """One call of ``torch.compile`` over an eval copy (``module``) of the caller's model, compiled as it is
+    made: Dynamo decides whether the weights are frozen constants as it traces, from Inductor's global
+    ``freezing``, not from options given to torch.compile (with those alone nothing was frozen)."""
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings):
+        _import_cpp_extension_quietly()
+        from torch._inductor import config, list_mode_options
+        options = list_mode_options(settings.compile_mode)  # torch.compile takes a mode or options, not both
+        self.module, self.x = on_device(module, settings), x
+        self.compiled = torch.compile(self.module, options=options)
+        self.graphs = bool(options.get("triton.cudagraphs"))
+        with config.patch(freezing=settings.freezing):
+            self()
+
+    def __call__(self) -> Any:
+        if self.graphs:
+            # each call one inference step of CUDA-graph trees: models timed interleaved share their memory pool
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(self.x)
 
 
 @_runtime("cudagraph")
