@@ -9,7 +9,7 @@
 #       fused kernel compiles every block configuration)
 # Each step has its own time limit and is stopped with SIGINT, so pytest still prints what failed; result files
 # go to $OUT (default: benchmarks/results/gpu-run) as each step ends. On an H200 (torch 2.11, a cold Triton
-# cache): kernels.py 75 s, latency.py under compile in two runtimes 80 s, fused_configs.py 25 s; test_cuda.py's
+# cache): kernels.py 75 s, latency.py under compile in four runtimes 100 s (an H100), fused_configs.py 25 s; test_cuda.py's
 # 21 tests 414 s in two calls (268 s and 146 s), so give the whole file 8 minutes.
 # TESTS_LIMIT_S (default 540) bounds the tests step.
 set -uo pipefail
