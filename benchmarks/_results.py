@@ -32,6 +32,7 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "latency_gpu_fused": "Latency on a GPU: CUDA-graph replay, the fused kernel among the forms",
     "latency_gpu_eager": "Latency on a GPU: eager PyTorch",
     "latency_gpu_compile": "Latency on a GPU: torch.compile",
+    "latency_gpu_compile_models": "Latency on a GPU: torch.compile with freezing and CUDA graphs, resnet50 and vgg16",
     "latency_compile_frozen": "torch.compile with and without Inductor's freezing on this CPU",
     "kernels": "Separable layers vs dense convs: rank-r layout, fused kernel, end to end",
     "kernels_gpu": "Separable layers vs dense convs on a GPU: fused kernel, rank-r forms",
