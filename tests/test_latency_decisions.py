@@ -310,14 +310,16 @@ def test_a_frozen_compile_computes_what_eager_does_with_the_recomposed_kernel_co
     """Inductor's freezing folds what is computed from the weights alone (a dense-form layer's recomposed kernel):
     the timed step still computes the model, and a depthwise weight changed after compiling no longer reaches
     the output (Dynamo reads ``torch._inductor.config.freezing`` as it traces, not the options given to
-    torch.compile: with those alone the weights stayed graph inputs and nothing was frozen)."""
+    torch.compile: with those alone the weights stayed graph inputs and nothing was frozen). The setting decides,
+    not the global flag."""
     torch.manual_seed(0)
     layer = DepthwiseSeparableConv2d(16, 24, 3, rank=2, padding=((1, 1), (1, 1))).pin_form("dense")
     model = nn.Sequential(layer, nn.BatchNorm2d(24), nn.ReLU()).eval()
     x = torch.randn(2, 16, 12, 12)
     for freezing in (True, False):
         settings = BenchmarkSettings(runtime="compile", freezing=freezing, batch_size=2)
-        with torch.inference_mode():
+        # the setting decides, whatever the global flag says
+        with torch.inference_mode(), torch._inductor.config.patch(freezing=not freezing):
             step = runtimes.prepare_step(model, x, settings)
             torch.testing.assert_close(step(), model(x), rtol=1e-5, atol=1e-5)
             before = step().clone()
