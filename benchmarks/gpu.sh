@@ -8,9 +8,9 @@
 #   bash benchmarks/gpu.sh tests [NODE...]  # tests/test_cuda.py, or the test ids given, run in that order (the
 #       fused kernel compiles every block configuration)
 # Each step has its own time limit and is stopped with SIGINT, so pytest still prints what failed; result files
-# go to $OUT (default: benchmarks/results/gpu-run) as each step ends. On an H200 (torch 2.11, a cold Triton
-# cache): kernels.py 75 s, latency.py under compile in four runtimes 100 s (an H100), fused_configs.py 25 s; test_cuda.py's
-# 21 tests 414 s in two calls (268 s and 146 s), so give the whole file 8 minutes.
+# go to $OUT (default: benchmarks/results/gpu-run) as each step ends. With torch 2.11 and a cold Triton cache:
+# kernels.py 75 s and fused_configs.py 25 s on an H200, latency.py under compile in four runtimes 100 s on an
+# H100; test_cuda.py's 21 tests 414 s on the H200 in two calls (268 s and 146 s), so give the whole file 8 minutes.
 # TESTS_LIMIT_S (default 540) bounds the tests step.
 set -uo pipefail
 cd "$(dirname "$0")"

@@ -318,7 +318,6 @@ def test_a_frozen_compile_computes_what_eager_does_with_the_recomposed_kernel_co
     x = torch.randn(2, 16, 12, 12)
     for freezing in (True, False):
         settings = BenchmarkSettings(runtime="compile", freezing=freezing, batch_size=2)
-        # the setting decides, whatever the global flag says
         with torch.inference_mode(), torch._inductor.config.patch(freezing=not freezing):
             step = runtimes.prepare_step(model, x, settings)
             torch.testing.assert_close(step(), model(x), rtol=1e-5, atol=1e-5)

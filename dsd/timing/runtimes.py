@@ -67,10 +67,6 @@ def _import_cpp_extension_quietly() -> None:
 
 
 @_runtime("compile")
-def _compiled(module: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Step:
-    return _CompiledStep(module, x, settings)
-
-
 class _CompiledStep:
     """One call of ``torch.compile`` over an eval copy (``module``) of the caller's model, compiled as it is
     made: Dynamo decides whether the weights are frozen constants as it traces, from Inductor's global
