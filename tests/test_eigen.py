@@ -32,9 +32,13 @@ def test_split_eigh_equals_lapack(shape, split_everything):
     values, vectors = eigen.eigh(matrix)
     expected_values, expected_vectors = torch.linalg.eigh(matrix)
     assert values.shape == expected_values.shape and vectors.shape == expected_vectors.shape
-    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
-    torch.testing.assert_close(vectors, expected_vectors, rtol=0, atol=0)
-    torch.testing.assert_close(eigen.eigvalsh(matrix), torch.linalg.eigvalsh(matrix), rtol=0, atol=0)
+    # to rounding, not bit for bit: MKL's batched eigh rounds a matrix differently with the batch around it (seen
+    # on an AMD EPYC: one matrix alone against the same matrix in a batch of 7, 2e-14 apart)
+    scale = expected_values.abs().amax(-1, keepdim=True)
+    torch.testing.assert_close(values / scale, expected_values / scale, rtol=0, atol=1e-12)
+    signs = torch.sign((vectors * expected_vectors).sum(-2, keepdim=True))  # an eigenvector's sign is arbitrary
+    torch.testing.assert_close(vectors * signs, expected_vectors, rtol=0, atol=1e-9)
+    torch.testing.assert_close(eigen.eigvalsh(matrix) / scale, torch.linalg.eigvalsh(matrix) / scale, rtol=0, atol=1e-12)
 
 
 @settings(max_examples=200, deadline=None)
