@@ -134,6 +134,27 @@ def test_factorization_matches_lapack_svd(shape, rank):
     torch.testing.assert_close(left.norm(dim=-2), right.norm(dim=-1))  # singular values split evenly
 
 
+@pytest.mark.parametrize("out_channels,in_channels,groups,kernel", [(128, 6, 1, 3), (256, 8, 2, 3), (128, 4, 1, (1, 3)),
+                                                                     (130, 5, 1, 3)])
+def test_channel_slices_with_many_rows_decouple_as_lapack_svd(out_channels, in_channels, groups, kernel):
+    """Slices of 128 rows or more and at most 9 taps get their Gram matrices from products over pairs of
+    neighbouring channels (an odd count of channels does not pair): each channel's decoupling error is still the
+    energy LAPACK's SVD discards, and the full rank is exact."""
+    from dsd.layers.decouple import _side_by_side_in_memory, channel_slices
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, groups=groups, bias=False).double()
+    slices = channel_slices(conv.weight, groups)
+    assert _side_by_side_in_memory(slices) == (in_channels // groups % 2 == 0)
+    energy = torch.linalg.svdvals(slices).square()
+    q = full_rank(out_channels, groups, conv.kernel_size)
+    for rank in (1, 2, q):
+        _, _, error = decouple(conv.weight, groups, rank)
+        expected = (energy[..., rank:].sum() / energy.sum()).sqrt().item()
+        assert error == pytest.approx(expected, rel=1e-9, abs=1e-12), rank
+    x = torch.randn(1, in_channels, 9, 8, dtype=torch.float64)
+    assert rel_error(from_conv(conv, rank=FULL_RANK)(x), conv(x)) < 1e-10
+
+
 def test_decoupling_many_layers_together_equals_one_at_a_time():
     """``decouple_many`` solves the eigenproblems of every layer together, grouped by Gram size, solver and
     precision; each layer gets what it gets alone: tall and wide, grouped, 1x1 to 7x7 kernels, ranks 1 to full,

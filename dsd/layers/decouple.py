@@ -90,9 +90,30 @@ def _is_tall(a: torch.Tensor) -> bool:
     return a.shape[-2] >= a.shape[-1]
 
 
+_PAIRED_MAX_COLUMNS, _PAIRED_MIN_ROWS = 9, 128
+
+
 def _gram(a: torch.Tensor) -> torch.Tensor:
     """The smaller Gram matrix of each matrix in ``a``, in ``a``'s dtype."""
-    return a.mT @ a if _is_tall(a) else a @ a.mT
+    if not _is_tall(a):
+        return a @ a.mT
+    if _side_by_side_in_memory(a):
+        # Two neighbouring matrices as one twice as wide, their Gram matrices the diagonal blocks of its: batched
+        # products over tall strided slices (conv weights of 3x3 kernels) run 1.3-2.7x faster on half as many
+        # matrices twice as wide, measured on 128-1024 channels (at 64, 1.2x slower: not paired there)
+        *batch, count, rows, n = a.shape
+        pairs = a.as_strided((*batch, count // 2, rows, 2 * n), (*a.stride()[:-3], 2 * n, a.stride(-2), 1),
+                             a.storage_offset())
+        blocks = (pairs.mT @ pairs).unflatten(-1, (2, n)).unflatten(-3, (2, n))  # (..., count/2, 2, n, 2, n)
+        return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3).reshape(*batch, count, n, n)
+    return a.mT @ a
+
+
+def _side_by_side_in_memory(a: torch.Tensor) -> bool:
+    """Whether each pair of neighbouring matrices in ``a`` (..., count, rows, n) lies row by row side by side in
+    memory, as the per-channel slices of a conv weight do, and the pair is worth a product of its own."""
+    return (a.dim() >= 3 and a.shape[-3] % 2 == 0 and a.shape[-2] >= _PAIRED_MIN_ROWS
+            and a.shape[-1] <= _PAIRED_MAX_COLUMNS and a.stride(-1) == 1 and a.stride(-3) == a.shape[-1])
 
 
 class _Spectrum(NamedTuple):
@@ -137,7 +158,9 @@ def _factors(a: torch.Tensor, spectrum: _Spectrum) -> Factors:
     root = energy.sqrt().sqrt().to(a.dtype)  # sqrt of the singular values
     basis = vectors.to(a.dtype)
     if _is_tall(a):  # basis = right singular vectors V
-        left, right = _safe_divide(a @ basis, root[..., None, :]), root[..., :, None] * basis.mT
+        # at rank 1 a matrix-vector product: as a multiply and sum (2x batched matmul's speed on channel slices)
+        projected = torch.linalg.vecdot(a, basis.mT)[..., None] if basis.shape[-1] == 1 else a @ basis
+        left, right = _safe_divide(projected, root[..., None, :]), root[..., :, None] * basis.mT
     else:
         left, right = root[..., None, :] * basis, _safe_divide(basis.mT @ a, root[..., :, None])
     return Factors(left, right, energy.sum(-1), total)
