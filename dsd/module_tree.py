@@ -94,12 +94,16 @@ _ATOMIC = (bool, int, float, str, type(None))
 _CONTAINERS = (dict, OrderedDict, set)
 
 
+# ``__setstate__`` methods that only fill in attributes an old pickle lacks (a live module has them all)
+_BACKFILLING_SETSTATE = (nn.Module.__setstate__, nn.modules.conv._ConvNd.__setstate__)
+
+
 def _copies_as_a_plain_module(cls: type) -> bool:
     """Whether ``copy.deepcopy`` copies instances of ``cls`` as it copies any ``nn.Module``: no copy or pickle
-    protocol of its own."""
+    protocol of its own (the convs' ``__setstate__`` adds nothing to a live module's state)."""
     return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
             and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
-            and cls.__setstate__ is nn.Module.__setstate__)
+            and cls.__setstate__ in _BACKFILLING_SETSTATE)
 
 
 def _in_autograd_graph(value: Any) -> bool:
@@ -143,16 +147,19 @@ def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) ->
     memo[id(module)] = new
     state = {}
     for key, value in module.__dict__.items():
-        if key == "_modules":
-            value = type(value)((name, child if child is None else deepcopy_module(child, memo))
-                                for name, child in value.items())
+        kind = type(value)
+        if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):  # deepcopy keeps them
+            pass
+        elif key == "_modules":
+            value = kind((name, child if child is None else deepcopy_module(child, memo))
+                         for name, child in value.items())
         elif key in ("_parameters", "_buffers"):
-            value = type(value)((name, copy.deepcopy(tensor, memo)) for name, tensor in value.items())
+            value = kind((name, copy.deepcopy(tensor, memo)) for name, tensor in value.items())
+        elif kind in _CONTAINERS and not value:  # one new container per original, as deepcopy shares it
+            value = memo.setdefault(id(value), kind())
         elif _in_autograd_graph(value):
             value = value.detach().clone()
-        elif type(value) in _CONTAINERS and not value:  # one new container per original, as deepcopy shares it
-            value = memo.setdefault(id(value), type(value)())
-        elif type(value) not in _ATOMIC:
+        else:
             value = copy.deepcopy(value, memo)
         state[key] = value
     new.__dict__.update(state)
