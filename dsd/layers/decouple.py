@@ -90,7 +90,7 @@ def _is_tall(a: torch.Tensor) -> bool:
     return a.shape[-2] >= a.shape[-1]
 
 
-_PAIRED_MAX_COLUMNS, _PAIRED_MIN_ROWS = 9, 128
+_FEW_TAPS, _PAIRED_MIN_ROWS = 9, 128  # at most a 3x3 kernel; see _gram
 
 
 def _gram(a: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ def _side_by_side_in_memory(a: torch.Tensor) -> bool:
     """Whether each pair of neighbouring matrices in ``a`` (..., count, rows, n) lies row by row side by side in
     memory, as the per-channel slices of a conv weight do, and the pair is worth a product of its own."""
     return (a.dim() >= 3 and a.shape[-3] % 2 == 0 and a.shape[-2] >= _PAIRED_MIN_ROWS
-            and a.shape[-1] <= _PAIRED_MAX_COLUMNS and a.stride(-1) == 1 and a.stride(-3) == a.shape[-1])
+            and a.shape[-1] <= _FEW_TAPS and a.stride(-1) == 1 and a.stride(-3) == a.shape[-1])
 
 
 class _Spectrum(NamedTuple):
@@ -153,14 +153,20 @@ def _leading_spectra(grams: Sequence[torch.Tensor], ranks: Sequence[int], precis
     return spectra
 
 
+def _project(a: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``a @ basis``; onto one vector of a few taps (at most 3x3) a multiply and sum: batched matmul's
+    matrix-vector product ran at half its speed on a conv weight's strided channel slices (at 7x7, 1.4x faster)."""
+    if basis.shape[-1] == 1 and a.shape[-1] <= _FEW_TAPS:
+        return torch.linalg.vecdot(a, basis.mT)[..., None]
+    return a @ basis
+
+
 def _factors(a: torch.Tensor, spectrum: _Spectrum) -> Factors:
     energy, vectors, total = spectrum
     root = energy.sqrt().sqrt().to(a.dtype)  # sqrt of the singular values
     basis = vectors.to(a.dtype)
     if _is_tall(a):  # basis = right singular vectors V
-        # at rank 1 a matrix-vector product: as a multiply and sum (2x batched matmul's speed on channel slices)
-        projected = torch.linalg.vecdot(a, basis.mT)[..., None] if basis.shape[-1] == 1 else a @ basis
-        left, right = _safe_divide(projected, root[..., None, :]), root[..., :, None] * basis.mT
+        left, right = _safe_divide(_project(a, basis), root[..., None, :]), root[..., :, None] * basis.mT
     else:
         left, right = root[..., None, :] * basis, _safe_divide(basis.mT @ a, root[..., :, None])
     return Factors(left, right, energy.sum(-1), total)
