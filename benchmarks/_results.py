@@ -38,6 +38,7 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "kernels_gpu": "Separable layers vs dense convs on a GPU: fused kernel, rank-r forms",
     "fused_configs_gpu": "The fused kernel's block configurations on a GPU (microseconds, CUDA-graph replays)",
     "kernels_default_malloc": "Separable layers vs dense convs, glibc's default malloc settings",
+    "kernels_epyc": "Separable layers vs dense convs on a 2-core AMD EPYC (resnet18 end to end)",
     "vs_pruning": "dsd vs Torch-Pruning channel pruning at the same conv FLOPs",
     "finetune_digits": "Fine-tune recovery on digits (15-epoch recipe)",
     "budgets_digits": "FLOP budgets on digits: svd vs data-aware initialisation",
