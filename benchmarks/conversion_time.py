@@ -11,9 +11,11 @@ is a median over the rounds. ``budget_ratio``: ``target_flops=0.7`` (svd; 0.5 is
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import statistics
 import time
-from typing import Dict
+from typing import Dict, Iterator
 
 import timm
 import torch
@@ -42,9 +44,36 @@ def data_aware(model, size: int) -> dict:
     return {"data_aware_s": convert, "calibration_forward_s": forward, "data_aware_ratio": convert / forward}
 
 
+DECOUPLING_PARTS = {"_gram": "Gram products", "_leading_spectra": "eigensolve", "_factors": "factor products"}
+
+
+@contextlib.contextmanager
+def parts_timed(times: Dict[str, float]) -> Iterator[None]:
+    """Inside, the time of each of the decoupling's parts (:data:`DECOUPLING_PARTS`) adds up in ``times``."""
+    module = importlib.import_module("dsd.layers.decouple")
+    originals = {name: getattr(module, name) for name in DECOUPLING_PARTS}
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[DECOUPLING_PARTS[name]] = times.get(DECOUPLING_PARTS[name], 0.0) + time.perf_counter() - start
+        return run
+    try:
+        for name, fn in originals.items():
+            setattr(module, name, timed(name, fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+
 def stage_seconds(model, x) -> Dict[str, float]:
-    """The rank-1 svd path's stages, run as ``convert_model`` runs them, each timed (seconds)."""
-    options, times, start = ConvertOptions(rank=1), {}, time.perf_counter()
+    """The rank-1 svd path's stages, run as ``convert_model`` runs them, each timed (seconds); the decoupling's
+    parts (of its stage) too."""
+    options, times, parts, start = ConvertOptions(rank=1), {}, {}, time.perf_counter()
 
     def lap(stage: str) -> None:
         nonlocal start
@@ -56,14 +85,15 @@ def stage_seconds(model, x) -> Dict[str, float]:
     lap("analysis (FX trace, meta run)")
     records, eligible = describe_layers(analysis, options)
     lap("rules")
-    layers, _ = initialise_layers(eligible, records, options, working, working, None, None)
+    with parts_timed(parts):
+        layers, _ = initialise_layers(eligible, records, options, working, working, None, None)
     lap("decoupling and building")
     rewrite(working, layers, options)
     own_parameters(working, shared)
     lap("swap, copies of the convs kept")
     verify_shapes(analysis, layers)
     lap("shape check")
-    return times
+    return {**times, **{f"decoupling: {part}": seconds for part, seconds in parts.items()}}
 
 
 @torch.inference_mode()
