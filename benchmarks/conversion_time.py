@@ -53,17 +53,17 @@ def parts_timed(times: Dict[str, float]) -> Iterator[None]:
     module = importlib.import_module("dsd.layers.decouple")
     originals = {name: getattr(module, name) for name in DECOUPLING_PARTS}
 
-    def timed(name, fn):
+    def timed(part, fn):
         def run(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                times[DECOUPLING_PARTS[name]] = times.get(DECOUPLING_PARTS[name], 0.0) + time.perf_counter() - start
+                times[part] = times.get(part, 0.0) + time.perf_counter() - start
         return run
     try:
         for name, fn in originals.items():
-            setattr(module, name, timed(name, fn))
+            setattr(module, name, timed(DECOUPLING_PARTS[name], fn))
         yield
     finally:
         for name, fn in originals.items():

@@ -155,7 +155,8 @@ def _leading_spectra(grams: Sequence[torch.Tensor], ranks: Sequence[int], precis
 
 def _project(a: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """``a @ basis``; onto one vector of a few taps (at most 3x3) a multiply and sum: batched matmul's
-    matrix-vector product ran at half its speed on a conv weight's strided channel slices (at 7x7, 1.4x faster)."""
+    matrix-vector product ran at half its speed on a conv weight's strided channel slices (at 7x7 the matmul was
+    1.4x faster)."""
     if basis.shape[-1] == 1 and a.shape[-1] <= _FEW_TAPS:
         return torch.linalg.vecdot(a, basis.mT)[..., None]
     return a @ basis
