@@ -35,7 +35,7 @@ def test_kept_weights_follow_the_weights():
                 torch.testing.assert_close(form(sep, sep._pad(inputs)), _textbook(sep, inputs),
                                            rtol=tolerance, atol=tolerance)
     check()
-    assert set(sep._kept) == {"slices", "dense", "fused"}
+    assert set(sep._kept) == {"slices", "concat", "dense", "fused"}
     sep(x).square().sum().backward()  # autograd records: no kept layout involved, gradients reach the weights
     assert sep.depthwise.weight.grad.abs().sum() > 0 and sep.pointwise.weight.grad.abs().sum() > 0
     optimizer.step()
@@ -61,10 +61,10 @@ def test_kept_weights_follow_the_weights():
         assert made._kept is None
 
 
-@pytest.mark.parametrize("form", ["slices", "dense"])
+@pytest.mark.parametrize("form", ["slices", "concat", "dense"])
 def test_a_form_trains_like_the_multiplier_form(form):
-    """Autograd through a form (the in-place accumulation of the slices, the recomposed dense kernel) gives the
-    textbook form's gradients."""
+    """Autograd through a form (the in-place accumulation of the slices, their concatenation, the recomposed dense
+    kernel) gives the textbook form's gradients."""
     for channels_last in (False, True):
         sep = DepthwiseSeparableConv2d(12, 20, 3, rank=3, stride=2, padding=((1, 1), (1, 1)), dtype=torch.float64)
         x = torch.randn(2, 12, 11, 9, dtype=torch.float64, requires_grad=True)
@@ -88,13 +88,13 @@ def test_every_form_takes_an_empty_batch():
             x = torch.randn(0, 16, 14, 14)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            for form in ("multiplier", "slices", "dense"):
+            for form in ("multiplier", "slices", "concat", "dense"):
                 assert FORMS[form](sep, x).shape == (0, 12, 7, 7), (rank, groups, channels_last, form)
             with torch.no_grad():
                 assert sep(x).shape == (0, 12, 7, 7)  # the forms timed on it, the fastest kept
 
 
-@pytest.mark.parametrize("form", ["slices", "dense"])
+@pytest.mark.parametrize("form", ["slices", "concat", "dense"])
 def test_a_form_runs_under_autocast(form):
     """The in-place GEMMs and the recomposition are not autocast: the output follows the convs' bfloat16."""
     for channels_last in (False, True):
@@ -119,15 +119,15 @@ def _timed_as(seconds):
 
 def test_inference_keeps_the_fastest_form_per_kind_of_input():
     sep, x = _layer(), torch.randn(2, 16, 9, 9)
-    stopwatch, timed = _timed_as({"multiplier": 3.0, "slices": 2.0, "dense": 1.0})
+    stopwatch, timed = _timed_as({"multiplier": 3.0, "slices": 2.0, "concat": 2.5, "dense": 1.0})
     with stopwatch, torch.no_grad():
-        assert choose_form(sep, x) == "dense" and timed == ["multiplier", "slices", "dense"]
-        assert choose_form(sep, x) == "dense" and len(timed) == 3  # timed once per kind of input
+        assert choose_form(sep, x) == "dense" and timed == ["multiplier", "slices", "concat", "dense"]
+        assert choose_form(sep, x) == "dense" and len(timed) == 4  # timed once per kind of input
         choose_form(sep, x.contiguous(memory_format=torch.channels_last))  # another memory format
         choose_form(sep, x[:1])  # another shape
         with torch.autocast("cpu", dtype=torch.bfloat16):
             choose_form(sep, x)
-    assert len(timed) == 12 and len(sep.tuned_forms()) == 4
+    assert len(timed) == 16 and len(sep.tuned_forms()) == 4
     # what it chose is what it runs: the dense kernel is then kept
     with torch.no_grad(), mock.patch.dict(sep.tuned_forms(), {k: "dense" for k in sep.tuned_forms()}):
         torch.testing.assert_close(sep(x), _textbook(sep, x), rtol=1e-5, atol=1e-5)
@@ -137,11 +137,11 @@ def test_inference_keeps_the_fastest_form_per_kind_of_input():
 def test_only_the_chosen_forms_keep_weights():
     """Timing every form lays out weights for each; the dense kernel alone is the size of the replaced conv."""
     sep, x = _layer(), torch.randn(2, 16, 9, 9)
-    stopwatch, _ = _timed_as({"multiplier": 2.0, "slices": 1.0, "dense": 3.0})
+    stopwatch, _ = _timed_as({"multiplier": 2.0, "slices": 1.0, "concat": 1.5, "dense": 3.0})
     with stopwatch, torch.no_grad():
-        for form in ("slices", "dense"):
+        for form in ("slices", "concat", "dense"):
             FORMS[form](sep, x)
-        assert set(sep._kept) == {"slices", "dense"}
+        assert set(sep._kept) == {"slices", "concat", "dense"}
         sep(x)
     assert set(sep._kept) == {"slices"}
 
@@ -162,25 +162,25 @@ def test_timings_are_dropped_with_a_move_or_a_copy():
 def test_the_static_rule_where_nothing_may_be_timed():
     """Training, tracing, deterministic mode and the switch take the static form, and time nothing."""
     sep, x = _layer(), torch.randn(2, 16, 9, 9)
-    stopwatch, timed = _timed_as({"multiplier": 1.0, "slices": 2.0, "dense": 3.0})
+    stopwatch, timed = _timed_as({"multiplier": 1.0, "slices": 2.0, "concat": 2.5, "dense": 3.0})
     with stopwatch:
-        assert choose_form(sep, x) == static_form(sep) == "slices"  # autograd records
+        assert choose_form(sep, x) == static_form(sep) == "concat"  # autograd records
         with torch.no_grad():
             torch.jit.trace(sep, x, check_trace=False)  # (the check would run the layer eagerly)
             assert timed == [] and not sep._kept  # nor does a trace read a layout kept from before
             previous = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(True)
             try:
-                assert choose_form(sep, x) == "slices"
+                assert choose_form(sep, x) == "concat"
             finally:
                 torch.use_deterministic_algorithms(previous)
             autotune_forms(False)
             try:
-                assert choose_form(sep, x) == "slices"
+                assert choose_form(sep, x) == "concat"
             finally:
                 autotune_forms(True)
             assert timed == []
-            assert choose_form(sep, x) == "multiplier" and timed == ["multiplier", "slices", "dense"]
+            assert choose_form(sep, x) == "multiplier" and timed == ["multiplier", "slices", "concat", "dense"]
 
 
 def test_a_pinned_form_is_taken_everywhere_and_kept_by_copies():
@@ -188,7 +188,7 @@ def test_a_pinned_form_is_taken_everywhere_and_kept_by_copies():
     pin shows in the repr (so the layer-timing cache tells pinned layers apart) and survives copies."""
     sep, x = _layer(), torch.randn(2, 16, 9, 9)
     assert sep.pin_form("dense") is sep and "form=dense" in repr(sep)
-    stopwatch, timed = _timed_as({"multiplier": 1.0, "slices": 2.0, "dense": 3.0})
+    stopwatch, timed = _timed_as({"multiplier": 1.0, "slices": 2.0, "concat": 2.5, "dense": 3.0})
     with stopwatch:
         assert choose_form(sep, x) == "dense"  # autograd records
         with torch.no_grad():
@@ -200,7 +200,7 @@ def test_a_pinned_form_is_taken_everywhere_and_kept_by_copies():
         torch.testing.assert_close(sep(x), _textbook(sep, x), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             sep.pin_form(None)
-            assert choose_form(sep, x) == "multiplier" and timed == ["multiplier", "slices", "dense"]
+            assert choose_form(sep, x) == "multiplier" and timed == ["multiplier", "slices", "concat", "dense"]
     with pytest.raises(ValueError, match="form must be one of"):
         sep.pin_form("fastest")
 
@@ -210,19 +210,20 @@ def test_candidates_and_static_rule():
     assert static_form(_layer(channels=3, rank=4)) == "multiplier"  # an RGB stem: no r launches of a tiny conv
     # on CUDA the slices lose to the dense conv at every layer measured but 512 channels 7x7 in bf16, batch 64
     assert static_form(_layer(), "cuda") == static_form(_layer(), torch.device("cuda", 1)) == "dense"
-    assert static_form(_layer(), "cpu") == static_form(_layer(), "meta") == "slices"
+    assert static_form(_layer(), "cpu") == static_form(_layer(), "meta") == "concat"
     assert static_form(_layer(rank=1), "cuda") == "multiplier"
     assert static_form(_layer(channels=3, rank=4), "cuda") == "dense"  # a depth multiplier is slow on CUDA too
     assert candidate_forms(_layer(channels=3, rank=4)) == ("multiplier", "dense")
-    assert candidate_forms(_layer()) == ("multiplier", "slices", "dense")
+    assert candidate_forms(_layer()) == ("multiplier", "slices", "concat", "dense")
 
 
 def test_the_fused_kernel_is_timed_on_cuda_only_when_switched_on():
     sep, x = _layer(), torch.randn(2, 16, 9, 9)
     use_fused_kernel(True)
     try:
-        assert candidate_forms(sep, x) == ("multiplier", "slices", "dense")  # a CPU input
-        assert candidate_forms(sep) == ("multiplier", "slices", "dense")  # no input: the ONNX export's candidates
+        assert candidate_forms(sep, x) == ("multiplier", "slices", "concat", "dense")  # a CPU input
+        # no input: the ONNX export's candidates
+        assert candidate_forms(sep) == ("multiplier", "slices", "concat", "dense")
         if torch.cuda.is_available():
             assert candidate_forms(sep.cuda(), x.cuda())[-1] == "fused"
             assert "fused" not in candidate_forms(_layer(groups=2).cuda(), x.cuda())
@@ -278,7 +279,7 @@ def test_timing_as_cuda_graphs_leaves_cpu_layers_as_they_are():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_under_autocast_weights_are_kept_in_its_dtype(channels_last):
-    """Under autocast the dense and slices forms keep their weights in its dtype (cast once, not on every call)
+    """Under autocast the dense, slices and concat forms keep their weights in its dtype (cast once, not on every call)
     and compute what autocast's own casts of the float32 weights give."""
     sep, x = _layer(), torch.randn(2, 16, 9, 9)
     if channels_last:
@@ -288,8 +289,9 @@ def test_under_autocast_weights_are_kept_in_its_dtype(channels_last):
         (weight,) = forms.dense_weight(sep)
         want = torch.nn.functional.conv2d(x, weight, sep.pointwise.bias, dw.stride, dw.padding, dw.dilation)
         assert torch.equal(FORMS["dense"](sep, x), want)
-        torch.testing.assert_close(FORMS["slices"](sep, x), FORMS["multiplier"](sep, x), rtol=2e-2, atol=2e-2)
-    assert {w.dtype for form in ("dense", "slices") for w in sep._kept[form][1]} == {torch.bfloat16}
+        for form in ("slices", "concat"):
+            torch.testing.assert_close(FORMS[form](sep, x), FORMS["multiplier"](sep, x), rtol=2e-2, atol=2e-2)
+    assert {w.dtype for form in ("dense", "slices", "concat") for w in sep._kept[form][1]} == {torch.bfloat16}
     with torch.no_grad():  # autocast off: float32 kept again
         torch.testing.assert_close(FORMS["dense"](sep, x), _textbook(sep, x), rtol=1e-5, atol=1e-5)
     assert sep._kept["dense"][1][0].dtype == torch.float32

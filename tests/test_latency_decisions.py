@@ -400,12 +400,13 @@ def test_each_rank_r_layer_is_pinned_to_its_fastest_form_in_onnxruntime(monkeypa
 
     def fake_measure_layer(variants, input_shape, settings):
         timed.append((tuple(v.pinned_form for v in variants), tuple(input_shape)))
-        return [_stats({"multiplier": 3.0, "slices": 2.0, "dense": 1.0}[v.pinned_form]) for v in variants]
+        ms = {"multiplier": 3.0, "slices": 2.0, "concat": 2.5, "dense": 1.0}
+        return [_stats(ms[v.pinned_form]) for v in variants]
     monkeypatch.setattr("dsd.timing.latency.measure_layer", fake_measure_layer)
     model = Stack()
     chosen = pin_onnxruntime_forms(model, (4, 3, 10, 10), BenchmarkSettings(runtime="onnxruntime", batch_size=4))
     assert chosen == {"three": "dense"} and model.three.pinned_form == "dense"
-    assert timed == [(("multiplier", "slices", "dense"), (4, 16, 10, 10))]
+    assert timed == [(("multiplier", "slices", "concat", "dense"), (4, 16, 10, 10))]
     assert model.one.pinned_form is None and model.unused.pinned_form is None
     assert model.pinned.pinned_form == "multiplier"
 
@@ -444,6 +445,25 @@ def test_export_onnx_writes_each_layer_in_its_fastest_form_for_any_batch(tmp_pat
     with pytest.raises(DsdError, match="forms must be one of"):
         dsd.export_onnx(model, x, tmp_path / "bad.onnx", forms="fastest")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("form", ["multiplier", "slices", "concat", "dense"])
+def test_every_form_an_export_may_pin_runs_in_onnxruntime(tmp_path, form):
+    """Each form the export may pin a rank-r layer to (a grouped one included) is written as ONNX ops that
+    compute the layer's function in ONNX Runtime, for a batch other than the example's."""
+    ort = pytest.importorskip("onnxruntime")
+    model = nn.Sequential(DepthwiseSeparableConv2d(8, 12, 3, rank=3, padding=((1, 1), (1, 1)), groups=2),
+                          nn.ReLU(), DepthwiseSeparableConv2d(12, 12, 3, rank=2, stride=2, padding=((1, 1), (1, 1))))
+    model = model.eval()
+    for layer in model[::2]:
+        layer.pin_form(form)
+    assert dsd.export_onnx(model, torch.randn(1, 8, 10, 10), tmp_path / "m.onnx") < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 8, 10, 10)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with static_forms():
+        want = model[2].pin_form("multiplier")(model[1](model[0].pin_form("multiplier")(x)))
+    torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-4, atol=1e-5)
 
 
 class TwoHeads(nn.Module):
@@ -543,7 +563,7 @@ def test_a_rank_r_candidate_in_onnxruntime_counts_as_its_fastest_form(monkeypatc
 
     def fake_measure(modules, input_shape, settings, progress=False, desc="timing"):
         timed.append([getattr(m, "pinned_form", "dense conv") for m in modules])
-        ms = {"multiplier": 3.0, "slices": 2.0, "dense": 5.0, None: 4.0, "dense conv": 6.0}
+        ms = {"multiplier": 3.0, "slices": 2.0, "concat": 2.5, "dense": 5.0, None: 4.0, "dense conv": 6.0}
         return [_stats(ms[getattr(m, "pinned_form", "dense conv")]) for m in modules]
     monkeypatch.setattr("dsd.timing.latency.measure", fake_measure)
     rank3 = DepthwiseSeparableConv2d(16, 16, 3, rank=3, padding=((1, 1), (1, 1)))
@@ -552,7 +572,7 @@ def test_a_rank_r_candidate_in_onnxruntime_counts_as_its_fastest_form(monkeypatc
     ort = BenchmarkSettings(runtime="onnxruntime", batch_size=2)
     stats = measure_layer(variants, (1, 16, 8, 8), ort)
     assert [s.median_ms for s in stats] == pytest.approx([6.0, 4.0, 2.0])
-    assert timed == [["dense conv", None, "multiplier", "slices", "dense"]] and rank3.pinned_form is None
+    assert timed == [["dense conv", None, "multiplier", "slices", "concat", "dense"]] and rank3.pinned_form is None
     assert measure_layer([rank3], (1, 16, 8, 8), BenchmarkSettings(batch_size=2))[0].median_ms == pytest.approx(4.0)
 
 
@@ -580,17 +600,18 @@ def test_chosen_forms_in_each_runtime(monkeypatch):
     monkeypatch.setattr(forms, "_fastest_runs", lambda layer, x, names: {n: float(n != "dense") for n in names})
     model, shape = Stack(), (2, 3, 10, 10)
     eager = chosen_forms(model, shape, BenchmarkSettings(batch_size=2))
-    assert eager == {"one": "dense", "three": "dense", "pinned": "multiplier", "unused": "slices"}
+    assert eager == {"one": "dense", "three": "dense", "pinned": "multiplier", "unused": "concat"}
     assert all(not layer.tuned_forms() for layer in (model.one, model.three))
 
     def fake_measure_layer(variants, input_shape, settings):
-        return [_stats({"multiplier": 1.0, "slices": 2.0, "dense": 3.0}[v.pinned_form]) for v in variants]
+        return [_stats({"multiplier": 1.0, "slices": 2.0, "concat": 2.5, "dense": 3.0}[v.pinned_form])
+                for v in variants]
     monkeypatch.setattr("dsd.timing.latency.measure_layer", fake_measure_layer)
     in_ort = chosen_forms(model, shape, BenchmarkSettings(runtime="onnxruntime", batch_size=2))
-    assert in_ort == {"one": "multiplier", "three": "multiplier", "pinned": "multiplier", "unused": "slices"}
+    assert in_ort == {"one": "multiplier", "three": "multiplier", "pinned": "multiplier", "unused": "concat"}
     assert model.three.pinned_form is None
     compiled = chosen_forms(model, shape, BenchmarkSettings(runtime="compile", batch_size=2))
-    assert compiled == {"one": "multiplier", "three": "slices", "pinned": "multiplier", "unused": "slices"}
+    assert compiled == {"one": "multiplier", "three": "concat", "pinned": "multiplier", "unused": "concat"}
 
 
 def test_timed_inputs_come_in_the_autocast_dtype():
