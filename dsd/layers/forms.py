@@ -150,6 +150,7 @@ def slices_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def concat_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """Rank r as r rank-1 depthwise convs whose outputs, concatenated, feed one pointwise conv over r*C channels."""
     dw, g = layer.depthwise, layer.groups
     depthwise, pointwise = _kept_in_compute_dtype(layer, "concat", concat_weights, x)
     slices = [dw._conv_forward(x, depthwise[j], None) for j in range(layer.rank)]
@@ -229,7 +230,8 @@ def static_form(layer, device: Union[torch.device, str] = "cpu") -> str:
     resnet18 at ``target_flops=0.5`` ran 0.40x of its original under torch.compile in slices and 0.81x with its
     RGB stem as a multiplier conv, where every layer measured fastest dense as replays (an H200, bf16, batch 64).
     On a 2-core CPU (batch 8) resnet18 at ``target_flops=0.5`` ran 0.87x / 1.01x of its original in the
-    concatenated form (NCHW / channels_last) and 0.79x / 0.88x as accumulated slices; 1.08x and 1.05x compiled."""
+    concatenated form (NCHW / channels_last) and 0.79x / 0.88x as accumulated slices; compiled in channels_last
+    1.08x and 1.05x."""
     if layer.rank == 1:
         return "multiplier"
     if torch.device(device).type == "cuda":
@@ -245,8 +247,8 @@ def fused_applies(layer, x: torch.Tensor) -> bool:
 
 
 def candidate_forms(layer, x: Optional[torch.Tensor] = None) -> Tuple[str, ...]:
-    """The forms worth timing: slices and concat only where there are channels enough for r conv launches to pay; the
-    fused kernel where :func:`fused_applies` to the input ``x`` (never without one: ONNX has no such op)."""
+    """The forms worth timing: slices and concat only where there are channels enough for r conv launches to
+    pay; the fused kernel where :func:`fused_applies` to the input ``x`` (never without one: ONNX has no such op)."""
     forms = ("multiplier", "dense") if static_form(layer) == "multiplier" else (
         "multiplier", "slices", "concat", "dense")
     return forms + ("fused",) if x is not None and fused_applies(layer, x) else forms
