@@ -27,6 +27,7 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "zoo_coverage": "Zoo coverage: every timm and torchvision model",
     "recovery": "Accuracy vs cost on real digits",
     "latency": "Latency in every runtime on this CPU",
+    "latency_epyc": "Latency in every runtime on a 2-core AMD EPYC (resnet18, vgg16)",
     "runtime_decisions": "Decided in onnxruntime: compare, only-if-faster and target latency, checked independently",
     "latency_gpu": "Latency on a GPU: CUDA-graph replay",
     "latency_gpu_fused": "Latency on a GPU: CUDA-graph replay, the fused kernel among the forms",
