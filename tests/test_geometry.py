@@ -1,5 +1,6 @@
 """Property tests: a converted conv keeps the original's output shape for any geometry and input size."""
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, assume, given, settings
@@ -7,6 +8,7 @@ from hypothesis import strategies as st
 
 from dsd.convert import from_conv
 from dsd.layers.create import shrink_kernel
+from dsd.layers import forms
 from dsd.layers.forms import FORMS, multiplier_forward
 from dsd.layers.padding import matched_padding, output_size
 
@@ -96,3 +98,27 @@ def test_every_form_is_the_same_function(case, rank, new_dilation, channels_last
         for _ in range(2):
             torch.testing.assert_close(FORMS[form](sep, padded), expected, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(sep(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch built with oneDNN")
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_and_input(), rank=st.integers(2, 4), batch=st.integers(1, 3), channels_last=st.booleans())
+def test_slices_added_inside_onednn_are_the_same_function(case, rank, batch, channels_last):
+    """At float32 inference on a CPU the slices form adds each slice's pointwise product inside oneDNN's conv
+    (not the float64 of the test above): the same function, to float32 rounding."""
+    conv, x = case
+    assume(conv.kernel_size != (1, 1) and conv.groups != conv.in_channels)
+    _original_output(conv, x)
+    sep = from_conv(conv, rank=rank, init="random")
+    x = torch.randn(batch, *x.shape[1:])
+    if conv.padding_mode in ("reflect", "circular"):
+        assume(max(abs(p) for axis in sep.padding for p in axis) < min(x.shape[-2:]))
+    if channels_last:
+        sep, x = sep.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    padded = sep._pad(x)
+    with torch.no_grad():
+        expected = multiplier_forward(sep.double(), padded.double())
+        sep.float()
+        out = FORMS["slices"](sep, padded)
+        assert forms._adds_in_onednn(out)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()) + 1e-6)

@@ -129,14 +129,33 @@ def multiplier_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return layer.pointwise(layer.depthwise(x))
 
 
+# oneDNN's conv with a sum post-op, writing into its first argument (what Inductor fuses conv + add into on a CPU)
+_ONEDNN_CONV_ADD_ = getattr(getattr(torch.ops.mkldnn, "_convolution_pointwise_", None), "binary", None)
+
+
+def _adds_in_onednn(out: torch.Tensor) -> bool:
+    """Whether a 1x1 conv can add into ``out`` inside oneDNN: eager float32 CPU inference, nothing recording,
+    tracing or compiling (an export or a trace must see standard ops)."""
+    return (_ONEDNN_CONV_ADD_ is not None and out.device.type == "cpu" and out.dtype == torch.float32
+            and type(out) is torch.Tensor and out.numel() > 0 and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.is_available()
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()))
+
+
 def slices_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Rank r as the sum of r rank-1 separable convs; summing the per-slice pointwise products in place avoids
-    concatenating the slices (a strided copy in channels_last) and a temporary the size of the output."""
+    concatenating the slices (a strided copy in channels_last) and a temporary the size of the output. On a CPU
+    at inference oneDNN adds each product in its conv's own output pass (batch 8, channels_last, rank 3 at 64
+    channels 56x56: 1.9x faster than the dense conv, 1.0x as a separate in-place GEMM)."""
     dw, g = layer.depthwise, layer.groups
     depthwise, pointwise = _kept_in_compute_dtype(layer, "slices", slice_weights, x)
     out = F.conv2d(dw._conv_forward(x, depthwise[0], None), pointwise[0], layer.pointwise.bias, groups=g)
+    onednn = layer.rank > 1 and _adds_in_onednn(out)
     for j in range(1, layer.rank):
         z = dw._conv_forward(x, depthwise[j], None)
+        if onednn and z.dtype == out.dtype:
+            _ONEDNN_CONV_ADD_(out, z, pointwise[j], None, [0, 0], [1, 1], [1, 1], g, "add", None, None, [], None)
+            continue
         weight = pointwise[j, :, :, 0, 0].to(out.dtype)  # (M, C); in-place GEMMs are not autocast
         if g == 1 and _is_nhwc(out) and _is_nhwc(z):
             out.permute(0, 2, 3, 1).view(-1, layer.out_channels).addmm_(

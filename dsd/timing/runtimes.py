@@ -149,7 +149,8 @@ def onnxruntime_session(module: nn.Module, example: torch.Tensor, settings: Benc
     # Idle workers would spin on the cores the next interleaved session needs (on 2 cores: 2.3x slower).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider"] if settings.is_cuda else ["CPUExecutionProvider"]
-    cpu_copy = deepcopy_module(module).eval().float().cpu()
+    with torch.inference_mode(False):  # parameters copied inside it would be inference tensors, which export refuses
+        cpu_copy = deepcopy_module(module).eval().float().cpu()
     with tempfile.TemporaryDirectory(prefix="dsd-onnx-") as folder:
         path = Path(folder) / "model.onnx"
         export_onnx_model(cpu_copy, example.detach().float().cpu(), path)
