@@ -319,3 +319,17 @@ def test_a_conversion_under_inference_mode_keeps_weight_layouts():
         with torch.inference_mode():
             FORMS["dense"](sep, torch.randn(1, 16, 5, 5))
         assert "dense" in sep._kept
+
+
+def test_slices_add_inside_onednn_only_where_it_may():
+    """oneDNN adds the slices' products at eager float32 CPU inference only: autograd, another dtype, an empty
+    output or oneDNN switched off take the in-place GEMM (and give the same function)."""
+    sep, x = _layer(), torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        out = FORMS["multiplier"](sep, x)
+        assert forms._adds_in_onednn(out) == torch.backends.mkldnn.is_available()
+        assert not forms._adds_in_onednn(out.double()) and not forms._adds_in_onednn(out[:0])
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not forms._adds_in_onednn(out)
+            torch.testing.assert_close(FORMS["slices"](sep, x), out, rtol=1e-5, atol=1e-5)
+    assert not forms._adds_in_onednn(out)  # autograd records

@@ -135,10 +135,10 @@ _ONEDNN_CONV_ADD_ = getattr(getattr(torch.ops.mkldnn, "_convolution_pointwise_",
 
 def _adds_in_onednn(out: torch.Tensor) -> bool:
     """Whether a 1x1 conv can add into ``out`` inside oneDNN: eager float32 CPU inference, nothing recording,
-    tracing or compiling (an export or a trace must see standard ops)."""
+    tracing or compiling (an export or a trace must see standard ops), oneDNN present and not switched off."""
     return (_ONEDNN_CONV_ADD_ is not None and out.device.type == "cpu" and out.dtype == torch.float32
             and type(out) is torch.Tensor and out.numel() > 0 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()))
 
 
