@@ -41,6 +41,7 @@ SECTIONS = {  # result file -> section title, in the order RESULTS.md shows them
     "kernels_default_malloc": "Separable layers vs dense convs, glibc's default malloc settings",
     "kernels_epyc": "Separable layers vs dense convs on a 2-core AMD EPYC (resnet18 end to end)",
     "vs_pruning": "dsd vs Torch-Pruning channel pruning at the same conv FLOPs",
+    "vs_pruning_epyc": "dsd vs Torch-Pruning at the same conv FLOPs on a 2-core AMD EPYC",
     "finetune_digits": "Fine-tune recovery on digits (15-epoch recipe)",
     "budgets_digits": "FLOP budgets on digits: svd vs data-aware initialisation",
     "real_weights": "Pretrained weights without fine-tuning: allocation and initialisation compared",

@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--result-name", default="vs_pruning", help="results/<name>.json (e.g. another machine's run)")
     args = parser.parse_args()
     torch.manual_seed(0)
     original = timm.create_model(args.model).eval()
@@ -136,7 +137,7 @@ def main() -> None:
                          **shares})
             print(f"{runtime:20} {name:14} conv MACs {macs[name] / macs['original']:6.3f}  {ms:8.2f} ms  "
                   f"{base / ms:5.2f}x", flush=True)
-    path = write("vs_pruning", rows)
+    path = write(args.result_name, rows)
     print(f"wrote {path}")
 
 
