@@ -5,9 +5,10 @@
 
 Per layer (3x3, stride 1; C=64/56x56, 128/28, 256/14, 512/7), channels_last: the dense conv; rank 1;
 rank 2 in three fixed forms (one depthwise conv with a depth multiplier, as dsd before 0.2 computed it, r
-rank-1 slices, and their concatenation under one pointwise conv) and as dsd computes it now (the form it measures fastest); on a GPU also the fused Triton
-kernel at ranks 1 and 2 and the pointwise conv alone (a 1x1 conv on the same input: the bound a fused
-kernel can reach, as it reads the input and writes the output once), timed as CUDA-graph replays. End to end:
+rank-1 slices, and their concatenation under one pointwise conv) and as dsd computes it now (the form it
+measures fastest); on a GPU also the fused Triton kernel at ranks 1 and 2 and the pointwise conv alone (a
+1x1 conv on the same input: the bound a fused kernel can reach, as it reads the input and writes the output
+once), timed as CUDA-graph replays. End to end:
 timm models at rank 1 and at ``target_flops=0.5`` (of the conv FLOPs): alone, alone with the static forms
 (no timing of forms), with ``only_if_faster``, and with ``target_latency=0.7`` as well (both decided in the
 layout they are timed in, batch 8), BatchNorm folded in both original and converted model (as deployed), eager
@@ -50,7 +51,8 @@ def layer_variants(channels: int, on_gpu: bool) -> Dict[str, nn.Module]:
     dense = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     rank1, rank2 = dsd.from_conv(dense, rank=1), dsd.from_conv(dense, rank=2)
     variants = {"dense": dense, "rank1": rank1, "rank2 multiplier": FixedForm(rank2, "multiplier"),
-                "rank2 slices": FixedForm(rank2, "slices"), "rank2 concat": FixedForm(rank2, "concat"), "rank2": rank2}
+                "rank2 slices": FixedForm(rank2, "slices"), "rank2 concat": FixedForm(rank2, "concat"),
+                "rank2": rank2}
     if on_gpu:
         variants.update({"rank1 fused": FixedForm(rank1, "fused"), "rank2 fused": FixedForm(rank2, "fused"),
                          "pointwise alone": nn.Conv2d(channels, channels, 1, bias=False)})

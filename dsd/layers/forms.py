@@ -99,20 +99,25 @@ def _is_nhwc(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _depthwise_slices(layer) -> torch.Tensor:
+    """The depthwise weight slice-major ``(r, C, 1, kh, kw)``, each slice contiguous (a strided slice sends the
+    conv down a slow path, about 5x on a CPU)."""
+    dw = layer.depthwise.weight
+    return dw.view(layer.in_channels, layer.rank, *dw.shape[1:]).transpose(0, 1).contiguous()
+
+
 def slice_weights(layer) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The weights slice-major, each slice contiguous (a strided slice sends the conv down a slow path, about
-    5x on a CPU): depthwise (r, C, 1, kh, kw), pointwise (r, M, C/g, 1, 1)."""
-    dw, pw, r = layer.depthwise.weight, layer.pointwise.weight, layer.rank
-    return (dw.view(layer.in_channels, r, *dw.shape[1:]).transpose(0, 1).contiguous(),
-            pw.view(layer.out_channels, -1, r, 1, 1).permute(2, 0, 1, 3, 4).contiguous())
+    """The weights slice-major, each slice contiguous: depthwise (r, C, 1, kh, kw), pointwise (r, M, C/g, 1, 1)."""
+    pw = layer.pointwise.weight
+    return (_depthwise_slices(layer),
+            pw.view(layer.out_channels, -1, layer.rank, 1, 1).permute(2, 0, 1, 3, 4).contiguous())
 
 
 def concat_weights(layer) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The depthwise slices ``(r, C, 1, kh, kw)`` as :func:`slice_weights` and the pointwise weights for their
-    concatenation ``(M, r*C/g, 1, 1)``: within each group slice-major (``j*C/g + c``) instead of ``c*r + j``."""
+    """The depthwise slices ``(r, C, 1, kh, kw)`` and the pointwise weights for their concatenation
+    ``(M, r*C/g, 1, 1)``: within each group slice-major (``j*C/g + c``) instead of ``c*r + j``."""
     pw, r, m = layer.pointwise.weight, layer.rank, layer.out_channels
-    return (slice_weights(layer)[0],
-            pw.view(m, -1, r, 1, 1).transpose(1, 2).reshape(m, -1, 1, 1).contiguous())
+    return _depthwise_slices(layer), pw.view(m, -1, r, 1, 1).transpose(1, 2).reshape(m, -1, 1, 1).contiguous()
 
 
 def dense_weight(layer) -> Tuple[torch.Tensor]:
@@ -129,8 +134,10 @@ def multiplier_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return layer.pointwise(layer.depthwise(x))
 
 
-# oneDNN's conv with a sum post-op, writing into its first argument (what Inductor fuses conv + add into on a CPU)
-_ONEDNN_CONV_ADD_ = getattr(getattr(torch.ops.mkldnn, "_convolution_pointwise_", None), "binary", None)
+# oneDNN's conv with a sum post-op, writing into its first argument (what Inductor fuses conv + add into on a CPU);
+# None where PyTorch is built without oneDNN
+_ONEDNN_CONV_ADD_ = getattr(getattr(torch.ops.mkldnn, "_convolution_pointwise_", None), "binary", None) \
+    if torch.backends.mkldnn.is_available() else None
 
 
 def _adds_in_onednn(out: torch.Tensor) -> bool:
@@ -138,7 +145,7 @@ def _adds_in_onednn(out: torch.Tensor) -> bool:
     tracing or compiling (an export or a trace must see standard ops), oneDNN present and not switched off."""
     return (_ONEDNN_CONV_ADD_ is not None and out.device.type == "cpu" and out.dtype == torch.float32
             and type(out) is torch.Tensor and out.numel() > 0 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and torch.backends.mkldnn.enabled
             and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()))
 
 
@@ -153,7 +160,7 @@ def slices_forward(layer, x: torch.Tensor) -> torch.Tensor:
     onednn = layer.rank > 1 and _adds_in_onednn(out)
     for j in range(1, layer.rank):
         z = dw._conv_forward(x, depthwise[j], None)
-        if onednn and z.dtype == out.dtype:
+        if onednn:
             _ONEDNN_CONV_ADD_(out, z, pointwise[j], None, [0, 0], [1, 1], [1, 1], g, "add", None, None, [], None)
             continue
         weight = pointwise[j, :, :, 0, 0].to(out.dtype)  # (M, C); in-place GEMMs are not autocast
@@ -248,7 +255,7 @@ def static_form(layer, device: Union[torch.device, str] = "cpu") -> str:
     and an H200; 1.02-1.22x only at 512 channels 7x7 in bfloat16 at batch 64) and a depth multiplier 0.06-0.34x;
     resnet18 at ``target_flops=0.5`` ran 0.40x of its original under torch.compile in slices and 0.81x with its
     RGB stem as a multiplier conv, where every layer measured fastest dense as replays (an H200, bf16, batch 64).
-    On a 2-core CPU (batch 8) resnet18 at ``target_flops=0.5`` ran 0.87x / 1.01x of its original in the
+    On a 2-core CPU (batch 8, side by side) resnet18 at ``target_flops=0.5`` ran 0.87x / 1.01x of its original in the
     concatenated form (NCHW / channels_last) and 0.79x / 0.88x as accumulated slices; compiled in channels_last
     1.08x and 1.05x."""
     if layer.rank == 1:
